@@ -1,0 +1,84 @@
+"""`fedllm job create` and `fedllm job submit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedllm.cli.common import DEFAULT_CONFIG, DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console, echo
+from fedllm.config import load_site_config
+from fedllm.config.problems import display_path
+from fedllm.jobs.template import available_templates
+
+app = typer.Typer(help="Create NVFlare job folders from templates and submit them.", no_args_is_help=True)
+
+
+@app.command()
+def create(
+    template: Annotated[
+        str, typer.Argument(help=f"Template name in jobs/ ({', '.join(available_templates())}) or a YAML path.")
+    ],
+    mode: Annotated[str, typer.Option(help="local | central | fedavg")] = "fedavg",
+    out: Annotated[Path, typer.Option(help="Directory that receives the job folder.")] = Path("runs/jobs"),
+    num_clients: Annotated[int | None, typer.Option(min=1, help="Sites that train (default: the template's).")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="FL rounds (fedavg only).")] = None,
+    local_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per round on each site.")] = None,
+    devices: Annotated[int | None, typer.Option(min=1, help="GPUs each site trains on.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model path or id passed to the trainer.")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Training file: once for all sites, or once per site.")] = None,
+    validation: Annotated[str | None, typer.Option(help="Validation file, shared by every site.")] = None,
+    name: Annotated[str | None, typer.Option(help="Job name (default: <template>-<mode>-<N>sites).")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """Render a job folder for local-only, centralized or FedAvg training."""
+    from fedllm.jobs.create import create_job, resolve_spec
+    from fedllm.jobs.template import load_template
+
+    if mode not in ("local", "central", "fedavg"):
+        raise typer.BadParameter(f"'{mode}' is not a mode; use local, central or fedavg", param_hint="--mode")
+    sites = load_site_config(config).site_names if data and len(data) > 1 else None
+    spec = resolve_spec(
+        load_template(template),
+        mode,  # type: ignore[arg-type]
+        num_clients=num_clients,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        devices=devices,
+        model=model,
+        data=data,
+        validation=validation,
+        sites=sites,
+        name=name,
+    )
+    job_dir = create_job(spec, out)
+    console.print(
+        f"[green]created[/] {display_path(job_dir)}: {spec.mode}, {spec.num_clients} site(s), "
+        f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s), {spec.devices} device(s) per site"
+    )
+
+
+@app.command()
+def submit(
+    job_dir: Annotated[Path, typer.Argument(help="An NVFlare job folder (from `fedllm job create`).")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it ends.")] = True,
+    download: Annotated[Path | None, typer.Option(help="Download the result (and site logs) here.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job before aborting it.")] = 3600.0,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+) -> None:
+    """Submit with the admin kit; exit non-zero with the failing site's error if the job fails."""
+    from fedllm.jobs.submit import read_round_metrics, submit_job
+    from fedllm.provision import latest_kits
+
+    kits = latest_kits(workspace, load_site_config(config))
+    result = submit_job(kits, job_dir, wait=wait, download=download, timeout=timeout, echo=echo)
+    if not wait:
+        return
+    console.print(f"[green]{result.status}[/] job {result.job_id} in {result.duration_s:.1f}s")
+    if result.result_dir:
+        for rnd in read_round_metrics(result.result_dir):
+            metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(rnd["aggregated"].items()))
+            console.print(f"  round {rnd['round']}: {metrics}")
+        console.print(f"result: {display_path(result.result_dir)}")

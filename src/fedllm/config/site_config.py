@@ -1,0 +1,296 @@
+"""The site config: one YAML file that names the project, server, admins and sites.
+
+It is the single source of truth of a federation. Provisioning, the native runtime,
+compose files and GPU preflight all read the validated `SiteConfig` object; nothing
+else in fedllm parses these files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+
+from fedllm.config.loader import Path_, load_model
+from fedllm.config.problems import FixableError
+
+# One DNS label (RFC 1123), lowercase: usable as a host name, a compose service name and a
+# container name, which is what every site and the server become.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+LABEL_RE = re.compile(rf"^{_LABEL}$")
+HOSTNAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+# Admins log in with an e-mail style identity (NVFlare's rule for admin users).
+EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*$")
+ORG_RE = re.compile(r"^[A-Za-z0-9_]+$")
+SIZE_RE = re.compile(r"^[0-9]+[bkmg]?$")
+
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+GpuId = Annotated[StrictInt, Field(ge=0)]
+SUPPORTED_NVFLARE = "2.9"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_label(value: str, what: str) -> str:
+    if not LABEL_RE.fullmatch(value):
+        suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:63] or "site-1"
+        raise FixableError(
+            f"{what} '{value}' cannot be used as a host or service name",
+            f"use lowercase letters, digits and '-' (at most 63, not starting or ending with '-'), e.g. '{suggestion}'",
+        )
+    return value
+
+
+def _check_org(value: str) -> str:
+    if not ORG_RE.fullmatch(value):
+        raise FixableError(f"org '{value}' is not valid", "use letters, digits and '_' only, e.g. 'nvidia'")
+    return value
+
+
+class Server(_Strict):
+    """The FL server. Sites dial `name:fed_learn_port`; `name` is also its certificate's CN."""
+
+    name: str = "server"
+    fed_learn_port: Port = 8002
+    admin_port: Port = 8003
+    org: str = "nvidia"
+    # The machine that runs the server, when the federation spans several hosts (compose per host).
+    host: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not HOSTNAME_RE.fullmatch(v):
+            raise FixableError(
+                f"server name '{v}' is not a valid host name",
+                "use the server's DNS name (lowercase letters, digits, '-' and '.'), e.g. 'server' "
+                "or 'fl.example.org'; sites dial it and verify it as the certificate's CN",
+            )
+        return v
+
+    @field_validator("org")
+    @classmethod
+    def _org(cls, v: str) -> str:
+        return _check_org(v)
+
+
+class Admin(_Strict):
+    """A person who submits jobs from the admin console."""
+
+    name: str
+    org: str = "nvidia"
+    role: Literal["project_admin", "org_admin", "lead", "member"] = "project_admin"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not EMAIL_RE.fullmatch(v):
+            raise FixableError(f"admin name '{v}' is not an e-mail style identity", "use e.g. 'admin@nvidia.com'")
+        return v
+
+    @field_validator("org")
+    @classmethod
+    def _org(cls, v: str) -> str:
+        return _check_org(v)
+
+
+class Site(_Strict):
+    """A participant that holds private data and trains on its own GPUs."""
+
+    name: str
+    org: str = "nvidia"
+    # GPU indices on the site's host, as nvidia-smi numbers them; the site sees only these.
+    gpus: list[GpuId] = Field(default_factory=list)
+    # The machine the site runs on: GPUs may repeat across hosts, never within one.
+    host: str = "localhost"
+    # The site's private data, mounted read-only into its container; relative to where fedllm runs.
+    data_dir: str | None = None
+    # /dev/shm for the site's container: NeMo's data loaders need 16g (the seeds' docker run).
+    shm_size: str = "16g"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_label(v, "site name")
+
+    @field_validator("org")
+    @classmethod
+    def _org(cls, v: str) -> str:
+        return _check_org(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not HOSTNAME_RE.fullmatch(v):
+            raise FixableError(f"host '{v}' is not a valid host name", "use the machine's DNS name or 'localhost'")
+        return v
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, v: str) -> str:
+        if not SIZE_RE.fullmatch(v):
+            raise FixableError(f"shm_size '{v}' is not a size", "use a number with b, k, m or g, e.g. '16g'")
+        return v
+
+    def data_path(self, base: Path) -> Path:
+        """Where this site's data lives on its host (default: data/<site name>)."""
+        return (base / (self.data_dir or f"data/{self.name}")).resolve()
+
+
+class SiteConfig(_Strict):
+    """A whole federation: project, server, admins and sites."""
+
+    project: str
+    nvflare_version: str = "2.9.0"
+    description: str = ""
+    server: Server = Field(default_factory=Server)
+    admins: list[Admin] = Field(min_length=1)
+    sites: list[Site] = Field(min_length=1)
+    # Several sites may share a GPU only when asked (e.g. three 345M p-tuning sites on one 16 GB GPU).
+    allow_gpu_sharing: bool = False
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        return _check_label(v, "project name")
+
+    @field_validator("nvflare_version")
+    @classmethod
+    def _nvflare(cls, v: str) -> str:
+        if not (v == SUPPORTED_NVFLARE or v.startswith(SUPPORTED_NVFLARE + ".")):
+            raise FixableError(
+                f"nvflare_version '{v}' is not supported", f"use {SUPPORTED_NVFLARE}.x (fedllm pins nvflare 2.9.0)"
+            )
+        return v
+
+    @field_validator("admins", "sites", mode="before")
+    @classmethod
+    def _non_empty(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, list) and not v:
+            what = "site" if info.field_name == "sites" else "admin"
+            example = "{name: site-1, gpus: [0]}" if what == "site" else "{name: admin@nvidia.com}"
+            raise FixableError(f"the {info.field_name} list is empty", f"add at least one {what}, e.g. {example}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self, info: ValidationInfo) -> SiteConfig:
+        if info.context and info.context.get("cross_checks_done"):
+            return self
+        problems = cross_field_problems(self.model_dump(), lambda loc: None)
+        if problems:
+            loc, msg, fix = problems[0]
+            raise FixableError(f"{'.'.join(map(str, loc))}: {msg}" if loc else msg, fix)
+        return self
+
+    # ---- derived views, so callers never re-derive them -------------------------------------
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site named '{name}' (sites: {', '.join(s.name for s in self.sites)})")
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    @property
+    def admin(self) -> Admin:
+        """The admin fedllm uses for submissions: the first project_admin."""
+        return next((a for a in self.admins if a.role == "project_admin"), self.admins[0])
+
+
+def cross_field_problems(raw: Any, line_of: Callable[[Path_], int | None]) -> list[tuple[Path_, str, str]]:
+    """Rules that span several fields, checked on raw data so they report alongside field errors."""
+    out: list[tuple[Path_, str, str]] = []
+    if not isinstance(raw, dict):
+        return out
+
+    server = raw.get("server") if isinstance(raw.get("server"), dict) else {}
+    fl_port, adm_port = server.get("fed_learn_port", 8002), server.get("admin_port", 8003)
+    if isinstance(fl_port, int) and fl_port == adm_port:
+        out.append(
+            (
+                ("server", "admin_port"),
+                f"admin_port equals fed_learn_port ({fl_port})",
+                "use two different ports, e.g. fed_learn_port: 8002 and admin_port: 8003",
+            )
+        )
+
+    def entries(key: str) -> list[tuple[int, dict]]:
+        items = raw.get(key)
+        return [(i, e) for i, e in enumerate(items) if isinstance(e, dict)] if isinstance(items, list) else []
+
+    for key, what in (("sites", "site"), ("admins", "admin")):
+        first: dict[str, int] = {}
+        for i, entry in entries(key):
+            name = entry.get("name")
+            if not isinstance(name, str):
+                continue
+            if name in first:
+                out.append(
+                    (
+                        (key, i, "name"),
+                        f"duplicate {what} name '{name}' (also {key}[{first[name]}], line {line_of((key, first[name]))})",
+                        f"give every {what} a unique name",
+                    )
+                )
+            else:
+                first[name] = i
+
+    server_name = server.get("name", "server")
+    for i, entry in entries("sites"):
+        if entry.get("name") == server_name:
+            out.append(((("sites", i, "name")), f"site name '{server_name}' is the server's name", "rename the site"))
+
+    if not raw.get("allow_gpu_sharing", False):
+        owner: dict[tuple[str, int], tuple[int, str]] = {}
+        for i, entry in entries("sites"):
+            gpus = entry.get("gpus")
+            if not isinstance(gpus, list):
+                continue
+            host = entry.get("host", "localhost")
+            name = entry.get("name", f"sites[{i}]")
+            for j, gpu in enumerate(gpus):
+                if not isinstance(gpu, int) or isinstance(gpu, bool):
+                    continue
+                key = (host, gpu)
+                if key in owner and owner[key][0] != i:
+                    other = owner[key][1]
+                    out.append(
+                        (
+                            ("sites", i, "gpus", j),
+                            f"GPU {gpu} on host '{host}' is already assigned to site '{other}'",
+                            f"give site '{name}' other GPUs, move it to another host, or set "
+                            "allow_gpu_sharing: true if the sites are meant to share (small models only)",
+                        )
+                    )
+                else:
+                    owner[key] = (i, name)
+            dupes = {g for g in gpus if isinstance(g, int) and gpus.count(g) > 1}
+            for g in sorted(dupes):
+                out.append((("sites", i, "gpus"), f"GPU {g} is listed twice", "list each GPU once"))
+    return out
+
+
+_FIELD_FIXES = {
+    "gpus": "use non-negative whole-number GPU indices as `nvidia-smi -L` lists them, e.g. [0, 1]",
+    "fed_learn_port": "use a port number between 1 and 65535",
+    "admin_port": "use a port number between 1 and 65535",
+}
+
+
+def load_site_config(path: Path | str) -> SiteConfig:
+    """Load and validate a site config file; raises ConfigError naming every problem."""
+    return load_model(
+        path,
+        SiteConfig,
+        kind="site config",
+        extra_checks=cross_field_problems,
+        context={"cross_checks_done": True},
+        field_fixes=_FIELD_FIXES,
+    )

@@ -1,0 +1,172 @@
+"""Turn a job template into an NVFlare job folder with NVFlare's FedAvg recipe (Job API).
+
+Modes (the seeds' create_configs.py, made explicit):
+  fedavg  — R rounds × E local epochs on N sites, weights averaged by the server;
+  local   — 1 round × E epochs on each of N sites: every site trains alone (the baseline);
+  central — 1 round × E epochs on one site holding the combined data (the upper bound).
+All modes validate on the same validation set so their curves compare directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import FedllmError
+from fedllm.jobs.template import JobTemplate, Mode
+
+
+class JobSpecError(FedllmError):
+    """A job cannot be created as asked; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything needed to render one job, resolved from a template and CLI options."""
+
+    template: JobTemplate
+    mode: Mode
+    name: str
+    num_clients: int
+    rounds: int
+    local_epochs: int
+    devices: int
+    train_args: dict[str, Any]
+    # Per-site overrides of train_args (e.g. each site's own training file), keyed by site name.
+    site_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def resolve_spec(
+    template: JobTemplate,
+    mode: Mode,
+    *,
+    num_clients: int | None = None,
+    rounds: int | None = None,
+    local_epochs: int | None = None,
+    devices: int | None = None,
+    model: str | None = None,
+    data: list[str] | None = None,
+    validation: str | None = None,
+    sites: list[str] | None = None,
+    name: str | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Apply the mode's rules to the template defaults and the caller's options."""
+    d = template.defaults
+    if mode == "fedavg":
+        n, r, e = num_clients or d.num_clients, rounds or d.rounds, local_epochs or d.local_epochs
+    else:
+        if rounds not in (None, 1):
+            raise JobSpecError(
+                f"--rounds {rounds} does not apply to --mode {mode}: it trains 1 round × --local-epochs; "
+                "drop --rounds or use --mode fedavg"
+            )
+        # Same number of passes over the data as the template's FedAvg run (R rounds × 1 epoch).
+        n = 1 if mode == "central" else (num_clients or d.num_clients)
+        r, e = 1, local_epochs or d.rounds * d.local_epochs
+        if mode == "central" and num_clients not in (None, 1):
+            raise JobSpecError("--mode central trains on one site (the combined data); drop --num-clients")
+    dev = devices or d.devices
+
+    args: dict[str, Any] = {**template.train_args, **(extra_args or {}), "epochs": e, "devices": dev}
+    if model:
+        args["model"] = model
+    if validation:
+        args["val"] = validation
+    site_args: dict[str, dict[str, Any]] = {}
+    data = list(data or [])
+    if len(data) == 1:
+        args["train"] = data[0]
+    elif len(data) > 1:
+        if len(data) != n:
+            raise JobSpecError(f"--data lists {len(data)} files for {n} sites; give one file, or one per site")
+        if not sites or len(sites) < n:
+            raise JobSpecError("per-site --data needs the site names: pass -c <site config> with enough sites")
+        site_args = {site: {"train": path} for site, path in zip(sites[:n], data, strict=True)}
+    job_name = name or f"{template.name}-{mode}-{n}sites"
+    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args)
+
+
+def _cli_args(args: dict[str, Any]) -> str:
+    """Render trainer arguments as NVFlare's script_args (which it splits on whitespace)."""
+    parts: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                parts.append(flag)
+            continue
+        text = str(value)
+        if not text or any(c.isspace() for c in text) or text[0] in "'\"":
+            raise JobSpecError(
+                f"argument {flag} {text!r} is empty, quoted or contains whitespace; NVFlare passes script "
+                "arguments split on whitespace, so use paths and values without spaces"
+            )
+        parts += [flag, text]
+    return " ".join(parts)
+
+
+ENTRY_NAME = "fedllm_site_entry.py"
+ENTRY_SCRIPT = '''"""Site entry of a fedllm job (generated): run the template's trainer through the Client API.
+
+The trainer code comes from the fedllm installed on the site (its image or venv), not from
+the job folder, so every site runs the same reviewed code.
+"""
+
+from {module} import main
+
+main()
+'''
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    """contextlib.chdir for Python 3.10 (the NeMo containers' Python)."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def create_job(spec: JobSpec, out_dir: Path) -> Path:
+    """Export `spec` as an NVFlare job folder under `out_dir`; returns the job's directory."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.recipe.utils import set_per_site_config
+
+    out_dir = out_dir.resolve()
+    job_dir = out_dir / spec.name
+    with tempfile.TemporaryDirectory(prefix="fedllm-job-") as tmp, _working_dir(Path(tmp)):
+        # The recipe records the script path as given: relative, so sites find it in the job's custom dir.
+        Path(ENTRY_NAME).write_text(ENTRY_SCRIPT.format(module=spec.template.trainer))
+        initial = spec.template.initial_model
+        recipe = FedAvgRecipe(
+            name=spec.name,
+            model={"class_path": initial.class_path, "args": dict(initial.args)} if initial else None,
+            min_clients=spec.num_clients,
+            num_rounds=spec.rounds,
+            train_script=ENTRY_NAME,
+            train_args=_cli_args(spec.train_args),
+            key_metric=spec.template.key_metric,
+        )
+        if spec.site_args:
+            set_per_site_config(
+                recipe,
+                {site: {"train_args": _cli_args({**spec.train_args, **a})} for site, a in spec.site_args.items()},
+            )
+        # Sites stream their job logs to the server, so `fedllm job submit` can show a failing site's error.
+        recipe.enable_log_streaming("log.txt")
+        staging = Path(tmp) / "export"
+        recipe.export(str(staging))
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging / spec.name), job_dir)
+    return job_dir

@@ -1,0 +1,148 @@
+"""Submit a job folder with the admin kit, follow it, download its result, explain failures."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedllm.admin import AdminError, admin_session
+from fedllm.errors import FedllmError
+from fedllm.provision import Kits
+
+COMPLETED = "FINISHED:COMPLETED"
+# The last line of a Python traceback: "SomeError: message" (qualified names allowed).
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)(?::.*)?$")
+
+
+class JobFailed(FedllmError):
+    """The job ended in a state other than FINISHED:COMPLETED; str() names the failing sites."""
+
+    def __init__(self, job_id: str, status: str, site_errors: dict[str, str], result_dir: Path | None):
+        self.job_id, self.status, self.site_errors, self.result_dir = job_id, status, site_errors, result_dir
+        lines = [f"job {job_id} ended {status}"]
+        lines += [f"  {site}: {err}" for site, err in site_errors.items()]
+        if result_dir:
+            lines.append(f"  logs and partial results: {result_dir}")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    status: str
+    duration_s: float
+    result_dir: Path | None = None
+    site_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == COMPLETED
+
+
+def first_error(log_text: str) -> str | None:
+    """The most telling error line of a site's log: the last exception raised, else the last ERROR line."""
+    lines = log_text.splitlines()
+    exc = [ln.strip() for ln in lines if _EXC_LINE.match(ln.strip())]
+    if exc:
+        return exc[-1]
+    errors = [ln.strip() for ln in lines if " - ERROR - " in ln]
+    return errors[-1] if errors else None
+
+
+def _site_logs(session, job_id: str) -> dict[str, str]:
+    try:
+        payload = session.get_job_logs(job_id, target="all")
+    except Exception:  # older servers or jobs without log streaming: errors come from the server log only
+        return {}
+    return {k: v for k, v in (payload.get("logs") or {}).items() if isinstance(v, str)}
+
+
+def submit_job(
+    kits: Kits,
+    job_dir: Path,
+    *,
+    wait: bool = True,
+    download: Path | None = None,
+    timeout: float = 3600.0,
+    echo=print,
+) -> JobResult:
+    """Submit `job_dir`; with `wait`, follow it to the end, download into `download`, raise JobFailed on failure."""
+    job_dir = job_dir.resolve()
+    if not (job_dir / "meta.json").is_file():
+        raise AdminError(f"{job_dir} is not an NVFlare job folder (no meta.json); create one with `fedllm job create`")
+    t0 = time.monotonic()
+    with admin_session(kits) as session:
+        job_id = session.submit_job(str(job_dir))
+        echo(f"submitted {job_dir.name} as job {job_id}")
+        if not wait:
+            return JobResult(job_id, "SUBMITTED", 0.0)
+
+        last = {"status": None}
+
+        def follow(_session, _job_id, meta, *_args, **_kw) -> bool:
+            status = meta.get("status")
+            if status != last["status"]:
+                echo(f"  {time.monotonic() - t0:6.1f}s  {status}")
+                last["status"] = status
+            return True
+
+        session.monitor_job(job_id, timeout=timeout, poll_interval=1.0, cb=follow)
+        meta = session.get_job_meta(job_id)
+        status = meta.get("status", "UNKNOWN")
+        if not status.startswith("FINISHED"):
+            session.abort_job(job_id)
+            raise JobFailed(job_id, f"TIMED OUT after {timeout:.0f}s (was {status}; aborted)", {}, None)
+
+        logs = _site_logs(session, job_id)
+        result_dir = None
+        if download is not None:
+            fetched = Path(session.download_job_result(job_id))
+            result_dir = download.resolve() / job_id
+            if result_dir.exists():
+                shutil.rmtree(result_dir)
+            result_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(fetched), result_dir)
+            for site, text in logs.items():
+                (result_dir / "site_logs").mkdir(exist_ok=True)
+                (result_dir / "site_logs" / f"{site}.log").write_text(text)
+        duration = time.monotonic() - t0
+
+    result = JobResult(job_id, status, duration, result_dir)
+    if not result.ok:
+        errors = {site: err for site, text in logs.items() if (err := first_error(text))}
+        if result_dir and not errors:
+            server_log = result_dir / "workspace" / "log.txt"
+            if server_log.is_file() and (err := first_error(server_log.read_text(errors="replace"))):
+                errors["server"] = err
+        deploy = [d for d in meta.get("job_deploy_detail", []) if not d.endswith(": OK")]
+        for detail in deploy:
+            site, _, why = detail.partition(": ")
+            errors.setdefault(site, why)
+        raise JobFailed(job_id, status, errors, result_dir)
+    return result
+
+
+def read_round_metrics(result_dir: Path) -> list[dict]:
+    """Per-round aggregated and per-site metrics NVFlare's FedAvg recorded on the server."""
+    path = result_dir / "workspace" / "metrics" / "round_metrics.jsonl"
+    if not path.is_file():
+        return []
+    rounds = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        rounds.append(
+            {
+                "round": rec["round"],
+                "aggregated": {m["name"]: m["value"] for m in rec.get("aggregated_metrics", [])},
+                "sites": {
+                    s["name"]: {m["name"]: m["value"] for m in s.get("metrics", [])} for s in rec.get("sites", [])
+                },
+            }
+        )
+    return rounds

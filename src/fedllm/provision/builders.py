@@ -1,0 +1,64 @@
+"""fedllm's NVFlare Builders: what the provisioner adds to NVFlare's own kits.
+
+They are listed in the rendered project.yml like NVFlare's builders and follow the same
+initialize → build → finalize lifecycle over the ProvisionContext; they write into the
+work-in-progress tree that NVFlare's WorkspaceBuilder moves to prod_NN at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nvflare.lighter.spec import Builder, Project, ProvisionContext
+
+from fedllm.config.site_config import SiteConfig
+
+MANIFEST_NAME = "fedllm.json"
+SITE_FILE_NAME = "fedllm_site.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class SiteRuntimeBuilder(Builder):
+    """Writes each site's runtime facts into its kit and a manifest beside the kits.
+
+    `local/fedllm_site.json` tells a site process (native or in its container) which GPUs
+    and data directory are its own, without giving it the whole federation's config.
+    `prod_NN/fedllm.json` records which site config produced the kits, so the runtime can
+    refuse kits that no longer match the config.
+    """
+
+    def __init__(self, site_config: dict[str, Any], config_digest: str, source: str, data_root: str):
+        self.config = SiteConfig.model_validate(site_config)
+        self.config_digest = config_digest
+        self.source = source
+        self.data_root = Path(data_root)
+
+    def build(self, project: Project, ctx: ProvisionContext) -> None:
+        for client in project.get_clients():
+            site = self.config.site(client.name)
+            _write_json(
+                Path(ctx.get_local_dir(client)) / SITE_FILE_NAME,
+                {
+                    "name": site.name,
+                    "gpus": site.gpus,
+                    "host": site.host,
+                    "data_dir": str(site.data_path(self.data_root)),
+                },
+            )
+        _write_json(
+            Path(ctx.get_wip_dir()) / MANIFEST_NAME,
+            {
+                "project": self.config.project,
+                "source": self.source,
+                "config_digest": self.config_digest,
+                "server": self.config.server.name,
+                "sites": self.config.site_names,
+                "admins": [a.name for a in self.config.admins],
+            },
+        )

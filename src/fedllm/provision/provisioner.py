@@ -1,0 +1,174 @@
+"""Provision a federation: site config → jinja2 project.yml → NVFlare's provisioner.
+
+NVFlare's own Provisioner and Builders create the startup kits and mTLS certificates;
+fedllm adds its outputs through its own Builders listed in the same project.yml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import yaml
+from nvflare.lighter.constants import CtxKey
+from nvflare.lighter.prov_utils import prepare_builders
+from nvflare.lighter.provision import prepare_project
+from nvflare.lighter.provisioner import Provisioner
+
+from fedllm.config.site_config import SiteConfig
+from fedllm.errors import FedllmError
+from fedllm.resources import resource_dir
+
+PROD_RE = re.compile(r"^prod_(\d{2})$")
+# NVFlare numbers kits prod_00 … prod_99 and refuses to go further; keep a few, renumber when full.
+KEEP_PROD_DIRS = 3
+
+
+class ProvisionError(FedllmError):
+    """Provisioning failed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Kits:
+    """Where one provisioning run put every participant's startup kit."""
+
+    prod_dir: Path
+    config: SiteConfig
+
+    def server(self) -> Path:
+        return self.prod_dir / self.config.server.name
+
+    def site(self, name: str) -> Path:
+        return self.prod_dir / name
+
+    def admin(self, name: str | None = None) -> Path:
+        return self.prod_dir / (name or self.config.admin.name)
+
+    def participants(self) -> list[Path]:
+        return [self.server(), *(self.site(s) for s in self.config.site_names), *map(self.admin, self._admins())]
+
+    def _admins(self) -> list[str]:
+        return [a.name for a in self.config.admins]
+
+
+def config_digest(config: SiteConfig) -> str:
+    """A stable fingerprint of the validated config (not of its formatting or comments)."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_builders=()) -> str:
+    """Render NVFlare's project.yml from the validated site config."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(resource_dir("provision/templates")),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    builders = [
+        {
+            "path": "fedllm.provision.builders.SiteRuntimeBuilder",
+            "args": {
+                "site_config": config.model_dump(mode="json"),
+                "config_digest": config_digest(config),
+                "source": source,
+                "data_root": str(data_root),
+            },
+        },
+        *extra_builders,
+    ]
+    return env.get_template("project.yml.j2").render(cfg=config, source=source, fedllm_builders=builders)
+
+
+def project_dir(workspace: Path, config: SiteConfig) -> Path:
+    return workspace / config.project
+
+
+def prod_dirs(workspace: Path, config: SiteConfig) -> list[Path]:
+    root = project_dir(workspace, config)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and PROD_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(PROD_RE.match(p.name).group(1)))
+
+
+def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
+    """The newest provisioned kits for this config, or a clear error saying to provision."""
+    dirs = prod_dirs(workspace, config)
+    if not dirs:
+        raise ProvisionError(
+            f"no startup kits for project '{config.project}' under {workspace}; "
+            f"run `fedllm provision -c <site config> -w {workspace}` first"
+        )
+    kits = Kits(dirs[-1], config)
+    manifest = dirs[-1] / "fedllm.json"
+    recorded = json.loads(manifest.read_text()).get("config_digest") if manifest.is_file() else None
+    if recorded != config_digest(config):
+        raise ProvisionError(
+            f"the kits in {dirs[-1]} were provisioned from a different site config; "
+            "re-run `fedllm provision` so that kits, GPUs and sites match the config"
+        )
+    return kits
+
+
+def _make_room(workspace: Path, config: SiteConfig) -> None:
+    """Keep the newest kits and renumber them when NVFlare's prod_99 limit is near."""
+    dirs = prod_dirs(workspace, config)
+    for old in dirs[:-KEEP_PROD_DIRS]:
+        shutil.rmtree(old)
+    kept = dirs[-KEEP_PROD_DIRS:]
+    if kept and int(PROD_RE.match(kept[-1].name).group(1)) >= 98:
+        for i, d in enumerate(kept):
+            d.rename(d.with_name(f"prod_{i:02d}"))
+
+
+def provision(config: SiteConfig, workspace: Path, source: str, data_root: Path | None = None) -> Kits:
+    """Provision kits for every participant of `config` into `workspace/<project>/prod_NN`.
+
+    Re-provisioning keeps the project's root CA (NVFlare's state dir), so kits made before and
+    after an edit trust each other; only the newest prod dirs are kept.
+    """
+    workspace = workspace.resolve()
+    data_root = (data_root or Path.cwd()).resolve()
+    root = project_dir(workspace, config)
+    root.mkdir(parents=True, exist_ok=True)
+    _make_room(workspace, config)
+
+    text = render_project_yml(config, source, data_root)
+    (root / "project.yml").write_text(text, encoding="utf-8")
+    project_dict = yaml.safe_load(text)
+    try:
+        project = prepare_project(project_dict)
+        builders = prepare_builders(project_dict)
+    except ValueError as exc:
+        raise ProvisionError(f"NVFlare rejected the rendered project ({root / 'project.yml'}): {exc}") from exc
+
+    ctx = Provisioner(str(workspace), builders).provision(project, logger=_QuietLogger())
+    errors = ctx.get_errors()
+    prod = ctx.get_result_location()
+    if ctx.get(CtxKey.BUILD_ERROR) or not prod or errors:
+        raise ProvisionError("NVFlare's provisioner failed: " + ("; ".join(errors) or "no kits were produced"))
+    return Kits(Path(prod), config)
+
+
+class _QuietLogger:
+    """Collects NVFlare's provisioning chatter; errors still reach the ProvisionError."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, msg: str) -> None:
+        self.lines.append(msg)
+
+    def debug(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        self.lines.append("WARNING: " + msg)
+
+    def error(self, msg: str) -> None:
+        self.lines.append("ERROR: " + msg)

@@ -1,0 +1,1 @@
+"""Running a provisioned federation: native processes here, compose files in fedllm.provision."""

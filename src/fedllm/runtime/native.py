@@ -1,0 +1,218 @@
+"""Run a provisioned federation as local processes (no containers).
+
+Each participant starts from its own startup kit with NVFlare's `sub_start.sh --once`
+(the same entry a container uses), in its own process group so that `down` can also
+reap the per-job processes NVFlare spawns. Readiness is polled through the admin API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedllm.admin import AdminError, admin_session, wait_for_sites
+from fedllm.errors import FedllmError
+from fedllm.provision import Kits
+from fedllm.runtime.site_env import site_environment
+
+STATE_FILE = "native.json"
+
+
+class NativeRuntimeError(FedllmError):
+    """The federation could not be started or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    pid: int
+    log: Path
+
+
+def run_dir(kits: Kits) -> Path:
+    return kits.prod_dir.parent / "run"
+
+
+def _state_path(kits: Kits) -> Path:
+    return run_dir(kits) / STATE_FILE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def read_state(kits: Kits) -> list[Process]:
+    path = _state_path(kits)
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return [Process(p["name"], p["pid"], Path(p["log"])) for p in data.get("processes", [])]
+
+
+def _write_state(kits: Kits, procs: list[Process]) -> None:
+    path = _state_path(kits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    data = {
+        "prod_dir": str(kits.prod_dir),
+        "processes": [{"name": p.name, "pid": p.pid, "log": str(p.log)} for p in procs],
+    }
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    if not path.is_file():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _preflight(kits: Kits) -> None:
+    server = kits.config.server
+    try:
+        socket.getaddrinfo(server.name, server.fed_learn_port)
+    except socket.gaierror:
+        raise NativeRuntimeError(
+            f"server name '{server.name}' does not resolve on this machine, so native sites cannot dial it. "
+            "For a one-machine run use a config whose server is 'localhost' (site_configs/local.yaml), "
+            f"or map the name in /etc/hosts (127.0.0.1 {server.name})"
+        ) from None
+    for port in (server.fed_learn_port, server.admin_port):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                raise NativeRuntimeError(
+                    f"port {port} is already in use; stop the federation that holds it (`fedllm down`) "
+                    "or change server.fed_learn_port / server.admin_port in the site config and re-provision"
+                ) from None
+
+
+def _spawn(name: str, kit: Path, env: dict[str, str], logs: Path) -> Process:
+    script = kit / "startup" / "sub_start.sh"
+    if not script.is_file():
+        raise NativeRuntimeError(f"startup kit {kit} has no startup/sub_start.sh; re-run `fedllm provision`")
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            ["bash", str(script), "--once"],
+            cwd=kit,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: `down` reaps job processes too
+        )
+    return Process(name, proc.pid, log)
+
+
+def _base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # sub_start.sh runs `python3` from PATH: make it this interpreter (the one with nvflare + fedllm).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
+    """Start server and sites from their kits and wait until every site is registered."""
+    running = [p for p in read_state(kits) if _alive(p.pid)]
+    if running:
+        raise NativeRuntimeError(
+            f"a native federation is already running from {kits.prod_dir.parent} "
+            f"({', '.join(p.name for p in running)}); run `fedllm down` first"
+        )
+    _preflight(kits)
+    logs = run_dir(kits) / "logs"
+    base = _base_env()
+    procs = [_spawn(kits.config.server.name, kits.server(), base, logs)]
+    echo(f"started server '{kits.config.server.name}' (pid {procs[0].pid}) from {kits.server()}")
+    for site in kits.config.sites:
+        env = {**base, **site_environment(kits.site(site.name))}
+        procs.append(_spawn(site.name, kits.site(site.name), env, logs))
+        gpus = ",".join(map(str, site.gpus)) or "none"
+        echo(f"started site '{site.name}' (pid {procs[-1].pid}, GPUs {gpus})")
+    _write_state(kits, procs)
+
+    def check_alive() -> None:
+        for p in procs:
+            if not _alive(p.pid):
+                raise NativeRuntimeError(f"'{p.name}' exited during start-up; last lines of {p.log}:\n{_tail(p.log)}")
+
+    try:
+        t0 = time.monotonic()
+        with admin_session(kits, timeout=timeout) as session:
+            wait_for_sites(session, kits.config.site_names, timeout=timeout, check=check_alive)
+        echo(f"all {len(kits.config.sites)} sites registered in {time.monotonic() - t0:.1f}s")
+    except (AdminError, NativeRuntimeError):
+        _terminate(procs, grace=5.0)
+        _state_path(kits).unlink(missing_ok=True)
+        raise
+    return procs
+
+
+def _terminate(procs: list[Process], grace: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p.pid) for p in procs):
+            time.sleep(0.2)
+
+
+def down(kits: Kits, timeout: float = 60.0, echo=print) -> None:
+    """Stop the federation through the admin API, then make sure every process is gone."""
+    procs = read_state(kits)
+    alive = [p for p in procs if _alive(p.pid)]
+    if not alive:
+        echo("no native federation is running")
+        _state_path(kits).unlink(missing_ok=True)
+        return
+    try:
+        # FLARE prints connection chatter while it waits for the server to go away.
+        with admin_session(kits, timeout=10.0) as session, _quiet():
+            session.shutdown("all", wait=True, timeout=timeout)
+        echo("server and sites acknowledged shutdown")
+    except Exception as exc:  # the server may already be gone; fall through to signals
+        echo(f"admin shutdown failed ({exc}); stopping processes directly")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p.pid) for p in alive):
+        time.sleep(0.3)
+    _terminate([p for p in alive if _alive(p.pid)], grace=5.0)
+    # Job processes live in the same process groups; reap any that outlived their parent.
+    _terminate(alive, grace=2.0)
+    _state_path(kits).unlink(missing_ok=True)
+    echo("federation stopped")
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def status(kits: Kits) -> dict[str, bool]:
+    return {p.name: _alive(p.pid) for p in read_state(kits)}
