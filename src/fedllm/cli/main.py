@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+from rich.markup import escape
 
 from fedllm.cli import federation, job
 from fedllm.cli.common import err_console
@@ -38,20 +38,17 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; expected errors print in red on one block and exit 1 (no traceback)."""
+    """Run the CLI and return its exit status; expected errors print in red (no traceback) and give 1."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)  # usage errors: typer prints them and exits 2
     except FedllmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
         return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 

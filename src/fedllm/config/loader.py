@@ -163,6 +163,8 @@ def load_model(
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         msg = f"malformed YAML: {exc.problem or exc}"
+        if exc.context and exc.context_mark and exc.context_mark is not mark:
+            msg += f" ({exc.context}, which starts at line {exc.context_mark.line + 1})"
         raise ConfigError(
             [Problem(file, "", msg, "fix the YAML syntax at this line (indentation, ':' and quotes)", line)], kind
         ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,8 +15,8 @@ from fedllm.errors import FedllmError
 from fedllm.provision import Kits
 
 COMPLETED = "FINISHED:COMPLETED"
-# The last line of a Python traceback: "SomeError: message" (qualified names allowed).
-_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)(?::.*)?$")
+# The last line of a Python traceback: "pkg.SomeError: message" (or just the qualified name).
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(?::\s.*)?$")
 
 
 class JobFailed(FedllmError):
@@ -44,21 +45,34 @@ class JobResult:
 
 
 def first_error(log_text: str) -> str | None:
-    """The most telling error line of a site's log: the last exception raised, else the last ERROR line."""
-    lines = log_text.splitlines()
-    exc = [ln.strip() for ln in lines if _EXC_LINE.match(ln.strip())]
-    if exc:
-        return exc[-1]
-    errors = [ln.strip() for ln in lines if " - ERROR - " in ln]
+    """The most telling error in a log: the first exception of a traceback (the root cause), else the last ERROR line."""
+    in_traceback = False
+    for line in log_text.splitlines():
+        if "Traceback (most recent call last):" in line:
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            if _EXC_LINE.match(line):
+                return line.strip()
+            in_traceback = False
+    errors = [ln.strip() for ln in log_text.splitlines() if " - ERROR - " in ln]
     return errors[-1] if errors else None
 
 
-def _site_logs(session, job_id: str) -> dict[str, str]:
-    try:
-        payload = session.get_job_logs(job_id, target="all")
-    except Exception:  # older servers or jobs without log streaming: errors come from the server log only
-        return {}
-    return {k: v for k, v in (payload.get("logs") or {}).items() if isinstance(v, str)}
+def _site_logs(session, job_id: str, sites: list[str]) -> dict[str, str]:
+    """Each site's log of this job, read through admin commands (works for native, compose and remote sites)."""
+    logs: dict[str, str] = {}
+    for site in sites:
+        with contextlib.suppress(Exception):  # a site that is gone has no log to give
+            text = session.cat_target(site, file=f"{job_id}/log.txt")
+            if isinstance(text, str) and text.strip():
+                logs[site] = text
+    if len(logs) < len(sites):  # fall back to logs the sites streamed to the server
+        with contextlib.suppress(Exception):
+            payload = session.get_job_logs(job_id, target="all")
+            for site, text in (payload.get("logs") or {}).items():
+                if isinstance(text, str) and site not in logs:
+                    logs[site] = text
+    return logs
 
 
 def submit_job(
@@ -97,7 +111,7 @@ def submit_job(
             session.abort_job(job_id)
             raise JobFailed(job_id, f"TIMED OUT after {timeout:.0f}s (was {status}; aborted)", {}, None)
 
-        logs = _site_logs(session, job_id)
+        logs = _site_logs(session, job_id, [c.name for c in session.get_connected_client_list()])
         result_dir = None
         if download is not None:
             fetched = Path(session.download_job_result(job_id))
@@ -113,7 +127,9 @@ def submit_job(
 
     result = JobResult(job_id, status, duration, result_dir)
     if not result.ok:
-        errors = {site: err for site, text in logs.items() if (err := first_error(text))}
+        found = {site: err for site, text in logs.items() if (err := first_error(text))}
+        # Sites that only report being aborted are the consequence; the cause goes first.
+        errors = dict(sorted(found.items(), key=lambda item: "abort" in item[1].lower()))
         if result_dir and not errors:
             server_log = result_dir / "workspace" / "log.txt"
             if server_log.is_file() and (err := first_error(server_log.read_text(errors="replace"))):

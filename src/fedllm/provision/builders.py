@@ -62,3 +62,29 @@ class SiteRuntimeBuilder(Builder):
                 "admins": [a.name for a in self.config.admins],
             },
         )
+
+
+# Classes fedllm's jobs instantiate on the server from config (job apps without custom code are
+# checked against the site's class_allow_list in NVFlare 2.9; NVFlare's default list lacks these).
+FEDLLM_COMPONENTS = (
+    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    "fedllm.",  # a package prefix: fedllm's own persistors, filters and aggregators
+)
+RESOURCES_DEFAULT = "resources.json.default"
+
+
+class ComponentPolicyBuilder(Builder):
+    """Adds fedllm's components to every participant's class allow-list.
+
+    NVFlare refuses to build components that are not in `class_allow_list` of the site's
+    resources (for jobs without custom code). fedllm extends NVFlare's own default list rather
+    than disabling the check, so the policy stays explicit and reviewable in each kit.
+    """
+
+    def build(self, project: Project, ctx: ProvisionContext) -> None:
+        for participant in [project.get_server(), *project.get_clients()]:
+            path = Path(ctx.get_local_dir(participant)) / RESOURCES_DEFAULT
+            resources = json.loads(path.read_text(encoding="utf-8"))
+            allowed = list(resources.get("class_allow_list", []))
+            resources["class_allow_list"] = allowed + [c for c in FEDLLM_COMPONENTS if c not in allowed]
+            _write_json(path, resources)

@@ -79,6 +79,7 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
                 "data_root": str(data_root),
             },
         },
+        {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
         *extra_builders,
     ]
     return env.get_template("project.yml.j2").render(cfg=config, source=source, fedllm_builders=builders)

@@ -1,0 +1,86 @@
+"""mTLS: a site holding a certificate from another provisioning is refused by the server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedllm.admin import admin_session, connected_sites
+from fedllm.config import load_site_config
+from fedllm.provision import provision
+from tests.conftest import write_yaml
+
+pytestmark = pytest.mark.federation
+
+
+def test_site_with_foreign_certificate_is_refused(federation, tmp_path: Path) -> None:
+    # Same project, server name and ports, but provisioned elsewhere: a different root CA signs "site-9".
+    legit = yaml.safe_load((federation.prod_dir.parents[2] / "site.yaml").read_text())
+    legit["sites"].append({"name": "site-9", "gpus": []})
+    foreign = provision(
+        load_site_config(write_yaml(tmp_path / "foreign.yaml", legit)), tmp_path / "ws", source="foreign.yaml"
+    )
+    kit = tmp_path / "site-9"
+    shutil.copytree(foreign.site("site-9"), kit)
+    # The intruder trusts the real server (real root CA), so only its own certificate can stop it.
+    shutil.copy(federation.server() / "startup" / "rootCA.pem", kit / "startup" / "rootCA.pem")
+    assert (kit / "startup" / "client.crt").read_bytes() != b""
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "site-9.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
+            cwd=kit,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        # Give it well over the ~1 s a legitimate site needs to register, polling the server meanwhile.
+        deadline = time.monotonic() + 20
+        with admin_session(federation) as session:
+            while time.monotonic() < deadline:
+                assert "site-9" not in connected_sites(session), "the server accepted a foreign certificate"
+                time.sleep(1)
+            assert connected_sites(session) >= {"site-1", "site-2", "site-3"}
+        text = log.read_text(errors="replace") + (kit / "log.txt").read_text(errors="replace")
+        assert "Successfully registered client:site-9" not in text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tls_request(kits, cert_dir: Path) -> bytes:
+    """Open a TLS connection to the server's FL port with a client certificate and send an HTTP request."""
+    ctx = ssl.create_default_context(cafile=str(kits.server() / "startup" / "rootCA.pem"))
+    ctx.load_cert_chain(str(cert_dir / "client.crt"), str(cert_dir / "client.key"))
+    with socket.create_connection(("localhost", kits.config.server.fed_learn_port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=kits.config.server.name) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                return tls.recv(200)
+        except (ssl.SSLError, ConnectionError):
+            return b""
+
+
+def test_server_refuses_tls_with_a_foreign_client_certificate(federation, tmp_path: Path) -> None:
+    legit = yaml.safe_load((federation.prod_dir.parents[2] / "site.yaml").read_text())
+    foreign = provision(
+        load_site_config(write_yaml(tmp_path / "foreign.yaml", legit)), tmp_path / "ws", source="foreign.yaml"
+    )
+    # Control: a certificate from this federation's CA gets an answer from the server.
+    assert _tls_request(federation, federation.site("site-1") / "startup").startswith(b"HTTP/1.1")
+    # The same request with a certificate signed by another provisioning's CA gets nothing.
+    assert _tls_request(federation, foreign.site("site-1") / "startup") == b""

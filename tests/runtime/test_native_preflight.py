@@ -1,0 +1,43 @@
+"""The native runtime refuses to start when it cannot work, saying why and what to do."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from fedllm.config import load_site_config
+from fedllm.provision import provision
+from fedllm.runtime import native
+from tests.conftest import local_config_dict, write_yaml
+
+
+def _kits(tmp_path: Path, **server):
+    data = local_config_dict()
+    data["server"].update(server)
+    return provision(load_site_config(write_yaml(tmp_path / "s.yaml", data)), tmp_path / "ws", source="s.yaml")
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    kits = _kits(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", kits.config.server.fed_learn_port))
+        busy.listen()
+        with pytest.raises(
+            native.NativeRuntimeError, match=f"port {kits.config.server.fed_learn_port} is already in use"
+        ):
+            native.up(kits, echo=lambda _m: None)
+    assert native.read_state(kits) == []
+
+
+def test_server_name_that_does_not_resolve(tmp_path: Path) -> None:
+    kits = _kits(tmp_path, name="fl-server.invalid")
+    with pytest.raises(native.NativeRuntimeError, match="does not resolve"):
+        native.up(kits, echo=lambda _m: None)
+
+
+def test_down_when_nothing_runs(tmp_path: Path) -> None:
+    messages: list[str] = []
+    native.down(_kits(tmp_path), echo=messages.append)
+    assert messages == ["no native federation is running"]
