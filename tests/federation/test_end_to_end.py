@@ -49,6 +49,8 @@ def test_fedavg_job_trains_and_returns_its_result(federation, data_root: Path, t
         "site-3.log",
     ]
     assert "round 2" in (result.result_dir / "site_logs" / "site-3.log").read_text()
+    # The job is stored in this federation's own server workspace, not in a machine-wide /tmp store.
+    assert (federation.server() / "jobs-storage" / result.job_id).is_dir()
 
 
 def test_local_mode_trains_each_site_alone_for_one_round(federation, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nvflare.lighter.utils import update_storage_locations
+
 from fedllm.admin import AdminError, admin_session, wait_for_sites
 from fedllm.errors import FedllmError
 from fedllm.provision import Kits
@@ -145,6 +147,9 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
             f"({', '.join(p.name for p in running)}); run `fedllm down` first"
         )
     _preflight(kits)
+    # NVFlare's kits keep the job store and snapshots in /tmp/nvflare, shared by every federation on the
+    # machine; like NVFlare's own POC mode, move them into this server's workspace.
+    update_storage_locations(str(kits.server() / "local"), str(kits.server()))
     logs = run_dir(kits) / "logs"
     base = _base_env()
     procs = [_spawn(kits.config.server.name, kits.server(), base, logs)]
