@@ -1,0 +1,96 @@
+"""The few model_config.yaml fields that decide how Megatron-GPT tensors are split across TP ranks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fedllm.checkpoint.errors import CheckpointError
+
+# Activations whose fc1 holds [W; V] (gate and value) in one tensor. NeMo's legacy model fuses them only for
+# the "fast-" variants (plain swiglu keeps a separate dense_h_to_4h_2); Megatron-core always fuses them.
+GLU_ACTIVATIONS = {"swiglu", "geglu", "reglu", "fast-swiglu", "fast-geglu", "fast-reglu"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and parallel layout of a Megatron-GPT model, read from its model_config.yaml."""
+
+    source: str  # the file the config came from, for error messages
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    make_vocab_size_divisible_by: int
+    activation: str
+    megatron_legacy: bool
+    mcore: bool
+    tied_embeddings: bool
+    position_embedding_type: str
+    precision: str
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], source: str) -> ModelSpec:
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise CheckpointError(
+                    f"{source}: model_config.yaml has no '{key}'; a Megatron-GPT config needs it "
+                    "(is this a NeMo Megatron-GPT checkpoint?)"
+                )
+            return cfg[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        return cls(
+            source=source,
+            hidden_size=hidden,
+            ffn_hidden_size=int(cfg.get("ffn_hidden_size") or 4 * hidden),
+            num_layers=int(need("num_layers")),
+            num_attention_heads=heads,
+            num_query_groups=int(cfg.get("num_query_groups") or heads),
+            kv_channels=int(cfg.get("kv_channels") or hidden // heads),
+            tensor_parallel=int(cfg.get("tensor_model_parallel_size") or 1),
+            pipeline_parallel=int(cfg.get("pipeline_model_parallel_size") or 1),
+            make_vocab_size_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128),
+            activation=str(cfg.get("activation") or "gelu"),
+            megatron_legacy=bool(cfg.get("megatron_legacy", False)),
+            mcore=bool(cfg.get("mcore_gpt", False)),
+            tied_embeddings=bool(cfg.get("share_embeddings_and_output_weights", True)),
+            position_embedding_type=str(cfg.get("position_embedding_type") or "learned_absolute"),
+            precision=str(cfg.get("precision", "")),
+        )
+
+    @property
+    def glu(self) -> bool:
+        return self.activation in GLU_ACTIVATIONS
+
+    @property
+    def fused_glu_fc1(self) -> bool:
+        """fc1 holds [W; V] halves in one tensor (so it is split half by half)."""
+        return self.glu and (self.mcore or self.activation.startswith("fast-"))
+
+    def padded_vocab_size(self, vocab_size: int, tp: int) -> int:
+        """Megatron's rule: round the vocabulary up to a multiple of make_vocab_size_divisible_by × TP."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return math.ceil(vocab_size / multiple) * multiple
+
+    def check_tp(self, tp: int, what: str = "target") -> None:
+        """Every split dimension must divide by the TP size; say which one does not."""
+        if tp < 1:
+            raise CheckpointError(f"{what} tensor-parallel size must be ≥ 1, got {tp}")
+        for name, value in (
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_query_groups", self.num_query_groups),
+            ("ffn_hidden_size", self.ffn_hidden_size),
+        ):
+            if value % tp:
+                ok = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+                raise CheckpointError(
+                    f"{self.source}: {what} tensor-parallel size {tp} does not divide {name}={value}; "
+                    f"use one of {ok}"
+                )

@@ -1,0 +1,336 @@
+"""Lazy reading and streaming writing of torch.save zip files, one tensor at a time.
+
+Why not `torch.load`/`torch.save`: both hold every tensor in memory at once (or, with mmap, keep every
+touched page mapped and resident). A 20B shard is ~10 GB; reading records on demand and writing each
+output tensor as soon as it exists keeps peak memory at a few tensors, whatever the model size.
+The files written here are ordinary torch.save files (same records, 64-byte aligned, CRC32), so
+`torch.load` and NeMo read them unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+
+from fedllm.checkpoint.errors import CheckpointError
+
+# torch's legacy storage class names, as torch.save pickles them (serialization.py: _pickle_storage_type).
+_STORAGE_NAME_BY_DTYPE: dict[torch.dtype, str] = {
+    torch.float32: "FloatStorage",
+    torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage",
+    torch.float64: "DoubleStorage",
+    torch.int64: "LongStorage",
+    torch.int32: "IntStorage",
+    torch.int16: "ShortStorage",
+    torch.int8: "CharStorage",
+    torch.uint8: "ByteStorage",
+    torch.bool: "BoolStorage",
+}
+_DTYPE_BY_STORAGE_NAME = {name: dtype for dtype, name in _STORAGE_NAME_BY_DTYPE.items()}
+_DTYPE_BY_STORAGE_NAME["UntypedStorage"] = torch.uint8
+_ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # the 30-byte local file header before each record's data
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable view of bytes [offset, offset+size) of a file: a tar member read in place."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int = 0, size: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self.offset = offset
+        self.size = (os.fstat(self._file.fileno()).st_size - offset) if size is None else size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        if n == 0:
+            return 0
+        self._file.seek(self.offset + self._pos)
+        got = self._file.readinto(view[:n])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """Where a storage's bytes live in the zip, without reading them."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor in a torch.save file whose data is read only when `load()` is called."""
+
+    source: LazyStateDict
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def load(self) -> torch.Tensor:
+        return self.source.read_tensor(self)
+
+    def load_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, reading only their bytes (a column-parallel slice)."""
+        return self.source.read_tensor(self, rows=(start, stop))
+
+
+class _LazyUnpickler(pickle.Unpickler):
+    """Unpickles a state dict but turns each tensor into a LazyTensor; only known globals are allowed."""
+
+    def __init__(self, data: BinaryIO, owner: LazyStateDict) -> None:
+        super().__init__(data)
+        self._owner = owner
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return self._rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, requires_grad, backward_hooks: data
+        if module == "torch" and name in _DTYPE_BY_STORAGE_NAME:
+            return _DTYPE_BY_STORAGE_NAME[name]
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module in ("_io", "io") and name == "BytesIO":
+            return io.BytesIO  # transformer-engine `_extra_state` entries
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes  # how protocol-2 pickles spell bytes
+        if module == "torch" and name == "Size":
+            return tuple
+        raise CheckpointError(
+            f"{self._owner.name}: unsupported object {module}.{name} in the pickled state dict; "
+            "only tensors, dicts and BytesIO extra states are expected in a Megatron-GPT model_weights.ckpt"
+        )
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"{self._owner.name}: unexpected persistent id {pid!r}; not a torch.save file")
+        _, dtype, key, _location, numel = pid
+        return StorageRef(str(key), dtype, int(numel))
+
+    def _rebuild_tensor(self, storage: StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any) -> LazyTensor:
+        return LazyTensor(self._owner, storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    if encoding != "latin1":
+        raise CheckpointError(f"unexpected byte encoding {encoding!r} in a pickled state dict")
+    return text.encode("latin1")
+
+
+class LazyStateDict:
+    """A torch.save file opened for on-demand tensor reads (`items()` yields LazyTensor or plain values)."""
+
+    def __init__(self, window: FileWindow, name: str) -> None:
+        self.name = name
+        self._window = window
+        try:
+            self._zip = zipfile.ZipFile(window)
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(
+                f"{name}: not a torch zip checkpoint ({exc}); the archive is truncated or corrupted, or the file "
+                "was saved with torch<1.6's legacy format (re-save it with a newer torch)"
+            ) from exc
+        names = self._zip.namelist()
+        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+        if not pkl:
+            raise CheckpointError(f"{name}: no data.pkl record; this is not a torch.save checkpoint")
+        self._prefix = pkl[0][: -len("data.pkl")]
+        try:
+            with self._zip.open(pkl[0]) as f:
+                state = _LazyUnpickler(io.BytesIO(f.read()), self).load()
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"{name}: the pickled state dict is corrupted ({exc})") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]  # a Lightning checkpoint rather than NeMo's bare state dict
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{name}: expected a state dict, found {type(state).__name__}")
+        self.state: OrderedDict[str, Any] = OrderedDict(state)
+        self._data_offsets: dict[str, int] = {}
+
+    def __enter__(self) -> LazyStateDict:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+        self._window.close()
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def tensors(self) -> Iterator[tuple[str, LazyTensor]]:
+        for key, value in self.state.items():
+            if isinstance(value, LazyTensor):
+                yield key, value
+
+    def _data_offset(self, key: str) -> tuple[int, int]:
+        record = f"{self._prefix}data/{key}"
+        try:
+            info = self._zip.getinfo(record)
+        except KeyError as exc:
+            raise CheckpointError(f"{self.name}: storage record {record} is missing; the file is truncated") from exc
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{self.name}: record {record} is compressed; torch.save never does that")
+        if key not in self._data_offsets:
+            self._window.seek(info.header_offset)
+            header = self._window.read(_ZIP_LOCAL_HEADER.size)
+            if len(header) < _ZIP_LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{self.name}: bad zip header for {record}; the file is corrupted")
+            fields = _ZIP_LOCAL_HEADER.unpack(header)
+            name_len, extra_len = fields[-2], fields[-1]
+            self._data_offsets[key] = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+        return self._data_offsets[key], info.file_size
+
+    def read_tensor(self, t: LazyTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read just this tensor's bytes (contiguous tensors) or its whole storage (strided views)."""
+        start, record_size = self._data_offset(t.storage.key)
+        itemsize = torch.empty((), dtype=t.dtype).element_size()
+        contiguous = _contiguous_strides(t.shape) == t.stride or t.numel() == 0
+        if rows is not None:
+            if not 0 <= rows[0] <= rows[1] <= t.shape[0]:
+                raise ValueError(f"rows {rows} out of range for shape {t.shape}")
+            if not contiguous:
+                return self.read_tensor(t)[rows[0] : rows[1]].contiguous()
+            row_numel = t.numel() // t.shape[0] if t.shape[0] else 0
+            shape = (rows[1] - rows[0], *t.shape[1:])
+            t = LazyTensor(self, t.storage, t.storage_offset + rows[0] * row_numel, shape, _contiguous_strides(shape))
+        first, count = (t.storage_offset, t.numel()) if contiguous else (0, t.storage.numel)
+        nbytes = count * itemsize
+        if (first * itemsize) + nbytes > record_size:
+            raise CheckpointError(f"{self.name}: record data/{t.storage.key} is shorter than its tensor; truncated")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._window.seek(start + first * itemsize)
+        got = self._window.readinto(buf.numpy()) if nbytes else 0
+        if got != nbytes:
+            raise CheckpointError(f"{self.name}: short read in data/{t.storage.key}; the file is truncated")
+        flat = buf.view(t.dtype)
+        if contiguous:
+            return flat.view(t.shape)
+        return flat.as_strided(t.shape, t.stride, t.storage_offset).contiguous()
+
+    def check_crcs(self) -> None:
+        """Read every record through zipfile so that a CRC mismatch (bit rot, bad copy) raises."""
+        for info in self._zip.infolist():
+            try:
+                with self._zip.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile as exc:
+                raise CheckpointError(f"{self.name}: record {info.filename} is corrupted ({exc})") from exc
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+class _StorageStub:
+    """Stands for an already written storage record while the state dict's pickle is written."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    """Pickles exactly like a contiguous CPU tensor whose storage was written earlier."""
+
+    def __init__(self, storage: _StorageStub, shape: tuple[int, ...]) -> None:
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        args = (self.storage, 0, torch.Size(self.shape), _contiguous_strides(self.shape), False, OrderedDict())
+        return (torch._utils._rebuild_tensor_v2, args)
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageStub):
+            storage_type = getattr(torch, _STORAGE_NAME_BY_DTYPE[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+class StreamingStateDictWriter:
+    """Writes a torch.save-compatible state dict to a stream one tensor at a time (records first, pickle last)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._writer = torch._C.PyTorchFileWriter(stream)
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._next_key = 0
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _STORAGE_NAME_BY_DTYPE:
+            raise CheckpointError(f"tensor {name}: dtype {tensor.dtype} is not supported by the streaming writer")
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        key = str(self._next_key)
+        self._next_key += 1
+        storage = tensor.untyped_storage()
+        self._writer.write_record(f"data/{key}", storage, storage.nbytes())
+        self._entries[name] = _TensorStub(_StorageStub(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))
+
+    def add_object(self, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            self.add_tensor(name, value)
+        else:
+            self._entries[name] = value
+
+    def finish(self) -> None:
+        buf = io.BytesIO()
+        _StubPickler(buf, protocol=2).dump(self._entries)
+        data = buf.getvalue()
+        self._writer.write_record("data.pkl", data, len(data))
+        self._writer.write_record(".format_version", "1", 1)
+        self._writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._writer.write_end_of_file()
