@@ -60,7 +60,9 @@ class NemoArchive:
     def __init__(self, path: str | os.PathLike[str], scratch_dir: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such checkpoint file; check the path (download it with make download-20b)")
+            raise CheckpointError(
+                f"{self.path}: no such checkpoint file; check the path (download it with make download-20b)"
+            )
         self.size_on_disk = self.path.stat().st_size
         self._scratch: Path | None = None
         self.compressed = _is_gzip(self.path)
@@ -151,7 +153,9 @@ class NemoArchive:
         tp, pp = self.tp, self.pp
         expected = {(t, p) for t in range(tp) for p in range(pp)}
         if not ranks:
-            raise CheckpointError(f"{self.path}: no {WEIGHTS_NAME} in the archive; the file is truncated or not a model")
+            raise CheckpointError(
+                f"{self.path}: no {WEIGHTS_NAME} in the archive; the file is truncated or not a model"
+            )
         missing = sorted(expected - set(ranks))
         extra = sorted(set(ranks) - expected)
         if missing or extra:

@@ -91,6 +91,5 @@ class ModelSpec:
             if value % tp:
                 ok = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
                 raise CheckpointError(
-                    f"{self.source}: {what} tensor-parallel size {tp} does not divide {name}={value}; "
-                    f"use one of {ok}"
+                    f"{self.source}: {what} tensor-parallel size {tp} does not divide {name}={value}; use one of {ok}"
                 )

@@ -83,7 +83,9 @@ def target_shard(
             rows = padded_vocab // tp
             return column_rows(shards, 1, 0, rank * rows, (rank + 1) * rows)
         part_rows = shards[0].shape[0] // rule.chunks * len(shards) // tp
-        parts = [column_rows(shards, rule.chunks, c, rank * part_rows, (rank + 1) * part_rows) for c in range(rule.chunks)]
+        parts = [
+            column_rows(shards, rule.chunks, c, rank * part_rows, (rank + 1) * part_rows) for c in range(rule.chunks)
+        ]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     if rule.split is Split.ROW:
         cols = shards[0].shape[1] * len(shards) // tp
@@ -106,7 +108,9 @@ def _check_split_sizes(key: str, rule: Rule, shape: tuple[int, ...], n_src: int,
     if rule.split is Split.COLUMN and not rule.vocab:
         rows = shape[0] * n_src
         if rows % (rule.chunks * n_tgt):
-            raise CheckpointError(f"{source}: {key} has {rows} rows, which do not split into {n_tgt} ranks × {rule.chunks} parts")
+            raise CheckpointError(
+                f"{source}: {key} has {rows} rows, which do not split into {n_tgt} ranks × {rule.chunks} parts"
+            )
     if rule.split is Split.ROW and (shape[1] * n_src) % n_tgt:
         raise CheckpointError(f"{source}: {key} has {shape[1] * n_src} columns, which do not split into {n_tgt} ranks")
 
@@ -114,8 +118,10 @@ def _check_split_sizes(key: str, rule: Rule, shape: tuple[int, ...], n_src: int,
 def updated_config_text(text: str, target_tp: int) -> str:
     """model_config.yaml with the new TP size; everything else byte for byte (comments and order kept)."""
     line = re.compile(r"^tensor_model_parallel_size:[^\n]*$", re.MULTILINE)
-    text = line.sub(f"tensor_model_parallel_size: {target_tp}", text) if line.search(text) else (
-        text.rstrip("\n") + f"\ntensor_model_parallel_size: {target_tp}\n"
+    text = (
+        line.sub(f"tensor_model_parallel_size: {target_tp}", text)
+        if line.search(text)
+        else (text.rstrip("\n") + f"\ntensor_model_parallel_size: {target_tp}\n")
     )
     if target_tp == 1:  # Megatron refuses sequence parallelism without tensor parallelism
         text = re.sub(r"^sequence_parallel:\s*[Tt]rue\s*$", "sequence_parallel: false", text, flags=re.MULTILINE)
@@ -195,7 +201,9 @@ def _write(
         for r, sd in enumerate(sources[1:], start=1):
             if sd.keys() != keys:
                 missing = sorted(set(keys) ^ set(sd.keys()))[:5]
-                raise CheckpointError(f"{sd.name}: its keys differ from rank 0's (e.g. {missing}); shard {r} is damaged")
+                raise CheckpointError(
+                    f"{sd.name}: its keys differ from rank 0's (e.g. {missing}); shard {r} is damaged"
+                )
         rules = {k: rule_for(k, spec) for k in keys}
         tensors = [k for k in keys if rules[k].split is not Split.EXTRA_STATE]
         vocab_keys = [k for k in tensors if rules[k].vocab]
@@ -251,4 +259,6 @@ def _check_replicas(sources: list[LazyStateDict], keys: list[str]) -> None:
         ref = sources[0].state[k].load()
         for sd in sources[1:]:
             if not torch.equal(ref, sd.state[k].load()):
-                raise CheckpointError(f"{sd.name}: replicated tensor {k} differs from rank 0's; the checkpoint is inconsistent")
+                raise CheckpointError(
+                    f"{sd.name}: replicated tensor {k} differs from rank 0's; the checkpoint is inconsistent"
+                )

@@ -185,9 +185,13 @@ class TinyGPT:
                     parts = [torch.cat(x) for x in zip(a.chunk(tp), b.chunk(tp), strict=True)]
                 else:
                     parts = list(t.chunk(tp))
-            elif key.endswith(("query_key_value.weight", "query_key_value.bias", "linear_qkv.weight", "linear_qkv.bias")):
+            elif key.endswith(
+                ("query_key_value.weight", "query_key_value.bias", "linear_qkv.weight", "linear_qkv.bias")
+            ):
                 parts = list(t.chunk(tp))
-            elif key.endswith(("self_attention.dense.weight", "linear_proj.weight", "dense_4h_to_h.weight", "linear_fc2.weight")):
+            elif key.endswith(
+                ("self_attention.dense.weight", "linear_proj.weight", "dense_4h_to_h.weight", "linear_fc2.weight")
+            ):
                 parts = list(t.chunk(tp, dim=1))
             else:
                 parts = [t] * tp

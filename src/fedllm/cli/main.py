@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 federation.register(app)
 app.add_typer(job.app, name="job")
+app.add_typer(__import__("fedllm.cli.ckpt", fromlist=["app"]).app, name="ckpt")
 
 
 @app.command()

@@ -1,0 +1,93 @@
+"""`fedllm ckpt`: inspect, verify, reshard, download and export Megatron-GPT .nemo checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedllm.cli.common import console
+
+app = typer.Typer(
+    help="Megatron-GPT .nemo checkpoints: info, verify, convert (TP reshard), download.", no_args_is_help=True
+)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+def info(path: Annotated[Path, typer.Argument(help="A .nemo file.")]) -> None:
+    """Config summary, TP/PP, dtype, parameter count and size on disk (reads metadata only)."""
+    from fedllm.checkpoint.verify import summarize
+
+    s = summarize(path)
+    spec = s.spec
+    console.print(f"[bold]{s.path}[/]")
+    console.print(f"  layout       {s.layout} Megatron-GPT{' (megatron_legacy QKV)' if spec.megatron_legacy else ''}")
+    console.print(f"  parallel     TP={s.tp} PP={s.pp}")
+    console.print(
+        f"  shape        {spec.num_layers} layers, hidden {spec.hidden_size}, ffn {spec.ffn_hidden_size}, "
+        f"{spec.num_attention_heads} heads ({spec.num_query_groups} query groups), activation {spec.activation}, "
+        f"positions {spec.position_embedding_type}"
+    )
+    console.print(f"  vocabulary   {s.padded_vocab} rows (padded to ×{spec.make_vocab_size_divisible_by}·TP)")
+    console.print(f"  dtype        {s.dtype}")
+    console.print(f"  parameters   {s.parameters:,} ({s.parameters / 1e9:.2f} B) in {s.tensors} tensors")
+    console.print(f"  on disk      {_gib(s.size_on_disk)}{' (gzip)' if s.compressed else ''}")
+    console.print(f"  artifacts    {', '.join(s.artifacts) or '-'}")
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="The .nemo file to check.")],
+    against: Annotated[
+        Path | None, typer.Option(help="Another .nemo of the same model: merged full weights must match bit for bit.")
+    ] = None,
+) -> None:
+    """Every tensor present on every rank, shapes as the config implies, records intact (CRC32)."""
+    from fedllm.checkpoint.verify import compare_merged, summarize
+
+    s = summarize(path, check_records=True)
+    console.print(f"[green]ok[/] {s.path}: {s.tensors} tensors × TP{s.tp}, shapes match model_config.yaml, CRCs intact")
+    if against is not None:
+        n = compare_merged(path, against)
+        console.print(f"[green]ok[/] merged weights equal to {against}'s bit for bit ({n} tensors)")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Option("--source", help="The .nemo to reshard (its TP is read from its config).")],
+    target: Annotated[Path, typer.Option("--target", help="Where to write the resharded .nemo.")],
+    target_tp: Annotated[int, typer.Option("--target-tp", min=1, help="Tensor-parallel size of the output.")],
+    vocab_size: Annotated[
+        int | None, typer.Option(help="Unpadded vocabulary (default: the tokenizer's vocab.json in the archive).")
+    ] = None,
+    check_equal: Annotated[
+        bool, typer.Option(help="Before the rename, also compare the merged weights with the source bit for bit.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing target.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar per layer.")] = True,
+) -> None:
+    """Reshard a Megatron-GPT .nemo to another tensor-parallel size, streaming (no NeMo, little RAM)."""
+    from fedllm.checkpoint.errors import CheckpointError
+    from fedllm.checkpoint.reshard import convert as run_convert
+    from fedllm.checkpoint.verify import compare_merged, summarize
+
+    def check(tmp: Path) -> None:
+        s = summarize(tmp)
+        if s.tp != target_tp:
+            raise CheckpointError(f"{tmp}: written with TP={s.tp}, expected {target_tp}")
+        if check_equal:
+            compare_merged(tmp, source)
+
+    result = run_convert(
+        source, target, target_tp, vocab_size=vocab_size, overwrite=overwrite, progress=progress, verify=check
+    )
+    console.print(
+        f"[green]converted[/] {source} (TP{result.source_tp}) → {result.target} (TP{result.target_tp}): "
+        f"{result.tensors} tensors, vocabulary {result.vocab_size} padded {result.source_padded_vocab} → "
+        f"{result.target_padded_vocab}, verified"
+    )
