@@ -147,7 +147,7 @@ class TinyGPT:
             w[k["pos"]] = rnd(self.max_position_embeddings, h, scale=0.1)
         for i in range(self.num_layers):
             p = k["layer"].format(i=i)
-            w[p + k["ln1"] + ("weight" if self.layout == "mcore" else "weight")] = rnd(h, scale=0.1, mean=1.0)
+            w[p + k["ln1"] + "weight"] = rnd(h, scale=0.1, mean=1.0)
             w[p + k["ln1"] + "bias"] = rnd(h)
             w[p + k["qkv"] + "weight"] = rnd(qkv_rows, h, scale=h**-0.5)
             w[p + k["qkv"] + "bias"] = rnd(qkv_rows)

@@ -139,6 +139,8 @@ class _LazyUnpickler(pickle.Unpickler):
             return io.BytesIO  # transformer-engine `_extra_state` entries
         if (module, name) == ("_codecs", "encode"):
             return _latin1_bytes  # how protocol-2 pickles spell bytes
+        if module in ("builtins", "__builtin__") and name == "bytes":
+            return bytes
         if module == "torch" and name == "Size":
             return tuple
         raise CheckpointError(
