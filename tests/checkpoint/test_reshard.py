@@ -14,9 +14,13 @@ from tests.checkpoint.tp_forward import tp_logits
 
 MODELS = {
     "legacy-gelu": TinyGPT(layout="legacy"),
-    "legacy-qkv-fast-swiglu-untied": TinyGPT(layout="legacy", megatron_legacy=True, activation="fast-swiglu", tied=False),
+    "legacy-qkv-fast-swiglu-untied": TinyGPT(
+        layout="legacy", megatron_legacy=True, activation="fast-swiglu", tied=False
+    ),
     "mcore-gelu": TinyGPT(layout="mcore"),
-    "mcore-swiglu-gqa-bf16": TinyGPT(layout="mcore", activation="swiglu", num_query_groups=4, num_attention_heads=8, dtype=torch.bfloat16),
+    "mcore-swiglu-gqa-bf16": TinyGPT(
+        layout="mcore", activation="swiglu", num_query_groups=4, num_attention_heads=8, dtype=torch.bfloat16
+    ),
 }
 PAIRS = [(a, b) for a, b in itertools.product((1, 2, 4), repeat=2) if a != b]
 
@@ -104,7 +108,10 @@ def test_config_keeps_everything_but_tp(tmp_path):
     before = tar_members(src)["model_config.yaml"].decode().splitlines()
     after = tar_members(dst)["model_config.yaml"].decode().splitlines()
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert changed == [("tensor_model_parallel_size: 2", "tensor_model_parallel_size: 1"), ("sequence_parallel: true", "sequence_parallel: false")]
+    assert changed == [
+        ("tensor_model_parallel_size: 2", "tensor_model_parallel_size: 1"),
+        ("sequence_parallel: true", "sequence_parallel: false"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -41,10 +41,14 @@ def tp_logits(ranks: list[dict], cfg: dict, tokens: torch.Tensor, vocab_size: in
     kv = h // heads
     heads_r, groups_r = heads // tp, groups // tp
     eps = cfg.get("layernorm_epsilon", 1e-5)
-    glu = cfg["activation"] in ("fast-swiglu", "swiglu", "fast-geglu", "geglu") and (mcore or cfg["activation"].startswith("fast-"))
+    glu = cfg["activation"] in ("fast-swiglu", "swiglu", "fast-geglu", "geglu") and (
+        mcore or cfg["activation"].startswith("fast-")
+    )
     act = F.silu if "swiglu" in cfg["activation"] else F.gelu
     r32 = [{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in ranks]
-    emb_key = "model.embedding.word_embeddings.weight" if mcore else "model.language_model.embedding.word_embeddings.weight"
+    emb_key = (
+        "model.embedding.word_embeddings.weight" if mcore else "model.language_model.embedding.word_embeddings.weight"
+    )
     pos_key = emb_key.replace("word_embeddings", "position_embeddings")
     out_key = "model.output_layer.weight" if mcore else "model.language_model.output_layer.weight"
     final = "model.decoder.final_layernorm." if mcore else "model.language_model.encoder.final_layernorm."

@@ -224,8 +224,11 @@ class _CountingStream:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self.written = 0
+        self.discard = False  # set after a failure: torch's writer still flushes its end on destruction
 
     def write(self, data: Any) -> int:
+        if self.discard:
+            return len(memoryview(data))
         n = self._f.write(data)
         self.written += n
         return n
@@ -288,7 +291,11 @@ class NemoArchiveWriter:
         placeholder = self._info(name, 0).tobuf(tarfile.GNU_FORMAT)
         self._f.write(placeholder)
         stream = _CountingStream(self._f)
-        yield stream
+        try:
+            yield stream
+        except BaseException:
+            stream.discard = True
+            raise
         end = self._f.tell()
         # GNU format stores sizes ≥ 8 GiB in base-256 in the same field, so the header keeps its length.
         header = self._info(name, stream.written).tobuf(tarfile.GNU_FORMAT)
