@@ -77,7 +77,7 @@ def test_not_a_tar(tmp_path):
     bad = tmp_path / "src.nemo"
     bad.write_bytes(b"hello, this is not a checkpoint" * 100)
     assert main(["ckpt", "info", str(bad)]) == 1
-    with pytest.raises(CheckpointError, match="not a readable .nemo archive"):
+    with pytest.raises(CheckpointError, match=r"not a readable \.nemo archive"):
         summarize(bad)
 
 
@@ -109,7 +109,7 @@ def test_shape_inconsistent_with_config(tmp_path, src):
     members = tar_members(src)
     members["model_config.yaml"] = members["model_config.yaml"].replace(b"ffn_hidden_size: 32", b"ffn_hidden_size: 64")
     _rewrite(src, members)
-    with pytest.raises(CheckpointError, match="model_config.yaml implies"):
+    with pytest.raises(CheckpointError, match=r"model_config\.yaml implies"):
         summarize(src)
 
 
