@@ -91,3 +91,25 @@ def convert(
         f"{result.tensors} tensors, vocabulary {result.vocab_size} padded {result.source_padded_vocab} → "
         f"{result.target_padded_vocab}, verified"
     )
+
+
+@app.command()
+def download(
+    repo: Annotated[str, typer.Option(help="Hugging Face model repository.")] = "nvidia/nemo-megatron-gpt-20B",
+    file: Annotated[str, typer.Option(help="File in the repository.")] = "nemo_gpt20B_bf16_tp4.nemo",
+    revision: Annotated[str, typer.Option(help="Branch, tag or commit.")] = "main",
+    models_dir: Annotated[Path, typer.Option(envvar="FEDLLM_MODELS_DIR", help="Where checkpoints are kept.")] = Path(
+        "models"
+    ),
+    endpoint: Annotated[str | None, typer.Option(envvar="HF_ENDPOINT", help="Hub URL (a mirror).")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 (default: the hub's LFS metadata).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fetch a checkpoint from the hub: resumable (.part + HTTP Range), free space checked, sha256 verified."""
+    from fedllm.checkpoint.download import download as run_download
+    from fedllm.checkpoint.download import resolve_url
+
+    dest = run_download(
+        resolve_url(repo, file, revision, endpoint), models_dir / file, sha256=sha256, progress=progress
+    )
+    console.print(f"[green]downloaded[/] {dest} ({_gib(dest.stat().st_size)}), sha256 verified")
