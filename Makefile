@@ -56,3 +56,17 @@ submit: install  ## submit JOB=<job folder>, wait, download into runs/results
 
 clean:  ## remove kits, runs and demo outputs (keeps .venv)
 	rm -rf $(WORKSPACE) runs
+
+## checkpoints: the seed's Megatron-GPT 20B (TP4) → TP2 for sites with 2 GPUs (docs/checkpoints.md)
+.PHONY: download-20b convert-20b
+MODELS_DIR ?= models
+CKPT_20B_TP4 := $(MODELS_DIR)/nemo_gpt20B_bf16_tp4.nemo
+CKPT_20B_TP2 := $(MODELS_DIR)/nemo_gpt20B_bf16_tp2.nemo
+
+download-20b: install  ## fetch nvidia/nemo-megatron-gpt-20B's nemo_gpt20B_bf16_tp4.nemo (38 GB; resumes, sha256-checked)
+	$(BIN)/fedllm ckpt download --repo nvidia/nemo-megatron-gpt-20B --file nemo_gpt20B_bf16_tp4.nemo --models-dir $(MODELS_DIR)
+
+convert-20b: install  ## reshard it to TP2 (nemo_gpt20B_bf16_tp2.nemo), streaming, verified, atomic
+	$(BIN)/fedllm ckpt info $(CKPT_20B_TP4)
+	$(BIN)/fedllm ckpt convert --source $(CKPT_20B_TP4) --target $(CKPT_20B_TP2) --target-tp 2
+	$(BIN)/fedllm ckpt info $(CKPT_20B_TP2)

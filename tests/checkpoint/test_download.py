@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -22,7 +23,7 @@ class FakeHub(BaseHTTPRequestHandler):
     payload = PAYLOAD
     advertised_sha = hashlib.sha256(PAYLOAD).hexdigest()
     cut_after: int | None = None  # drop the connection after this many bytes (once)
-    requests: list[str | None] = []
+    requests: ClassVar[list[str | None]] = []
 
     def log_message(self, *args) -> None:
         pass
