@@ -38,26 +38,28 @@ class ConvertResult:
 
 
 def column_rows(
-    shards: list[LazyTensor], chunks: int, chunk: int, start: int, stop: int, total: int | None = None
+    shards: list[LazyTensor], chunks: int, chunk: int, start: int, stop: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Rows [start, stop) of chunk `chunk` of the merged column-parallel tensor, read from the shards.
 
     Each shard stacks `chunks` parts ([Q;K;V] → 3, [W;V] → 2, else 1); part c of the merged tensor is the
     concatenation of every shard's part c. Rows at or beyond the merged size (vocabulary padding that the
-    target needs and the source lacks) are zeros.
+    target needs and the source lacks) are zeros. Bytes are read straight into `out` (no concatenation copy).
     """
     per = shards[0].shape[0] // chunks  # rows of one part in one shard
     merged = per * len(shards)
-    pieces, row = [], start
+    if out is None:
+        out = torch.empty((stop - start, *shards[0].shape[1:]), dtype=shards[0].dtype)
+    row = start
     while row < stop:
         if row >= merged:
-            pieces.append(torch.zeros((stop - row, *shards[0].shape[1:]), dtype=shards[0].dtype))
+            out[row - start :].zero_()
             break
         i = row // per
         lo, hi = row - i * per, min(stop - i * per, per)
-        pieces.append(shards[i].load_rows(chunk * per + lo, chunk * per + hi))
+        shards[i].load_rows(chunk * per + lo, chunk * per + hi, out=out[row - start : row - start + hi - lo])
         row = i * per + hi
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return out
 
 
 def row_parallel_cols(shards: list[LazyTensor], start: int, stop: int) -> torch.Tensor:
@@ -83,10 +85,10 @@ def target_shard(
             rows = padded_vocab // tp
             return column_rows(shards, 1, 0, rank * rows, (rank + 1) * rows)
         part_rows = shards[0].shape[0] // rule.chunks * len(shards) // tp
-        parts = [
-            column_rows(shards, rule.chunks, c, rank * part_rows, (rank + 1) * part_rows) for c in range(rule.chunks)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = torch.empty((part_rows * rule.chunks, *shards[0].shape[1:]), dtype=shards[0].dtype)
+        for c in range(rule.chunks):
+            column_rows(shards, rule.chunks, c, rank * part_rows, (rank + 1) * part_rows, out[c * part_rows : (c + 1) * part_rows])
+        return out
     if rule.split is Split.ROW:
         cols = shards[0].shape[1] * len(shards) // tp
         return row_parallel_cols(shards, rank * cols, (rank + 1) * cols)

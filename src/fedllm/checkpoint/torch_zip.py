@@ -114,9 +114,9 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         return self.source.read_tensor(self)
 
-    def load_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along dim 0, reading only their bytes (a column-parallel slice)."""
-        return self.source.read_tensor(self, rows=(start, stop))
+    def load_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, reading only their bytes (a column-parallel slice), into `out` if given."""
+        return self.source.read_tensor(self, rows=(start, stop), out=out)
 
 
 class _LazyUnpickler(pickle.Unpickler):
@@ -230,7 +230,9 @@ class LazyStateDict:
             self._data_offsets[key] = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
         return self._data_offsets[key], info.file_size
 
-    def read_tensor(self, t: LazyTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read_tensor(
+        self, t: LazyTensor, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Read just this tensor's bytes (contiguous tensors) or its whole storage (strided views)."""
         start, record_size = self._data_offset(t.storage.key)
         itemsize = torch.empty((), dtype=t.dtype).element_size()
@@ -239,7 +241,8 @@ class LazyStateDict:
             if not 0 <= rows[0] <= rows[1] <= t.shape[0]:
                 raise ValueError(f"rows {rows} out of range for shape {t.shape}")
             if not contiguous:
-                return self.read_tensor(t)[rows[0] : rows[1]].contiguous()
+                part = self.read_tensor(t)[rows[0] : rows[1]]
+                return part.contiguous() if out is None else out.copy_(part)
             row_numel = t.numel() // t.shape[0] if t.shape[0] else 0
             shape = (rows[1] - rows[0], *t.shape[1:])
             t = LazyTensor(self, t.storage, t.storage_offset + rows[0] * row_numel, shape, _contiguous_strides(shape))
@@ -247,11 +250,16 @@ class LazyStateDict:
         nbytes = count * itemsize
         if (first * itemsize) + nbytes > record_size:
             raise CheckpointError(f"{self.name}: record data/{t.storage.key} is shorter than its tensor; truncated")
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        direct = out is not None and contiguous and out.is_contiguous() and out.dtype == t.dtype and out.numel() == count
+        if out is not None and not direct:
+            return out.copy_(self.read_tensor(t).view(out.shape))
+        buf = out.view(-1).view(torch.uint8) if direct else torch.empty(nbytes, dtype=torch.uint8)
         self._window.seek(start + first * itemsize)
         got = self._window.readinto(buf.numpy()) if nbytes else 0
         if got != nbytes:
             raise CheckpointError(f"{self.name}: short read in data/{t.storage.key}; the file is truncated")
+        if direct:
+            return out
         flat = buf.view(t.dtype)
         if contiguous:
             return flat.view(t.shape)
