@@ -87,7 +87,14 @@ def target_shard(
         part_rows = shards[0].shape[0] // rule.chunks * len(shards) // tp
         out = torch.empty((part_rows * rule.chunks, *shards[0].shape[1:]), dtype=shards[0].dtype)
         for c in range(rule.chunks):
-            column_rows(shards, rule.chunks, c, rank * part_rows, (rank + 1) * part_rows, out[c * part_rows : (c + 1) * part_rows])
+            column_rows(
+                shards,
+                rule.chunks,
+                c,
+                rank * part_rows,
+                (rank + 1) * part_rows,
+                out[c * part_rows : (c + 1) * part_rows],
+            )
         return out
     if rule.split is Split.ROW:
         cols = shards[0].shape[1] * len(shards) // tp

@@ -250,7 +250,9 @@ class LazyStateDict:
         nbytes = count * itemsize
         if (first * itemsize) + nbytes > record_size:
             raise CheckpointError(f"{self.name}: record data/{t.storage.key} is shorter than its tensor; truncated")
-        direct = out is not None and contiguous and out.is_contiguous() and out.dtype == t.dtype and out.numel() == count
+        direct = (
+            out is not None and contiguous and out.is_contiguous() and out.dtype == t.dtype and out.numel() == count
+        )
         if out is not None and not direct:
             return out.copy_(self.read_tensor(t).view(out.shape))
         buf = out.view(-1).view(torch.uint8) if direct else torch.empty(nbytes, dtype=torch.uint8)

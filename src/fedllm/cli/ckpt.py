@@ -113,3 +113,17 @@ def download(
         resolve_url(repo, file, revision, endpoint), models_dir / file, sha256=sha256, progress=progress
     )
     console.print(f"[green]downloaded[/] {dest} ({_gib(dest.stat().st_size)}), sha256 verified")
+
+
+@app.command("export-hf")
+def export_hf(
+    source: Annotated[Path, typer.Argument(help="The .nemo to export.")],
+    out: Annotated[Path, typer.Argument(help="Folder for config.json + safetensors.")],
+    vocab_size: Annotated[int | None, typer.Option(help="Unpadded vocabulary (default: the tokenizer's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Write a Hugging Face GPT-2 folder (config + sharded safetensors) that transformers loads."""
+    from fedllm.checkpoint.hf_export import export_hf as run_export
+
+    folder = run_export(source, out, vocab_size=vocab_size, overwrite=overwrite)
+    console.print(f"[green]exported[/] {source} → {folder} (GPT-2, load with transformers.AutoModelForCausalLM)")

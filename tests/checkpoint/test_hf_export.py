@@ -1,0 +1,53 @@
+"""Export to Hugging Face GPT-2: transformers loads it and gives the tensor-parallel forward's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedllm.checkpoint import CheckpointError
+from fedllm.checkpoint.hf_export import export_hf
+from fedllm.checkpoint.synthetic import TinyGPT
+from fedllm.cli.main import main
+from tests.checkpoint.conftest import load_ranks
+from tests.checkpoint.tp_forward import tp_logits
+
+transformers = pytest.importorskip("transformers")
+
+TOKENS = torch.tensor([3, 17, 250, 299, 0, 42, 8, 123, 5, 6])
+
+
+@pytest.mark.parametrize(
+    ("model", "tp"),
+    [
+        (TinyGPT(layout="legacy", seed=11), 2),
+        (TinyGPT(layout="legacy", megatron_legacy=True, tied=False, seed=12), 4),
+        (TinyGPT(layout="mcore", num_attention_heads=8, seed=13), 2),
+    ],
+    ids=["legacy-tied-tp2", "legacy-qkv-untied-tp4", "mcore-tp2"],
+)
+def test_exported_gpt2_matches_tensor_parallel_logits(tmp_path, model, tp):
+    src = model.write(tmp_path / "m.nemo", tp)
+    cfg, ranks = load_ranks(src)
+    want = tp_logits(ranks, cfg, TOKENS, model.vocab_size)
+    out = export_hf(src, tmp_path / "hf", max_shard_bytes=20_000)  # small shards: exercises the index
+    assert (out / "model.safetensors.index.json").exists()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = hf(TOKENS[None]).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert hf.config.vocab_size == model.vocab_size
+
+
+def test_unsupported_settings_are_named(tmp_path):
+    src = TinyGPT(layout="mcore", activation="swiglu", position_embedding_type="rope").write(tmp_path / "m.nemo", 2)
+    with pytest.raises(CheckpointError, match=r"position_embedding_type=rope.*activation=swiglu"):
+        export_hf(src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["m.nemo"]
+
+
+def test_cli_export(tmp_path, capsys):
+    src = TinyGPT().write(tmp_path / "m.nemo", 1)
+    assert main(["ckpt", "export-hf", str(src), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "config.json").exists()
+    assert "GPT-2" in capsys.readouterr().out
