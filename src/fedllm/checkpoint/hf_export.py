@@ -19,7 +19,7 @@ import torch
 
 from fedllm.checkpoint.archive import NemoArchive
 from fedllm.checkpoint.errors import CheckpointError
-from fedllm.checkpoint.layout import Split, is_mcore, rule_for
+from fedllm.checkpoint.layout import is_mcore, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.checkpoint.reshard import merged_tensor
 from fedllm.checkpoint.vocab import resolve_vocab_size
