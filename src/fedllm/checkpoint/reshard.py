@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,21 +238,31 @@ def _write(
             bar = tqdm(
                 total=target_tp * len(groups), unit="layer", disable=not progress, desc=f"TP{n_src}→TP{target_tp}"
             )
-            with bar:
+
+            def produce(k: str, rank: int) -> object:
+                rule = rules[k]
+                if rule.split is Split.EXTRA_STATE:
+                    value = sources[0].state[k]
+                    return value.load() if isinstance(value, LazyTensor) else value
+                return target_shard(k, rule, [sd.state[k] for sd in sources], rank, target_tp, tgt_padded)
+
+            # One tensor is read and assembled on a worker thread while the previous one is written (file I/O
+            # and torch copies release the GIL): reading and writing overlap, memory grows by one tensor.
+            flat = [(k, k == group[-1]) for group in groups for k in group]
+            with bar, ThreadPoolExecutor(1, thread_name_prefix="fedllm-reshard") as pool:
                 for rank in range(target_tp):
                     with writer.member_stream(rank_member_name(rank, target_tp)) as stream:
                         out = StreamingStateDictWriter(stream)
-                        for group in groups:
-                            for k in group:
-                                rule = rules[k]
-                                if rule.split is Split.EXTRA_STATE:
-                                    value = sources[0].state[k]
-                                    out.add_object(k, value.load() if isinstance(value, LazyTensor) else value)
-                                    continue
-                                shards = [sd.state[k] for sd in sources]
-                                out.add_tensor(k, target_shard(k, rule, shards, rank, target_tp, tgt_padded))
-                            bar.set_postfix_str(f"rank {rank}")
-                            bar.update(1)
+                        pending = pool.submit(produce, flat[0][0], rank)
+                        for i, (k, ends_group) in enumerate(flat):
+                            value = pending.result()
+                            if i + 1 < len(flat):
+                                pending = pool.submit(produce, flat[i + 1][0], rank)
+                            out.add_object(k, value)
+                            del value
+                            if ends_group:
+                                bar.set_postfix_str(f"rank {rank}")
+                                bar.update(1)
                         out.finish()
             writer.finish()
         finally:
