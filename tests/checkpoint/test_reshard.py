@@ -120,8 +120,9 @@ def test_config_keeps_everything_but_tp(tmp_path):
         TinyGPT(layout="legacy", num_layers=2, seed=5),
         TinyGPT(layout="legacy", megatron_legacy=True, activation="fast-swiglu", tied=False, seed=6),
         TinyGPT(layout="mcore", activation="swiglu", num_attention_heads=8, num_query_groups=4, seed=7),
+        TinyGPT(layout="mcore", position_embedding_type="rope", rotary_percentage=0.5, seed=8),
     ],
-    ids=["legacy", "legacy-qkv-swiglu", "mcore-gqa-swiglu"],
+    ids=["legacy", "legacy-qkv-swiglu", "mcore-gqa-swiglu", "mcore-rope"],
 )
 def test_tensor_parallel_forward_gives_same_logits_after_resharding(tmp_path, model):
     tokens = torch.tensor([3, 17, 250, 299, 0, 42, 8, 123])

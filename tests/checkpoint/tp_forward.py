@@ -60,8 +60,21 @@ def tp_logits(ranks: list[dict], cfg: dict, tokens: torch.Tensor, vocab_size: in
         local = tokens - r * per
         mask = (local >= 0) & (local < per)
         x += F.embedding(local.clamp(0, per - 1), sd[emb_key]) * mask[:, None]
-    x = x + r32[0][pos_key][: tokens.shape[0]]
+    if pos_key in r32[0]:
+        x = x + r32[0][pos_key][: tokens.shape[0]]
     s = tokens.shape[0]
+    rope = cfg.get("position_embedding_type") == "rope"
+    if rope:  # rotate-half rotary embedding on the first rotary_percentage of each head's channels
+        rot = int(kv * cfg.get("rotary_percentage", 1.0))
+        inv_freq = 1.0 / (cfg.get("rotary_base", 10000) ** (torch.arange(0, rot, 2).float() / rot))
+        angles = torch.outer(torch.arange(s).float(), inv_freq)
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+        def rotary(t: torch.Tensor) -> torch.Tensor:
+            part, rest = t[..., :rot], t[..., rot:]
+            half = torch.cat([-part[..., rot // 2 :], part[..., : rot // 2]], -1)
+            return torch.cat([part * cos + half * sin, rest], -1)
+
     causal = torch.full((s, s), float("-inf")).triu(1)
     for i in range(cfg["num_layers"]):
         n = _names(mcore, i)
@@ -79,6 +92,8 @@ def tp_logits(ranks: list[dict], cfg: dict, tokens: torch.Tensor, vocab_size: in
             q = q.view(s, heads_r, kv).transpose(0, 1)
             k = k.view(s, groups_r, kv).transpose(0, 1).repeat_interleave(heads // groups, dim=0)
             v = v.view(s, groups_r, kv).transpose(0, 1).repeat_interleave(heads // groups, dim=0)
+            if rope:
+                q, k = rotary(q), rotary(k)
             scores = q @ k.transpose(1, 2) / math.sqrt(kv) + causal
             ctx = (scores.softmax(-1) @ v).transpose(0, 1).reshape(s, heads_r * kv)
             attn += ctx @ sd[n["proj"] + "weight"].T  # row-parallel: partial sums

@@ -1,9 +1,10 @@
 """Export a Megatron-GPT .nemo to a Hugging Face folder (config.json + sharded safetensors).
 
-GPT-2 architecture for learned-absolute positions, (exact-erf or tanh) gelu, layernorm with biases and one
-K/V head per query head: the state maps one to one (QKV reordered from Megatron's per-head [q k v] groups to
-GPT-2's [Q; K; V], Linear weights transposed for GPT-2's Conv1D, vocabulary padding dropped). Anything GPT-2
-cannot express (rotary positions, GLU MLPs, RMSNorm, grouped-query attention) is refused with the setting named.
+GPT-2 for learned-absolute positions, GPT-NeoX (sequential residual, rotary_pct from the config) for rotary
+models; both with gelu, LayerNorm and one K/V head per query head. The state maps one to one: QKV rows
+reordered where the layouts differ (GPT-2 wants [Q; K; V], NeoX per-head [q k v] like Megatron), Linear
+weights transposed for GPT-2's Conv1D, vocabulary padding dropped. What neither can express (GLU MLPs,
+RMSNorm, grouped-query attention, other position encodings) is refused with the setting named.
 Tensors are merged from the TP shards one at a time and written in shards, so memory stays at one shard.
 """
 
@@ -52,32 +53,42 @@ _MCORE = {
 }
 
 
-def _refuse(spec: ModelSpec, cfg: dict) -> None:
+def _architecture(spec: ModelSpec, cfg: dict) -> str:
+    """gpt2 or gpt_neox; refuse, naming each setting, what neither can express."""
     problems = []
-    if spec.position_embedding_type != "learned_absolute":
+    arch = {"learned_absolute": "gpt2", "rope": "gpt_neox"}.get(spec.position_embedding_type)
+    if arch is None:
         problems.append(
-            f"position_embedding_type={spec.position_embedding_type} (GPT-2 has learned absolute positions; a "
-            "GPT-NeoX export for rotary models is not implemented yet)"
+            f"position_embedding_type={spec.position_embedding_type} (GPT-2 takes learned_absolute, GPT-NeoX rope)"
         )
+    name = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX"}.get(arch or "", "GPT-2/GPT-NeoX")
     if spec.glu:
-        problems.append(f"activation={spec.activation} (GPT-2's MLP has no gate)")
+        problems.append(f"activation={spec.activation} ({name}'s MLP has no gate)")
     elif spec.activation not in ("gelu", "fast-gelu", "approx-gelu"):
-        problems.append(f"activation={spec.activation} (GPT-2 supports gelu)")
-    if str(cfg.get("normalization", "layernorm")) not in ("layernorm", "layernorm1p"):
-        problems.append(f"normalization={cfg.get('normalization')} (GPT-2 uses LayerNorm)")
-    if str(cfg.get("normalization")) == "layernorm1p":
-        problems.append("normalization=layernorm1p (weights are stored minus one; not converted)")
+        problems.append(f"activation={spec.activation} ({name} supports gelu)")
+    if str(cfg.get("normalization", "layernorm")) != "layernorm":
+        problems.append(f"normalization={cfg.get('normalization')} ({name} uses LayerNorm)")
     if spec.num_query_groups != spec.num_attention_heads:
-        problems.append(f"num_query_groups={spec.num_query_groups} (GPT-2 has one K/V head per query head)")
+        problems.append(f"num_query_groups={spec.num_query_groups} ({name} has one K/V head per query head)")
     if spec.kv_channels * spec.num_attention_heads != spec.hidden_size:
-        problems.append(f"kv_channels={spec.kv_channels} (GPT-2 needs kv_channels × heads = hidden_size)")
+        problems.append(f"kv_channels={spec.kv_channels} ({name} needs kv_channels × heads = hidden_size)")
     if cfg.get("transformer_block_type", "pre_ln") != "pre_ln":
-        problems.append(f"transformer_block_type={cfg.get('transformer_block_type')} (GPT-2 is pre-LN)")
+        problems.append(f"transformer_block_type={cfg.get('transformer_block_type')} ({name} is pre-LN)")
     if problems:
         raise CheckpointError(
-            f"{spec.source}: cannot export to Hugging Face GPT-2: " + "; ".join(problems) + ". Keep using the .nemo "
-            "with the NeMo backend"
+            f"{spec.source}: cannot export to Hugging Face {name}: " + "; ".join(problems) + ". Keep using the "
+            ".nemo with the NeMo backend"
         )
+    assert arch is not None
+    return arch
+
+
+def _qkv_to_neox(t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """GPT-NeoX wants Megatron's per-head [q k v] rows; megatron_legacy's [Q; K; V] is regrouped per head."""
+    if not spec.megatron_legacy:
+        return t
+    heads, kv = spec.num_attention_heads, spec.kv_channels
+    return t.reshape(3, heads, kv, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
 def _qkv_to_gpt2(t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -92,7 +103,7 @@ def export_hf(
     source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, vocab_size: int | None = None,
     max_shard_bytes: int = 2 << 30, overwrite: bool = False,
 ) -> Path:  # fmt: skip
-    """Write config.json + model(-0000N-of-0000M).safetensors (+ index) that transformers loads as GPT-2."""
+    """Write config.json + model(-0000N-of-0000M).safetensors (+ index) that transformers loads."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -107,7 +118,7 @@ def export_hf(
             if archive.pp != 1:
                 raise CheckpointError(f"{archive.path}: pipeline_model_parallel_size={archive.pp}; export needs PP=1")
             cfg = archive.config
-            _refuse(spec, cfg)
+            arch = _architecture(spec, cfg)
             ranks = [archive.open_rank(r) for r in range(archive.tp)]
             try:
                 keys = ranks[0].keys()
@@ -125,7 +136,35 @@ def export_hf(
                 def zeros_or(key: str, n: int) -> torch.Tensor:
                     return merged(key) if key in ranks[0].state else torch.zeros(n, dtype=dtype)
 
-                def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+                def neox_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+                    h = spec.hidden_size
+                    yield "gpt_neox.embed_in.weight", merged(names["emb"])
+                    for i in range(spec.num_layers):
+                        p, q = names["layer"].format(i=i), f"gpt_neox.layers.{i}."
+                        yield q + "input_layernorm.weight", merged(p + names["ln1"] + "weight")
+                        yield q + "input_layernorm.bias", zeros_or(p + names["ln1"] + "bias", h)
+                        yield (
+                            q + "attention.query_key_value.weight",
+                            _qkv_to_neox(merged(p + names["qkv"] + "weight"), spec),
+                        )
+                        yield (
+                            q + "attention.query_key_value.bias",
+                            _qkv_to_neox(zeros_or(p + names["qkv"] + "bias", 3 * h), spec),
+                        )
+                        yield q + "attention.dense.weight", merged(p + names["proj"] + "weight")
+                        yield q + "attention.dense.bias", zeros_or(p + names["proj"] + "bias", h)
+                        yield q + "post_attention_layernorm.weight", merged(p + names["ln2"] + "weight")
+                        yield q + "post_attention_layernorm.bias", zeros_or(p + names["ln2"] + "bias", h)
+                        yield q + "mlp.dense_h_to_4h.weight", merged(p + names["fc1"] + "weight")
+                        yield q + "mlp.dense_h_to_4h.bias", zeros_or(p + names["fc1"] + "bias", spec.ffn_hidden_size)
+                        yield q + "mlp.dense_4h_to_h.weight", merged(p + names["fc2"] + "weight")
+                        yield q + "mlp.dense_4h_to_h.bias", zeros_or(p + names["fc2"] + "bias", h)
+                    yield "gpt_neox.final_layer_norm.weight", merged(names["final"] + "weight")
+                    yield "gpt_neox.final_layer_norm.bias", zeros_or(names["final"] + "bias", h)
+                    # written out even when tied: "embed_out" is the name transformers 4 and 5 both load
+                    yield "embed_out.weight", merged(names["emb"] if tied else names["out"])
+
+                def gpt2_tensors() -> Iterator[tuple[str, torch.Tensor]]:
                     h = spec.hidden_size
                     yield "transformer.wte.weight", merged(names["emb"])
                     yield "transformer.wpe.weight", merged(names["pos"])
@@ -155,7 +194,7 @@ def export_hf(
                 files: list[Path] = []
                 weight_map: dict[str, int] = {}
                 size = total = 0
-                for name, t in tensors():
+                for name, t in gpt2_tensors() if arch == "gpt2" else neox_tensors():
                     if size and size + t.numel() * t.element_size() > max_shard_bytes:
                         files.append(tmp / f"part-{len(files)}.safetensors")
                         save_file(shards[-1], files[-1], metadata={"format": "pt"})
@@ -171,26 +210,48 @@ def export_hf(
                     sd.close()
             _name_shards(tmp, files, weight_map, total)
             act = "gelu_new" if cfg.get("openai_gelu") or spec.activation == "approx-gelu" else "gelu"
-            config = {
-                "architectures": ["GPT2LMHeadModel"],
-                "model_type": "gpt2",
-                "vocab_size": vocab,
-                "n_positions": int(cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length")),
-                "n_embd": spec.hidden_size,
-                "n_layer": spec.num_layers,
-                "n_head": spec.num_attention_heads,
-                "n_inner": spec.ffn_hidden_size,
-                "activation_function": act,
-                "layer_norm_epsilon": float(cfg.get("layernorm_epsilon", 1e-5)),
-                "resid_pdrop": 0.0,
-                "embd_pdrop": 0.0,
-                "attn_pdrop": 0.0,
-                "tie_word_embeddings": tied,
-                "scale_attn_weights": True,
-                "torch_dtype": str(dtype).removeprefix("torch."),
-                "bos_token_id": 50256 if vocab == 50257 else 0,
-                "eos_token_id": 50256 if vocab == 50257 else 0,
-            }
+            positions = int(cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length"))
+            eps = float(cfg.get("layernorm_epsilon", 1e-5))
+            eos = 50256 if vocab == 50257 else 0  # GPT-2 BPE's <|endoftext|>
+            if arch == "gpt2":
+                config = {
+                    "architectures": ["GPT2LMHeadModel"],
+                    "model_type": "gpt2",
+                    "vocab_size": vocab,
+                    "n_positions": positions,
+                    "n_embd": spec.hidden_size,
+                    "n_layer": spec.num_layers,
+                    "n_head": spec.num_attention_heads,
+                    "n_inner": spec.ffn_hidden_size,
+                    "activation_function": act,
+                    "layer_norm_epsilon": eps,
+                    "resid_pdrop": 0.0,
+                    "embd_pdrop": 0.0,
+                    "attn_pdrop": 0.0,
+                    "tie_word_embeddings": tied,
+                    "scale_attn_weights": True,
+                }
+            else:
+                config = {
+                    "architectures": ["GPTNeoXForCausalLM"],
+                    "model_type": "gpt_neox",
+                    "vocab_size": vocab,
+                    "hidden_size": spec.hidden_size,
+                    "num_hidden_layers": spec.num_layers,
+                    "num_attention_heads": spec.num_attention_heads,
+                    "intermediate_size": spec.ffn_hidden_size,
+                    "hidden_act": "gelu_new" if act == "gelu_new" else "gelu",
+                    "max_position_embeddings": positions,
+                    "rotary_pct": float(cfg.get("rotary_percentage", 1.0)),
+                    "rotary_emb_base": float(cfg.get("rotary_base", 10000)),
+                    "layer_norm_eps": eps,
+                    "use_parallel_residual": False,  # Megatron-GPT is sequential: attention, then MLP
+                    "attention_bias": True,
+                    "hidden_dropout": 0.0,
+                    "attention_dropout": 0.0,
+                    "tie_word_embeddings": False,
+                }
+            config |= {"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": eos, "eos_token_id": eos}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             for name in archive.artifact_names():  # tokenizer files, byte for byte, for the user to wire up
                 (tmp / "nemo_artifacts").mkdir(exist_ok=True)

@@ -38,6 +38,7 @@ class TinyGPT:
     megatron_legacy: bool = False
     tied: bool = True
     position_embedding_type: str = "learned_absolute"
+    rotary_percentage: float = 1.0
     dtype: torch.dtype = torch.float32
     seed: int = 0
     extra_config: dict = field(default_factory=dict)
@@ -82,7 +83,7 @@ class TinyGPT:
             "activation": self.activation,
             "normalization": "layernorm",
             "position_embedding_type": self.position_embedding_type,
-            "rotary_percentage": 1.0,
+            "rotary_percentage": self.rotary_percentage,
             "share_embeddings_and_output_weights": self.tied,
             "megatron_legacy": self.megatron_legacy,
             "tensor_model_parallel_size": tp,

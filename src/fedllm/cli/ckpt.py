@@ -122,8 +122,16 @@ def export_hf(
     vocab_size: Annotated[int | None, typer.Option(help="Unpadded vocabulary (default: the tokenizer's).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
 ) -> None:
-    """Write a Hugging Face GPT-2 folder (config + sharded safetensors) that transformers loads."""
+    """Write a Hugging Face folder (GPT-2 or, for rotary models, GPT-NeoX; config + safetensors)."""
     from fedllm.checkpoint.hf_export import export_hf as run_export
 
     folder = run_export(source, out, vocab_size=vocab_size, overwrite=overwrite)
-    console.print(f"[green]exported[/] {source} → {folder} (GPT-2, load with transformers.AutoModelForCausalLM)")
+    console.print(
+        f"[green]exported[/] {source} → {folder} ({_arch(folder)}; load with transformers.AutoModelForCausalLM)"
+    )
+
+
+def _arch(folder: Path) -> str:
+    import json
+
+    return {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX"}[json.loads((folder / "config.json").read_text())["model_type"]]
