@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from fedllm.cli import federation, job
+from fedllm.cli import containers, federation, job
 from fedllm.cli.common import err_console
 from fedllm.errors import FedllmError
 
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 federation.register(app)
 app.add_typer(job.app, name="job")
+containers.register(app)
 
 
 @app.command()
