@@ -126,7 +126,8 @@ class ComposeBuilder(Builder):
         svc = self._common(ADMIN_SERVICE, kit_rel)
         svc["restart"] = "no"
         svc["profiles"] = [ADMIN_PROFILE]
-        svc["command"] = ["admin"]
+        # `docker compose run --rm admin` → the console; `... admin job submit DIR` → `fedllm job submit DIR`.
+        svc["entrypoint"] = ["fedllm", "container-entry", "admin"]
         svc["stdin_open"] = True
         svc["tty"] = True
         svc["environment"] = {"FEDLLM_ADMIN_USER": admin.name}
