@@ -51,22 +51,20 @@ def _check_gpu(report: Report, subject: str, gpu: GpuInfo, workload: str, sharer
     free_gib, total_gib = gpu.free_bytes / GIB, gpu.total_bytes / GIB
     needed = need.free_gib_per_gpu * sharers
     desc = f"{gpu.name}, {free_gib:.1f}/{total_gib:.1f} GiB free, compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
+    problems = []
     if free_gib < needed:
         shared = f" ({sharers} sites share it)" if sharers > 1 else ""
-        report.add(
-            False,
-            subject,
-            f"{desc}: {workload} needs {needed:.0f} GiB free{shared} — free the GPU (nvidia-smi shows who holds it) "
-            "or give the site a larger GPU",
+        problems.append(
+            f"{workload} needs {needed:.0f} GiB free{shared} — free the GPU (nvidia-smi shows who holds it) "
+            "or give the site a larger GPU"
         )
-        return
     if need.bf16 and gpu.compute_capability < BF16_MIN_CC:
-        report.add(
-            False,
-            subject,
-            f"{desc}: {workload} trains in bf16, which needs compute capability >= 8.0 (Ampere or later); "
-            "move the site to an Ampere/Hopper GPU",
+        problems.append(
+            f"{workload} trains in bf16, which needs compute capability >= 8.0 (Ampere or later); "
+            "move the site to an Ampere/Hopper GPU"
         )
+    if problems:
+        report.add(False, subject, f"{desc}: " + "; ".join(problems))
         return
     report.add(True, subject, f"{desc}" + (f"; {workload} needs {needed:.0f} GiB" if needed else ""))
 
