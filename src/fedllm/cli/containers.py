@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import DEFAULT_CONFIG, ConfigOpt, console
+from fedllm.cli.common import DEFAULT_CONFIG, DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console
 from fedllm.errors import FedllmError
 
 
@@ -52,8 +53,31 @@ def container_entry(
     entry(role, list(args or []))
 
 
+k8s_app = typer.Typer(help="Kubernetes deployment through NVFlare's `nvflare deploy prepare`.", no_args_is_help=True)
+
+
+@k8s_app.command("render")
+def k8s_render(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    image: Annotated[
+        str | None, typer.Option(help="Image the pods run (default: the site config's container.image).")
+    ] = None,
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "fedllm",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <prod dir>/k8s).")] = None,
+) -> None:
+    """Render a Helm chart per participant from the newest kits, GPU requests from the site config."""
+    from fedllm.config import load_site_config
+    from fedllm.provision import latest_kits
+    from fedllm.runtime.k8s import render
+
+    cfg = load_site_config(config)
+    render(latest_kits(workspace, cfg), image or cfg.container.image, namespace, out, echo=console.print)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(preflight)
+    app.add_typer(k8s_app, name="k8s")
     app.command(
         "container-entry",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -43,10 +43,11 @@ def server_host(config: SiteConfig) -> str:
 
 
 def sites_by_host(config: SiteConfig) -> dict[str, list[Site]]:
-    """Sites grouped by the machine they run on, the server's host first."""
-    groups: dict[str, list[Site]] = {server_host(config): []}
+    """Sites grouped by the machine they run on, the server's host first ('localhost' = the server's host)."""
+    home = server_host(config)
+    groups: dict[str, list[Site]] = {home: []}
     for site in config.sites:
-        groups.setdefault(site.host, []).append(site)
+        groups.setdefault(home if site.host == "localhost" else site.host, []).append(site)
     return groups
 
 
