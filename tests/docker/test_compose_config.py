@@ -80,3 +80,26 @@ def test_repository_root_compose_file_includes_the_newest_provisioning(docker_en
     env["FEDLLM_ACCELERATOR"] = "cpu"
     out = run(["docker", "compose", "-f", str(REPO / "compose.yaml"), "config"], cwd=REPO, env=env).stdout
     assert "deploy" not in yaml.safe_load(out)["services"]["site-1"]
+
+
+def test_multi_host_federation_gets_one_compose_bundle_per_host(docker_engine, tmp_path: Path):
+    data = compose_config_dict(gpus=[[0, 1], [0, 1], [2, 3]])
+    data["server"].update({"name": "fl.example.org", "host": "fl-head"})
+    data["sites"][0]["host"] = "fl-head"
+    data["sites"][1]["host"] = "gpu-node-2"  # the same GPU indices on another machine are its own GPUs
+    data["sites"][2]["host"] = "gpu-node-2"
+    kits = provision_compose(tmp_path, data)
+
+    head = rendered(kits)["services"]
+    assert set(head) == {"fl-example-org", "site-1", "admin"}
+    assert head["fl-example-org"]["networks"]["default"]["aliases"] == ["fl.example.org"]
+
+    node_dir = kits.prod_dir / "hosts" / "gpu-node-2"
+    out = run(["docker", "compose", "config", "--format", "json"], cwd=node_dir).stdout
+    node = yaml.safe_load(out)["services"]
+    assert set(node) == {"site-2", "site-3"}
+    for name, gpus in (("site-2", ["0", "1"]), ("site-3", ["2", "3"])):
+        (device,) = node[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == gpus
+        assert "depends_on" not in node[name]  # the server is on another machine
+        assert Path(_binds(node[name])["/fedllm/kit"][0]).resolve() == (kits.prod_dir / name).resolve()
