@@ -174,9 +174,13 @@ class ComposeBuilder(Builder):
             services[site.name] = self._site(site, f"{prefix}{site.name}", with_server=on_server_host)
         if on_server_host:
             services[ADMIN_SERVICE] = self._admin(f"{prefix}{self.config.admin.name}")
-        volumes = {f"{name}-workspace": {} for name in services if name != self._server_service()}
-        if on_server_host:
-            volumes = {f"{self.config.server.name}-workspace": {}, **volumes}
+        # One named volume per participant: its writable workspace.
+        volumes = {
+            v.split(":")[0]: {}
+            for svc in services.values()
+            for v in svc["volumes"]
+            if v.endswith(f":{WORKSPACE_MOUNT}")
+        }
         base = {"name": f"fedllm-{project}", "services": services, "volumes": volumes}
         if not on_server_host:
             # Sites on another host dial the server by its DNS name (the certificate's CN); nothing to wait for here.
