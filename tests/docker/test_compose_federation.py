@@ -22,7 +22,7 @@ def _wait_registered(kits, sites: list[str], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while True:
         logs = compose(kits, "logs", "--no-color", *sites, accelerator="cpu").stdout
-        done = [s for s in sites if f"{s}" in logs and "Successfully registered client" in _service_log(logs, s)]
+        done = [s for s in sites if "Successfully registered client" in _service_log(logs, s)]
         if len(done) == len(sites):
             return
         if time.monotonic() > deadline:
