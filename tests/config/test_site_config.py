@@ -166,3 +166,24 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
 def test_duplicate_yaml_keys_are_reported(tmp_path: Path) -> None:
     msg = only(tmp_path, VALID + "project: other\n")
     assert "key 'project' appears twice" in msg
+
+
+def test_container_settings_and_reserved_admin_name(tmp_path):
+    from fedllm.config import load_site_config
+    from fedllm.config.problems import ConfigError
+    from tests.conftest import local_config_dict, write_yaml
+
+    data = local_config_dict()
+    cfg = load_site_config(write_yaml(tmp_path / "ok.yaml", data))
+    assert cfg.container.ulimits.memlock == -1 and cfg.container.ulimits.stack == 67108864
+    assert cfg.container.image == "fedllm:latest" and cfg.sites[0].workload == "none"
+
+    data["sites"][0]["name"] = "admin"
+    data["sites"][1]["workload"] = "gpt-70b"
+    data["container"] = {"ulimits": {"stack": 0}, "image": "Bad Image"}
+    with pytest.raises(ConfigError) as err:
+        load_site_config(write_yaml(tmp_path / "bad.yaml", data))
+    text = str(err.value)
+    assert "site name 'admin' is reserved" in text and "sites[0].name" in text
+    assert "sites[1].workload" in text and "gpt-20b-ptuning-tp2" in text
+    assert "container.ulimits.stack" in text and "container.image" in text

@@ -67,12 +67,25 @@ def submit(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job before aborting it.")] = 3600.0,
     config: ConfigOpt = DEFAULT_CONFIG,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    admin_kit: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FEDLLM_ADMIN_KIT",
+            help="An admin startup kit folder to submit with, instead of the config's kits (the admin container sets it).",
+        ),
+    ] = None,
 ) -> None:
     """Submit with the admin kit; exit non-zero with the failing site's error if the job fails."""
+    from fedllm.admin import AdminKit
     from fedllm.jobs.submit import read_round_metrics, submit_job
     from fedllm.provision import latest_kits
 
-    kits = latest_kits(workspace, load_site_config(config))
+    if admin_kit is not None:
+        import os
+
+        kits = AdminKit.open(admin_kit, os.environ.get("FEDLLM_ADMIN_USER"))
+    else:
+        kits = latest_kits(workspace, load_site_config(config))
     result = submit_job(kits, job_dir, wait=wait, download=download, timeout=timeout, echo=echo)
     if not wait:
         return

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from fedllm.cli import federation, job
+from fedllm.cli import ckpt, containers, federation, job
 from fedllm.cli.common import err_console
 from fedllm.errors import FedllmError
 
@@ -20,7 +20,8 @@ app = typer.Typer(
 )
 federation.register(app)
 app.add_typer(job.app, name="job")
-app.add_typer(__import__("fedllm.cli.ckpt", fromlist=["app"]).app, name="ckpt")
+app.add_typer(ckpt.app, name="ckpt")
+containers.register(app)
 
 
 @app.command()

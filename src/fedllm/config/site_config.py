@@ -30,6 +30,10 @@ SIZE_RE = re.compile(r"^[0-9]+[bkmg]?$")
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 GpuId = Annotated[StrictInt, Field(ge=0)]
 SUPPORTED_NVFLARE = "2.9"
+# Names a site cannot take: compose services and kit folders that fedllm creates beside the sites.
+RESERVED_SITE_NAMES = ("admin",)
+# Workloads GPU preflight knows the needs of (fedllm.preflight.workloads); "none" skips the memory check.
+Workload = Literal["none", "demo-mlp", "gpt-345m-ptuning", "gpt-1.3b-sft", "gpt-5b-sft", "gpt-20b-ptuning-tp2"]
 
 
 class _Strict(BaseModel):
@@ -112,11 +116,19 @@ class Site(_Strict):
     data_dir: str | None = None
     # /dev/shm for the site's container: NeMo's data loaders need 16g (the seeds' docker run).
     shm_size: str = "16g"
+    # What the site will train, so GPU preflight can check free memory per GPU (fedllm.preflight.workloads).
+    workload: Workload = "none"
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_label(v, "site name")
+        _check_label(v, "site name")
+        if v in RESERVED_SITE_NAMES:
+            raise FixableError(
+                f"site name '{v}' is reserved (the admin console's compose service)",
+                "rename the site, e.g. 'site-admin'",
+            )
+        return v
 
     @field_validator("org")
     @classmethod
@@ -142,6 +154,42 @@ class Site(_Strict):
         return (base / (self.data_dir or f"data/{self.name}")).resolve()
 
 
+class Ulimits(_Strict):
+    """Resource limits of the site containers; the defaults are what NeMo's containers ask for."""
+
+    # Locked memory for NCCL/pinned buffers: unlimited (-1), as NVIDIA's `docker run --ulimit memlock=-1`.
+    memlock: int = -1
+    # 64 MiB stack (`--ulimit stack=67108864` in NVIDIA's NeMo instructions).
+    stack: int = 67108864
+
+    @field_validator("memlock", "stack")
+    @classmethod
+    def _limit(cls, v: int) -> int:
+        if v < -1 or v == 0:
+            raise FixableError(f"ulimit {v} is not valid", "use -1 (unlimited) or a positive number of bytes")
+        return v
+
+
+class Container(_Strict):
+    """How the federation runs as containers (`docker compose up`): one image for every participant."""
+
+    # The image `make build` tags; the compose files read it from their .env (FEDLLM_IMAGE) so it can be overridden.
+    image: str = "fedllm:latest"
+    # The non-root user the containers run as (the image's `fedllm` user). Kits must be readable by it:
+    # provisioning as root hands the kits to this uid; a non-root operator's own uid is used instead.
+    uid: int = Field(default=10001, ge=1)
+    ulimits: Ulimits = Field(default_factory=Ulimits)
+    # Compose restart policy for sites and server: a crashed site comes back, a `shutdown` stays down.
+    restart: Literal["no", "on-failure", "always", "unless-stopped"] = "on-failure"
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._/:@-]*", v):
+            raise FixableError(f"image '{v}' is not an image reference", "use e.g. 'fedllm:latest'")
+        return v
+
+
 class SiteConfig(_Strict):
     """A whole federation: project, server, admins and sites."""
 
@@ -153,6 +201,7 @@ class SiteConfig(_Strict):
     sites: list[Site] = Field(min_length=1)
     # Several sites may share a GPU only when asked (e.g. three 345M p-tuning sites on one 16 GB GPU).
     allow_gpu_sharing: bool = False
+    container: Container = Field(default_factory=Container)
 
     @field_validator("project")
     @classmethod

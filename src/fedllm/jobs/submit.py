@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedllm.admin import AdminError, admin_session
+from fedllm.admin import AdminError, AdminKit, admin_session
 from fedllm.errors import FedllmError
 from fedllm.provision import Kits
 
@@ -76,7 +76,7 @@ def _site_logs(session, job_id: str, sites: list[str]) -> dict[str, str]:
 
 
 def submit_job(
-    kits: Kits,
+    kits: Kits | AdminKit,
     job_dir: Path,
     *,
     wait: bool = True,

@@ -49,6 +49,7 @@ class SiteRuntimeBuilder(Builder):
                     "gpus": site.gpus,
                     "host": site.host,
                     "data_dir": str(site.data_path(self.data_root)),
+                    "workload": site.workload,
                 },
             )
         _write_json(

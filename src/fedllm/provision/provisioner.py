@@ -80,6 +80,10 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
             },
         },
         {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
+        {
+            "path": "fedllm.provision.compose.ComposeBuilder",
+            "args": {"site_config": config.model_dump(mode="json"), "source": source, "data_root": str(data_root)},
+        },
         *extra_builders,
     ]
     return env.get_template("project.yml.j2").render(cfg=config, source=source, fedllm_builders=builders)
@@ -153,7 +157,19 @@ def provision(config: SiteConfig, workspace: Path, source: str, data_root: Path 
     prod = ctx.get_result_location()
     if ctx.get(CtxKey.BUILD_ERROR) or not prod or errors:
         raise ProvisionError("NVFlare's provisioner failed: " + ("; ".join(errors) or "no kits were produced"))
+    _point_current(root, Path(prod))
     return Kits(Path(prod), config)
+
+
+CURRENT_LINK = "current"
+
+
+def _point_current(root: Path, prod: Path) -> None:
+    """Make `<project>/current` name the newest prod dir (the root compose.yaml includes through it)."""
+    tmp = root / f".{CURRENT_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(prod.name)
+    tmp.replace(root / CURRENT_LINK)
 
 
 class _QuietLogger:
