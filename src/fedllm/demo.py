@@ -86,7 +86,12 @@ def run_demo(workspace: Path, rounds: int = 5, config_path: Path | None = None, 
     echo(f"[bold]3/6[/] provisioned mTLS startup kits → {display_path(kits.prod_dir)}")
 
     template = load_template(TEMPLATE)
-    common = {"num_clients": len(cfg.sites), "model": str(model_dir), "local_epochs": local_epochs}
+    common = {
+        "num_clients": len(cfg.sites),
+        "model": str(model_dir),
+        "local_epochs": local_epochs,
+        "extra_args": {"cpu_threads": 1},  # 3 sites share this machine's cores
+    }
     fedavg_job = create_job(resolve_spec(template, "fedavg", rounds=rounds, **common), workspace / "jobs")
     common["local_epochs"] = rounds * local_epochs  # local-only: the same number of passes over the data
     local_job = create_job(resolve_spec(template, "local", **common), workspace / "jobs")

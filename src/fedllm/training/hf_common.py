@@ -27,12 +27,17 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tb-dir", default=None, help="TensorBoard dir (default: tb/<site> in the job workspace)")
     parser.add_argument("--max-val", type=int, default=0, help="evaluate on at most this many examples (0: all)")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     return parser
 
 
-def pick_device(devices: int) -> torch.device:
-    """cuda:0 when a GPU is visible (NVFlare's job env sets CUDA_VISIBLE_DEVICES per site), else CPU."""
-    return torch.device("cuda:0" if devices > 0 and torch.cuda.is_available() else "cpu")
+def pick_device(devices: int, cpu_threads: int = 0) -> torch.device:
+    """cuda:0 when a GPU is visible (the site's CUDA_VISIBLE_DEVICES picks it), else CPU with `cpu_threads`."""
+    if devices > 0 and torch.cuda.is_available():
+        return torch.device("cuda:0")
+    if cpu_threads > 0:  # several sites sharing one machine's cores (the demo) run faster with 1 each
+        torch.set_num_threads(cpu_threads)
+    return torch.device("cpu")
 
 
 def load_records(path: Path, required: tuple[str, ...], limit: int = 0) -> list[dict[str, Any]]:
@@ -72,6 +77,18 @@ def prompt_answer_ids(tokenizer, prompt: str, answer: str, max_length: int) -> t
     a = a[:max_length]
     p = p[max(0, len(p) - (max_length - len(a))) :]
     return p + a, [-100] * len(p) + a
+
+
+def quiet_transformers() -> None:
+    """Keep logs to what matters: no per-load progress bars or deprecation chatter from transformers/PEFT."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
 
 
 def seed_everything(seed: int) -> None:

@@ -11,7 +11,6 @@ match of the greedily generated label. Job template: jobs/hf-ptuning.yaml.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from fedllm.training.hf_common import (
     load_records,
     pick_device,
     prompt_answer_ids,
+    quiet_transformers,
     seed_everything,
 )
 
@@ -55,6 +55,7 @@ def load_ptuning_model(model_path: str, num_virtual_tokens: int = 10, encoder_hi
     from peft import PromptEncoderConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -201,7 +202,7 @@ def parser():
 def build_task(args, site: str) -> PTuningTask:
     limit = args.max_val
     return PTuningTask(
-        args.model,
+        str(resolve_path(args.model, site)) if "{" in args.model else args.model,
         load_records(resolve_path(args.train, site), ("sentence", "label")),
         load_records(resolve_path(args.val, site), ("sentence", "label"), limit),
         lr=args.lr,
@@ -209,11 +210,10 @@ def build_task(args, site: str) -> PTuningTask:
         max_length=args.max_length,
         num_virtual_tokens=args.num_virtual_tokens,
         encoder_hidden_size=args.encoder_hidden_size or None,
-        device=pick_device(args.devices),
+        device=pick_device(args.devices, args.cpu_threads),
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    args.model = str(Path(args.model).expanduser()) if Path(args.model).expanduser().exists() else args.model
     run_site(lambda site: build_task(args, site), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)

@@ -86,6 +86,9 @@ def build_tiny_gpt(spec: TinyGptSpec = TinyGptSpec(), cache: Path | None = None,
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fedllm.data.synthetic import pretraining_texts
+    from fedllm.training.hf_common import quiet_transformers
+
+    quiet_transformers()
 
     started = time.monotonic()
     texts = pretraining_texts(spec.texts, seed=spec.seed)
