@@ -83,9 +83,12 @@ def resolve_path(template: str, site: str) -> Path:
     return Path(template.format(data_dir=data_dir, site=site)).expanduser()
 
 
-def tensorboard_dir(tb_dir: str | None, site: str) -> Path:
-    """Default: tb/<site> in the site's job workspace (the process's working directory), so results carry it."""
-    return resolve_path(tb_dir, site) if tb_dir else Path.cwd() / "tb" / site
+def tensorboard_dir(tb_dir: str | None, site: str, job_id: str = "") -> Path:
+    """Default: <site workspace>/<job id>/tb, beside the job's log.txt (one folder per job and site)."""
+    if tb_dir:
+        return resolve_path(tb_dir, site)
+    job_dir = Path.cwd() / job_id if job_id else Path.cwd()
+    return job_dir / "tb" if job_dir.is_dir() else Path.cwd() / "tb" / (job_id or site)
 
 
 class MetricsLog:
@@ -143,7 +146,7 @@ def run_site(
     flare.init()
     site = flare.get_site_name()
     task = build_task(site)
-    metrics_log = MetricsLog(tensorboard_dir(tb_dir, site))
+    metrics_log = MetricsLog(tensorboard_dir(tb_dir, site, flare.get_job_id() or ""))
     try:
         while flare.is_running():
             incoming = flare.receive()

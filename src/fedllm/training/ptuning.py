@@ -93,7 +93,9 @@ class PTuningTask:
         self.device = device or torch.device("cpu")
         self.model, self.tokenizer = load_ptuning_model(model_path, num_virtual_tokens, encoder_hidden_size)
         self.model.to(self.device)
-        self.lr, self.batch_size, self.max_length = lr, batch_size, max_length
+        # The virtual tokens take positions too: keep prompt + answer within the model's context.
+        context = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
+        self.lr, self.batch_size, self.max_length = lr, batch_size, min(max_length, context - num_virtual_tokens)
         self.train_examples = [self._encode(r) for r in train]
         self.val_records = val
         self.val_examples = [self._encode(r) for r in val]

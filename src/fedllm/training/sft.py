@@ -84,7 +84,8 @@ class SFTTask:
         else:
             self.model, self.tokenizer = _load(model_path)
         self.model.to(self.device)
-        self.lr, self.batch_size, self.max_length = lr, batch_size, max_length
+        context = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
+        self.lr, self.batch_size, self.max_length = lr, batch_size, min(max_length, context)
         self.train_examples = [self._encode(r) for r in train]
         self.val_examples = [self._encode(r) for r in val]
 
