@@ -116,6 +116,19 @@ def _cli_args(args: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+REQUIRED_MODEL = "set-by---model"  # a template's placeholder: `fedllm job create --model` must be given
+
+
+def _initial_args(spec: JobSpec) -> dict[str, Any]:
+    """The server model's arguments; a `model` argument follows --model (LoRA/SFT build it from the same model)."""
+    args = dict(spec.template.initial_model.args)
+    if "model" in args and "model" in spec.train_args:
+        args["model"] = spec.train_args["model"]
+    if REQUIRED_MODEL in (args.get("model"), spec.train_args.get("model")):
+        raise JobSpecError(f"template {spec.template.name} needs the base model: pass --model PATH_OR_ID")
+    return args
+
+
 ENTRY_NAME = "fedllm_site_entry.py"
 ENTRY_SCRIPT = '''"""Site entry of a fedllm job (generated): run the template's trainer through the Client API.
 
@@ -153,7 +166,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         initial = spec.template.initial_model
         recipe = FedAvgRecipe(
             name=spec.name,
-            model={"class_path": initial.class_path, "args": dict(initial.args)} if initial else None,
+            model={"class_path": initial.class_path, "args": _initial_args(spec)} if initial else None,
             min_clients=spec.num_clients,
             num_rounds=spec.rounds,
             train_script=ENTRY_NAME,
