@@ -72,10 +72,10 @@ def data_sft(
     format: Annotated[str, typer.Option("--format", help="alpaca (parquet), dolly (jsonl) or oasst1 (parquet).")],
     input: Annotated[Path, typer.Option("--input", help="The dataset file.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    name: Annotated[str | None, typer.Option(help="File prefix (default: the format).")] = None,
+    name: Annotated[str | None, typer.Option(help="File prefix (default: none, as the seeds' scripts).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Instruction data → <name>_{training,validation,testing}.jsonl with {"input", "output"}."""
+    """Instruction data → {training,validation,testing}.jsonl with {"input", "output"}."""
     from fedllm.data.sft import prepare_sft
 
     _written(prepare_sft(format, input, out, name=name, seed=seed))
