@@ -18,7 +18,7 @@ $(BIN)/fedllm: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,hf]"
 	touch $@
 
 install: $(BIN)/fedllm  ## create .venv with fedllm, nvflare and torch
@@ -97,3 +97,20 @@ compose-down:  ## docker compose down (keeps volumes; add -v by hand to drop wor
 
 admin-console:  ## NVFlare's admin console in the admin container
 	docker compose run --rm admin
+
+## workloads: datasets for the Hugging Face / NeMo jobs (docs/workloads.md)
+.PHONY: data-fpb data-sft tiny-gpt
+FPB_RAW ?= data/FinancialPhraseBank-v1.0
+SITES ?= 3
+SFT_FORMAT ?= dolly
+SFT_INPUT ?= data/databricks-dolly-15k/databricks-dolly-15k.jsonl
+
+data-fpb: install  ## Financial PhraseBank (FPB_RAW=extracted folder) → data/fpb/*.jsonl + SITES-way split
+	$(BIN)/fedllm data fpb --raw $(FPB_RAW) --out data/fpb
+	$(BIN)/fedllm data split --input data/fpb/financial_phrase_bank_train.jsonl --num-sites $(SITES) --out data/fpb/sites
+
+data-sft: install  ## SFT set (SFT_FORMAT=alpaca|dolly|oasst1, SFT_INPUT=file) → data/$(SFT_FORMAT)/{training,validation,testing}.jsonl
+	$(BIN)/fedllm data sft --format $(SFT_FORMAT) --input $(SFT_INPUT) --out data/$(SFT_FORMAT)
+
+tiny-gpt: install  ## build (once) the tiny GPT-2 the demo and tests adapt; prints its folder
+	$(BIN)/fedllm model tiny-gpt

@@ -30,6 +30,9 @@ def create(
     data: Annotated[list[str] | None, typer.Option(help="Training file: once for all sites, or once per site.")] = None,
     validation: Annotated[str | None, typer.Option(help="Validation file, shared by every site.")] = None,
     name: Annotated[str | None, typer.Option(help="Job name (default: <template>-<mode>-<N>sites).")] = None,
+    compress: Annotated[
+        str, typer.Option(help="Message compression: none, fp16, bf16, blockwise8, float4, normfloat4.")
+    ] = "none",
     config: ConfigOpt = DEFAULT_CONFIG,
 ) -> None:
     """Render a job folder for local-only, centralized or FedAvg training."""
@@ -51,6 +54,7 @@ def create(
         validation=validation,
         sites=sites,
         name=name,
+        compression=compress,
     )
     job_dir = create_job(spec, out)
     console.print(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.errors import FedllmError
+from fedllm.jobs.compression import apply_compression
 from fedllm.jobs.template import JobTemplate, Mode
 
 
@@ -40,6 +41,8 @@ class JobSpec:
     train_args: dict[str, Any]
     # Per-site overrides of train_args (e.g. each site's own training file), keyed by site name.
     site_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Message compression filters (fedllm.jobs.compression): none, fp16, bf16, blockwise8, float4, normfloat4.
+    compression: str = "none"
 
 
 def resolve_spec(
@@ -56,6 +59,7 @@ def resolve_spec(
     sites: list[str] | None = None,
     name: str | None = None,
     extra_args: dict[str, Any] | None = None,
+    compression: str = "none",
 ) -> JobSpec:
     """Apply the mode's rules to the template defaults and the caller's options."""
     d = template.defaults
@@ -90,7 +94,7 @@ def resolve_spec(
             raise JobSpecError("per-site --data needs the site names: pass -c <site config> with enough sites")
         site_args = {site: {"train": path} for site, path in zip(sites[:n], data, strict=True)}
     job_name = name or f"{template.name}-{mode}-{n}sites"
-    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args)
+    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression)
 
 
 def _cli_args(args: dict[str, Any]) -> str:
@@ -110,6 +114,19 @@ def _cli_args(args: dict[str, Any]) -> str:
             )
         parts += [flag, text]
     return " ".join(parts)
+
+
+REQUIRED_MODEL = "set-by---model"  # a template's placeholder: `fedllm job create --model` must be given
+
+
+def _initial_args(spec: JobSpec) -> dict[str, Any]:
+    """The server model's arguments; a `model` argument follows --model (LoRA/SFT build it from the same model)."""
+    args = dict(spec.template.initial_model.args)
+    if "model" in args and "model" in spec.train_args:
+        args["model"] = spec.train_args["model"]
+    if REQUIRED_MODEL in (args.get("model"), spec.train_args.get("model")):
+        raise JobSpecError(f"template {spec.template.name} needs the base model: pass --model PATH_OR_ID")
+    return args
 
 
 ENTRY_NAME = "fedllm_site_entry.py"
@@ -149,7 +166,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         initial = spec.template.initial_model
         recipe = FedAvgRecipe(
             name=spec.name,
-            model={"class_path": initial.class_path, "args": dict(initial.args)} if initial else None,
+            model={"class_path": initial.class_path, "args": _initial_args(spec)} if initial else None,
             min_clients=spec.num_clients,
             num_rounds=spec.rounds,
             train_script=ENTRY_NAME,
@@ -161,6 +178,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
                 recipe,
                 {site: {"train_args": _cli_args({**spec.train_args, **a})} for site, a in spec.site_args.items()},
             )
+        apply_compression(recipe, spec.compression)
         # Sites stream their job logs to the server, so `fedllm job submit` can show a failing site's error.
         recipe.enable_log_streaming("log.txt")
         staging = Path(tmp) / "export"

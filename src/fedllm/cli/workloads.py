@@ -1,0 +1,162 @@
+"""`fedllm data ...`, `fedllm model tiny-gpt`, `fedllm report`, `fedllm infer`: the workloads' commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedllm.cli.common import console
+from fedllm.config.problems import display_path
+
+data_app = typer.Typer(help="Prepare datasets: Financial PhraseBank, SFT sets, site splits.", no_args_is_help=True)
+model_app = typer.Typer(help="Base models built locally (no hub downloads).", no_args_is_help=True)
+
+# The seeds' five example sentences (NeMo p-tuning inference).
+EXAMPLE_SENTENCES = [
+    "The products have a low salt and fat content .",
+    "The agreement is valid for four years .",
+    "Diluted EPS rose to EUR3 .68 from EUR0 .50 .",
+    "The company is well positioned in Brazil and Uruguay .",
+    "Profit before taxes decreased by 9 % to EUR 187.8 mn in the first nine months of 2008 , compared to EUR "
+    "207.1 mn a year earlier .",
+]
+
+
+def _written(counts: dict[Path, int]) -> None:
+    for path, n in counts.items():
+        console.print(f"[green]wrote[/] {display_path(path)} ({n} records)")
+
+
+@data_app.command("fpb")
+def data_fpb(
+    raw: Annotated[Path, typer.Option(help="The extracted FinancialPhraseBank-v1.0 folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("data/fpb"),
+    agreement: Annotated[str, typer.Option(help="Annotator agreement: 50, 66, 75 or all.")] = "50",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Financial PhraseBank → financial_phrase_bank_{train,val,test}.jsonl (80/10/10, seeded)."""
+    from fedllm.data.fpb import prepare_fpb
+
+    _written(prepare_fpb(raw, out, agreement=agreement, seed=seed))
+
+
+@data_app.command("split")
+def data_split(
+    input: Annotated[Path, typer.Option("--input", help="Training jsonl to split.")],
+    num_sites: Annotated[int, typer.Option(min=1, help="Number of sites.")],
+    out: Annotated[Path, typer.Option(help="Output folder for site-1.jsonl … site-N.jsonl.")],
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet label skew (e.g. 0.5); even split if omitted.")] = None,
+    min_per_site: Annotated[int, typer.Option(min=1, help="Least records per site (with --alpha).")] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Split one file over N sites (even, or label-skewed); prints each site's label counts."""
+    from rich.table import Table
+
+    from fedllm.data.split import split_file
+
+    counts, labels = split_file(input, num_sites, out, alpha=alpha, seed=seed, min_per_site=min_per_site)
+    names = sorted(set().union(*labels))
+    table = Table(title=f"{input.name} over {num_sites} sites" + (f" (Dirichlet α={alpha})" if alpha else " (even)"))
+    for column in ["site", *names, "total"]:
+        table.add_column(column, justify="right")
+    for path, counter in zip(counts, labels, strict=True):
+        table.add_row(path.stem, *(str(counter.get(n, 0)) for n in names), str(counts[path]))
+    console.print(table)
+    _written(counts)
+
+
+@data_app.command("sft")
+def data_sft(
+    format: Annotated[str, typer.Option("--format", help="alpaca (parquet), dolly (jsonl) or oasst1 (parquet).")],
+    input: Annotated[Path, typer.Option("--input", help="The dataset file.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    name: Annotated[str | None, typer.Option(help="File prefix (default: none, as the seeds' scripts).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Instruction data → {training,validation,testing}.jsonl with {"input", "output"}."""
+    from fedllm.data.sft import prepare_sft
+
+    _written(prepare_sft(format, input, out, name=name, seed=seed))
+
+
+@data_app.command("combine")
+def data_combine(
+    inputs: Annotated[list[Path], typer.Argument(help="jsonl files (e.g. every site's training file).")],
+    out: Annotated[Path, typer.Option(help="The combined file (centralized baseline).")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Concatenate and shuffle several jsonl files: the centralized run's training set."""
+    from fedllm.data.sft import combine
+
+    _written({out: combine(inputs, out, seed=seed)})
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    train: Annotated[int, typer.Option(min=3, help="Training sentences.")] = 900,
+    val: Annotated[int, typer.Option(min=1, help="Validation sentences.")] = 150,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """A synthetic financial-sentiment corpus in the Financial PhraseBank jsonl format."""
+    from fedllm.data.io import write_jsonl_files
+    from fedllm.data.synthetic import sentiment_records
+
+    _written(
+        write_jsonl_files(
+            {
+                out / "synthetic_train.jsonl": sentiment_records(train, seed=seed),
+                out / "synthetic_val.jsonl": sentiment_records(val, seed=seed + 1),
+            }
+        )
+    )
+
+
+@model_app.command("tiny-gpt")
+def model_tiny_gpt() -> None:
+    """Build (once, cached under $FEDLLM_CACHE) a tiny GPT-2 pretrained on the synthetic corpus; print its path."""
+    from fedllm.training.tiny_gpt import build_tiny_gpt
+
+    path = build_tiny_gpt(log=lambda m: console.print(m))
+    console.print(str(path))
+
+
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Downloaded job results, optionally LABEL=DIR.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.png and report.md.")] = Path("runs/report"),
+    title: Annotated[str, typer.Option(help="Plot title.")] = "validation",
+) -> None:
+    """Validation curves of local, centralized and FedAvg runs in one PNG plus a markdown table."""
+    from fedllm.report import write_report
+
+    labelled = {}
+    for item in runs:
+        label, sep, path = item.partition("=")
+        labelled[label if sep else Path(item).name] = Path(path if sep else item)
+    result = write_report(labelled, out, title=title)
+    console.print(result.table)
+    console.print(f"[green]wrote[/] {display_path(result.png)} and {display_path(result.markdown)}")
+
+
+def infer(
+    model: Annotated[str, typer.Option(help="The base model folder the job tuned.")],
+    prompt_encoder: Annotated[
+        Path | None, typer.Option(help="FL_global_model.pt of a p-tuning job (or a job result folder).")
+    ] = None,
+    sentence: Annotated[list[str] | None, typer.Option(help="Sentences (default: the seeds' five examples).")] = None,
+    num_virtual_tokens: Annotated[int, typer.Option()] = 10,
+) -> None:
+    """Run a tuned model: print "sentence sentiment: label" for each sentence."""
+    from fedllm.training.infer import predict_sentiment
+
+    for text, label in predict_sentiment(model, prompt_encoder, sentence or EXAMPLE_SENTENCES, num_virtual_tokens):
+        console.print(f"{text} sentiment: {label}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
+    app.add_typer(model_app, name="model")
+    app.command("report")(report)
+    app.command("infer")(infer)
