@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import fnmatch
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,13 @@ class CfgRead:
     required: bool
     default: Any
     where: str
+
+
+def _parse(source: str) -> ast.Module:
+    # NeMo's source has regex strings like "\\{" without r"": harmless, but ast warns about them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+        return ast.parse(source)
 
 
 def _literal(node: ast.AST | None) -> Any:
@@ -140,7 +148,7 @@ def _join(base: str, key: str) -> str:
 
 def scan_source(source: str, roots: dict[str, str], where: str, classes: Iterable[str] | None = None) -> list[CfgRead]:
     """Config reads in every function of `source` (or only in methods of `classes`)."""
-    tree = ast.parse(source)
+    tree = _parse(source)
     wanted = set(classes) if classes is not None else None
     reads: list[CfgRead] = []
     scopes: list[ast.AST] = []
@@ -179,7 +187,7 @@ def is_read(path: str, reads: Iterable[CfgRead]) -> bool:
 def dict_keys_assigned(source: str, name: str) -> set[str]:
     """String keys of a module-level registry dict `name`: its literal keys plus `name["k"] = ...` anywhere."""
     keys: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         if isinstance(node, ast.Assign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
@@ -197,7 +205,7 @@ def dict_keys_assigned(source: str, name: str) -> set[str]:
 
 def init_parameters(source: str, class_name: str) -> set[str]:
     """Parameter names of `class_name.__init__` (e.g. lightning's Trainer) in `source`."""
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == "__init__":
@@ -208,7 +216,7 @@ def init_parameters(source: str, class_name: str) -> set[str]:
 
 def init_parameters_with_bases(source: str, class_name: str) -> set[str]:
     """`init_parameters` of a class and of its base classes defined in the same module (**kwargs chains)."""
-    classes = {n.name: n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)}
+    classes = {n.name: n for n in ast.walk(_parse(source)) if isinstance(n, ast.ClassDef)}
     params: set[str] = set()
     todo = [class_name]
     while todo:
@@ -225,7 +233,7 @@ def init_parameters_with_bases(source: str, class_name: str) -> set[str]:
 
 def self_attributes(source: str, class_name: str, method: str = "__init__") -> set[str]:
     """Attributes `self.x = ...` assigned in `class_name.method` (submodule names of an nn.Module)."""
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == method:
