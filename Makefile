@@ -18,7 +18,7 @@ $(BIN)/fedllm: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,hf]"
 	touch $@
 
 install: $(BIN)/fedllm  ## create .venv with fedllm, nvflare and torch
