@@ -69,9 +69,17 @@ def _model_keys(cfg: dict) -> list[str]:
     return [p for p, _ in leaves(cfg["model"], "model") if not p.startswith("model.optim.")]
 
 
+BUILDER = "nemo/collections/nlp/parts/megatron_trainer_builder.py"
+
+
+def builder_reads(release) -> list[CfgRead]:
+    """NeMo's MegatronTrainerBuilder reads the whole config (self.cfg.trainer..., self.cfg.model...)."""
+    return scan_file(release.root, BUILDER, {"self.cfg": ""})
+
+
 @pytest.mark.parametrize(("name", "build", "files"), [("p-tuning", ptuning, PTUNING_FILES), ("sft", sft, SFT_FILES)])
 def test_every_model_key_is_read_by_nemo(nemo_release, name, build, files):
-    r = reads(nemo_release, files + COMMON_FILES)
+    r = reads(nemo_release, files + COMMON_FILES) + builder_reads(nemo_release)
     unread = [p for p in _model_keys(build()) if not is_read(p, r)]
     assert not unread, f"NeMo {nemo_release.version} {name} never reads {unread}"
 
@@ -109,6 +117,21 @@ def test_prompt_encoder_type_and_layout_exist_in_nemo(nemo_release):
     assert 'MLP = "mlp"' in src
     # The server's PromptEncoderWeights mirrors these submodule names; the cache is not exchanged.
     assert {"embedding", "mlp_head", "inference_table"} <= self_attributes(src, "PromptEncoder")
+
+
+@pytest.mark.parametrize("build", [ptuning, sft])
+def test_sets_every_key_nemos_trainer_builder_requires(nemo_release, build):
+    cfg = build()
+    ours = {p for p, _ in leaves(cfg, "")} | {
+        p for p, _ in leaves({"trainer": cfg["trainer"], "model": cfg["model"]}, "")
+    }
+    ours = {p.lstrip(".") for p in ours}
+    prefixes = {p.rsplit(".", i)[0] for p in ours for i in range(p.count(".") + 1)}
+    # exp_manager is only touched when async checkpoint saving is on (it is off: no exp_manager at all).
+    required = {x.path for x in builder_reads(nemo_release) if x.required and not x.path.startswith("exp_manager")}
+    assert not sorted(required - prefixes), (
+        f"NeMo {nemo_release.version}'s trainer builder requires {sorted(required - prefixes)}"
+    )
 
 
 @pytest.mark.parametrize("build", [ptuning, sft])

@@ -91,6 +91,8 @@ def trainer_config(t: TrainerSettings) -> dict[str, Any]:
         "devices": t.devices,
         "num_nodes": 1,
         "accelerator": "gpu",
+        # Sites log per round (fedllm.training.core); a per-step bar only floods the site's log.
+        "enable_progress_bar": False,
         "precision": t.precision,
         # fedllm logs metrics itself (TensorBoard per site, metrics to the server) and exchanges weights
         # through NVFlare, so Lightning writes neither logs nor checkpoints.
@@ -138,6 +140,7 @@ def ptuning_config(s: PtuningSettings) -> dict[str, Any]:
             "existing_tasks": [],
             "new_tasks": [PTUNING_TASK],
             "sequence_parallel": False,
+            "gradient_as_bucket_view": True,  # NeMo's trainer builder requires it (DDP strategy)
             "task_templates": [
                 {
                     "taskname": PTUNING_TASK,
@@ -217,6 +220,7 @@ def sft_config(s: SftSettings) -> dict[str, Any]:
             "global_batch_size": s.global_batch_size,
             "micro_batch_size": s.micro_batch_size,
             "sequence_parallel": False,
+            "gradient_as_bucket_view": True,  # NeMo's trainer builder requires it (DDP strategy)
             "megatron_amp_O2": False,
             "answer_only_loss": True,
             "data": {

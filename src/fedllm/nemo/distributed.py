@@ -15,6 +15,7 @@ State crossing ranks:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,10 +31,10 @@ MergeFn = Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    """(rank, world size) of this process: torch.distributed's once initialised, torchrun's env before."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _broadcast(obj: Any = None) -> Any:
