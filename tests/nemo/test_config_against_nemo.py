@@ -159,3 +159,16 @@ def test_sft_dataset_keys_match_the_seed_records(nemo_release):
     assert r["model.data.*_ds.label_key"].default == "answer" and ds["label_key"] == "output"
     assert ds["prompt_template"] == "{input} {output}"
     assert len(ds["concat_sampling_probabilities"]) == len(ds["file_names"])
+
+
+def test_random_345m_checkpoint_config_is_what_megatron_gpt_reads(nemo_release):
+    from fedllm.nemo.random_checkpoint import gpt_model_config
+
+    cfg = gpt_model_config("tokenizer.model")
+    files = [LM + "megatron_gpt_model.py", *COMMON_FILES, "nemo/collections/nlp/modules/common/tokenizer_utils.py"]
+    r = reads(nemo_release, files)
+    r += scan_file(nemo_release.root, LM + "megatron_base_model.py", {"tokenizer_cfg": "model.tokenizer"})
+    r += builder_reads(nemo_release)
+    unread = [p for p, _ in leaves(cfg, "model") if not p.startswith("model.optim.") and not is_read(p, r)]
+    assert not unread, f"NeMo {nemo_release.version}'s MegatronGPTModel never reads {unread}"
+    assert (cfg["num_layers"], cfg["hidden_size"], cfg["num_attention_heads"]) == (24, 1024, 16)

@@ -106,3 +106,20 @@ def test_tp_mismatch_is_caught_at_job_creation_when_the_checkpoint_is_here(tmp_p
     with pytest.raises(NemoCheckpointError, match="tensor_model_parallel_size is 4"):
         resolve_spec(load_template("nemo-ptuning-20b"), "fedavg", model=str(ckpt))
     assert resolve_spec(load_template("nemo-ptuning-20b"), "fedavg", model=str(ckpt), devices=4).devices == 4
+
+
+def test_site_error_is_found_in_a_torchrun_trainers_relayed_output():
+    from fedllm.jobs.submit import first_error
+
+    p = "2026-11-24 18:41:53,201 - ExternalProcessBackend - INFO - "
+    log = "\n".join(
+        [
+            p + "Traceback (most recent call last):",
+            p + '  File "/x/nemo_ptuning.py", line 1, in main',
+            p
+            + "fedllm.nemo.errors.NemoCheckpointError: a.nemo: model_config.yaml field tensor_model_parallel_size is 2",
+            "2026-11-24 18:41:54,015 - ClientAPIExecutor - ERROR - Traceback (most recent call last):",
+            "RuntimeError: trainer process group exited (rc=1) before completing the HELLO handshake",
+        ]
+    )
+    assert first_error(log).startswith("fedllm.nemo.errors.NemoCheckpointError: a.nemo: model_config.yaml field")
