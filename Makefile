@@ -56,3 +56,10 @@ submit: install  ## submit JOB=<job folder>, wait, download into runs/results
 
 clean:  ## remove kits, runs and demo outputs (keeps .venv)
 	rm -rf $(WORKSPACE) runs
+
+## nemo
+.PHONY: nemo-gpu-proof
+# The Python that has NeMo (the NeMo image's); .venv has none.
+NEMO_PY ?= python3
+nemo-gpu-proof:  ## GPU + NeMo only: one p-tuning round of a random-weight 345M through a real server and site
+	$(NEMO_PY) -m fedllm.nemo.gpu_proof --workspace $(WORKSPACE)/nemo-gpu-proof --sites 1 --rounds 1

@@ -58,6 +58,7 @@ class NemoPtuningTask:
         # The prompt encoder is created in setup(); create it now so round 0 can load the global one.
         if self.model.prompt_encoder is None:
             self.model.init_prompt_encoder()
+        self.last_steps = 0
 
     def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
         load_prompt_encoder_state(self.model.prompt_encoder, state)
@@ -72,11 +73,21 @@ class NemoPtuningTask:
         self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + epochs
         self.trainer.fit(self.model)
         loss = self.trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
-        return TrainOutcome(steps=self.trainer.global_step - start, train_loss=float(loss))
+        self.last_steps = self.trainer.global_step - start
+        return TrainOutcome(steps=self.last_steps, train_loss=float(loss))
 
     def evaluate(self) -> dict[str, float]:
-        results = self.trainer.validate(self.model, verbose=False)
-        return {"val_loss": float(results[0]["val_loss"])} if results else {}
+        return nemo_validation_metrics(self.trainer, self.model, self.last_steps)
+
+
+def nemo_validation_metrics(trainer: Any, model: Any, last_steps: int) -> dict[str, float]:
+    """val_loss from NeMo's validation, plus this round's steps and the GPU memory peak (for the GPU proof)."""
+    results = trainer.validate(model, verbose=False)
+    metrics = {"val_loss": float(results[0]["val_loss"])} if results else {}
+    metrics["train_steps"] = float(last_steps)
+    if torch.cuda.is_available():
+        metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ from fedllm.nemo.errors import NemoStateError
 from fedllm.nemo.server_models import shard_key, split_shard_key
 from fedllm.nemo.site_args import base_parser, files, optim_settings, preflight, site_name, trainer_settings
 from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.training.nemo_ptuning import nemo_validation_metrics
 
 
 def count_records(paths: list[str]) -> int:
@@ -92,6 +93,7 @@ class NemoSftTask:
         model_cfg = MegatronGPTSFTModel.merge_cfg_with(path, cfg)
         self.model = MegatronGPTSFTModel.restore_from(path, model_cfg, trainer=self.trainer)
         self.round_end = 0
+        self.last_steps = 0
         task = self
 
         class StopAtRoundEnd(_callback_base()):
@@ -129,11 +131,11 @@ class NemoSftTask:
         self.trainer.should_stop = False
         self.trainer.fit(self.model)
         loss = self.trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
-        return TrainOutcome(steps=self.trainer.global_step - start, train_loss=float(loss))
+        self.last_steps = self.trainer.global_step - start
+        return TrainOutcome(steps=self.last_steps, train_loss=float(loss))
 
     def evaluate(self) -> dict[str, float]:
-        results = self.trainer.validate(self.model, verbose=False)
-        return {"val_loss": float(results[0]["val_loss"])} if results else {}
+        return nemo_validation_metrics(self.trainer, self.model, self.last_steps)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
