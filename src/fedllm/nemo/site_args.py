@@ -1,8 +1,9 @@
 """Command-line arguments shared by the NeMo site trainers, and the checks that run before NeMo loads.
 
-The checks (checkpoint exists, TP = the site's GPUs = torchrun's processes, NeMo version) run first,
-so a misconfigured site fails in seconds with a message naming the file, field and fix, instead of
-after minutes of model loading.
+The checks (checkpoint exists, TP = the site's GPUs = torchrun's processes, NeMo version) run before
+NeMo loads the model, so a misconfigured site fails in seconds with a message naming the file, field
+and fix, instead of after minutes of model loading. They run once the Client API session is up (in
+the task builder), so NVFlare reports the failure to the server and the job ends at once.
 """
 
 from __future__ import annotations

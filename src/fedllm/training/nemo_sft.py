@@ -147,9 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     site = site_name()
-    info = preflight(args, site)
     run_distributed_site(
-        lambda s: NemoSftTask(args, s, info),
+        lambda s: NemoSftTask(args, s, preflight(args, s)),
         run_site,
         site=site,
         shard=shard_for_rank,
