@@ -114,3 +114,10 @@ data-sft: install  ## SFT set (SFT_FORMAT=alpaca|dolly|oasst1, SFT_INPUT=file) â
 
 tiny-gpt: install  ## build (once) the tiny GPT-2 the demo and tests adapt; prints its folder
 	$(BIN)/fedllm model tiny-gpt
+
+## nemo
+.PHONY: nemo-gpu-proof
+# The Python that has NeMo (the NeMo image's); .venv has none.
+NEMO_PY ?= python3
+nemo-gpu-proof:  ## GPU + NeMo only: one p-tuning round of a random-weight 345M through a real server and site
+	$(NEMO_PY) -m fedllm.nemo.gpu_proof --workspace $(WORKSPACE)/nemo-gpu-proof --sites 1 --rounds 1

@@ -83,6 +83,8 @@ def resolve_spec(
         args["model"] = model
     if validation:
         args["val"] = validation
+    if "rounds" in template.train_args:
+        args["rounds"] = r
     site_args: dict[str, dict[str, Any]] = {}
     data = list(data or [])
     if len(data) == 1:
@@ -93,8 +95,19 @@ def resolve_spec(
         if not sites or len(sites) < n:
             raise JobSpecError("per-site --data needs the site names: pass -c <site config> with enough sites")
         site_args = {site: {"train": path} for site, path in zip(sites[:n], data, strict=True)}
+    if template.launch == "torchrun":
+        _check_local_checkpoint(args, dev)
     job_name = name or f"{template.name}-{mode}-{n}sites"
     return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression)
+
+
+def _check_local_checkpoint(args: dict[str, Any], devices: int) -> None:
+    """A NeMo job's TP must equal --devices: check now when the .nemo is readable here (sites check again)."""
+    model = str(args.get("model", ""))
+    if model.endswith(".nemo") and "{" not in model and Path(model).exists():
+        from fedllm.nemo.checkpoint import check_fits_site, read_model_config
+
+        check_fits_site(read_model_config(model), devices)
 
 
 def _cli_args(args: dict[str, Any]) -> str:
@@ -126,7 +139,9 @@ def _initial_args(spec: JobSpec) -> dict[str, Any]:
         args["model"] = spec.train_args["model"]
     if REQUIRED_MODEL in (args.get("model"), spec.train_args.get("model")):
         raise JobSpecError(f"template {spec.template.name} needs the base model: pass --model PATH_OR_ID")
-    return args
+    # NeMo templates name the checkpoint inside other arguments, e.g. "{model}".
+    model = str(spec.train_args.get("model", ""))
+    return {k: v.replace("{model}", model) if isinstance(v, str) else v for k, v in args.items()}
 
 
 ENTRY_NAME = "fedllm_site_entry.py"
@@ -164,6 +179,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         # The recipe records the script path as given: relative, so sites find it in the job's custom dir.
         Path(ENTRY_NAME).write_text(ENTRY_SCRIPT.format(module=spec.template.trainer))
         initial = spec.template.initial_model
+        torchrun = spec.template.launch == "torchrun"
         recipe = FedAvgRecipe(
             name=spec.name,
             model={"class_path": initial.class_path, "args": _initial_args(spec)} if initial else None,
@@ -172,6 +188,12 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
             train_script=ENTRY_NAME,
             train_args=_cli_args(spec.train_args),
             key_metric=spec.template.key_metric,
+            # Losses are better when lower; NVFlare's model selector assumes higher is better unless told.
+            key_metric_mode="min" if "loss" in spec.template.key_metric else "max",
+            # torchrun: one trainer process per GPU of the site, started once for the whole job;
+            # --standalone picks a free rendezvous port, so sites sharing a host do not collide.
+            launch_external_process=torchrun,
+            command=f"torchrun --standalone --nproc_per_node={spec.devices}" if torchrun else "python3 -u",
         )
         if spec.site_args:
             set_per_site_config(

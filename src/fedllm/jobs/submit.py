@@ -17,6 +17,8 @@ from fedllm.provision import Kits
 COMPLETED = "FINISHED:COMPLETED"
 # The last line of a Python traceback: "pkg.SomeError: message" (or just the qualified name).
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(?::\s.*)?$")
+# An external-process trainer's (torchrun) output, relayed line by line into the site's log by NVFlare.
+_RELAYED = re.compile(r"^\S+ \S+ - ExternalProcessBackend - \w+ - (.*)$")
 
 
 class JobFailed(FedllmError):
@@ -47,7 +49,9 @@ class JobResult:
 def first_error(log_text: str) -> str | None:
     """The most telling error in a log: the first exception of a traceback (the root cause), else the last ERROR line."""
     in_traceback = False
-    for line in log_text.splitlines():
+    for raw in log_text.splitlines():
+        relayed = _RELAYED.match(raw)
+        line = relayed.group(1) if relayed else raw
         if "Traceback (most recent call last):" in line:
             in_traceback = True
         elif in_traceback and line and not line[0].isspace():

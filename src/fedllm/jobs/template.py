@@ -24,7 +24,10 @@ class _Strict(BaseModel):
 
 
 class InitialModel(_Strict):
-    """A torch.nn.Module the server instantiates and persists as the global model."""
+    """A torch.nn.Module the server instantiates and persists as the global model.
+
+    String args may use {model} (the job's --model), e.g. the base checkpoint the server reads.
+    """
 
     class_path: str
     args: dict[str, Any] = Field(default_factory=dict)
@@ -47,7 +50,11 @@ class JobTemplate(_Strict):
     # The metric the server uses to pick the best global model.
     key_metric: str = "val_accuracy"
     defaults: Defaults = Field(default_factory=Defaults)
+    # How a site starts the trainer: in the site's job process, or as its own process under
+    # `torchrun --nproc_per_node <devices>` (NeMo/Megatron: one process per GPU, launched once per job).
+    launch: Literal["in_process", "torchrun"] = "in_process"
     # Arguments for the trainer. Paths may use {data_dir} (the site's data directory) and {site}.
+    # A `rounds` key is filled with the job's rounds (trainers that size their data for the whole job).
     train_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("trainer")
