@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.errors import FedllmError
+from fedllm.jobs.exchange import apply_exchange_settings, recipe_kwargs
 from fedllm.jobs.template import JobTemplate, Mode
 
 
@@ -155,7 +156,9 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
             train_script=ENTRY_NAME,
             train_args=_cli_args(spec.train_args),
             key_metric=spec.template.key_metric,
+            **recipe_kwargs(spec.template.exchange),
         )
+        apply_exchange_settings(recipe, spec.template.exchange)
         if spec.site_args:
             set_per_site_config(
                 recipe,

@@ -1,0 +1,78 @@
+"""How every fedllm job moves model weights between the server and the sites.
+
+NVFlare 2.9 ships several exchange paths and leaves the choice to the job; fedllm makes
+the choice once, here, from measurements (benchmarks/exchange.py, docs/exchange.md), and
+every job template gets it through `create_job`. Each setting below says what it does
+and why fedllm picks its value. `profile: stock` keeps NVFlare's FedAvgRecipe defaults
+(the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Timeouts safe for multi-GB payloads on slow links: a 20 GB fp32 state at 100 MB/s takes
+# ~200 s per direction, so every limit that can fire during one transfer is ≥ 10 minutes.
+MULTI_GB_TIMEOUT_S = 1800.0
+
+
+class ExchangeOptions(BaseModel):
+    """The `exchange:` section of a job template (every key optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # fedllm: the settings below; stock: NVFlare's FedAvgRecipe defaults (numpy on the wire,
+    # default timeouts), kept for comparison and debugging.
+    profile: Literal["fedllm", "stock"] = "fedllm"
+    # Format of the weights on the server and the wire. "pytorch" keeps torch tensors end to end
+    # (no tensor→numpy→tensor copies, bf16 survives); "numpy" is NVFlare's default.
+    format: Literal["pytorch", "numpy"] = "pytorch"
+    # NVFlare's TensorServerStreamer/TensorClientStreamer: tensors sent one by one outside the task
+    # message. Measured slower than FOBS's own download path on loopback (docs/exchange.md).
+    tensor_streaming: bool = False
+    # Incoming streamed tensors land in files and are aggregated from there (server RAM ~1× model
+    # instead of ~N×). Needs format pytorch.
+    disk_offload: bool = False
+    # Chunk size (MiB) FOBS's tensor/array downloader asks for per request (NVFlare default: 2 MiB
+    # for tensors, 1 MiB for arrays). Larger chunks cut per-chunk Python overhead.
+    download_chunk_mib: int = Field(default=64, ge=1, le=1024)
+    # Seconds without progress before a download or a request is declared dead.
+    transfer_timeout_s: float = Field(default=MULTI_GB_TIMEOUT_S, gt=0)
+
+
+def recipe_kwargs(options: ExchangeOptions) -> dict[str, Any]:
+    """FedAvgRecipe constructor arguments that fix the exchange path (they are baked in at construction)."""
+    if options.profile == "stock":
+        return {}
+    from nvflare.client.config import ExchangeFormat
+
+    fmt = ExchangeFormat.PYTORCH if options.format == "pytorch" else ExchangeFormat.NUMPY
+    return {"server_expected_format": fmt, "enable_tensor_disk_offload": options.disk_offload}
+
+
+def apply_exchange_settings(recipe, options: ExchangeOptions | None = None) -> None:
+    """Configure an already-built FedAvgRecipe's exchange: streaming, chunk sizes, timeouts."""
+    options = options or ExchangeOptions()
+    if options.profile == "stock":
+        return
+    if options.tensor_streaming:
+        recipe.enable_tensor_streaming(
+            format=options.format,
+            tensor_send_timeout=options.transfer_timeout_s,
+            wait_send_task_data_all_clients_timeout=options.transfer_timeout_s,
+        )
+    chunk = options.download_chunk_mib * 2**20
+    timeout = options.transfer_timeout_s
+    config = {
+        # FOBS ViaDownloader settings, per decomposer prefix ("tensor_" torch, "np_" numpy).
+        **{f"{p}download_chunk_size": chunk for p in ("tensor_", "np_")},
+        **{f"{p}min_download_timeout": timeout for p in ("tensor_", "np_")},
+        **{f"{p}streaming_per_request_timeout": timeout for p in ("tensor_", "np_")},
+        # Client: how long a task fetch / result submission may take (includes the payload transfer).
+        "get_task_timeout": timeout,
+        "submit_task_result_timeout": timeout,
+    }
+    recipe.add_client_config(config)
+    recipe.add_server_config(config)
