@@ -12,6 +12,8 @@ Last line: `exchange 1GiB: fedllm X.XX GB/s, peak Y.Y× model; stock Z.ZZ GB/s, 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import re
 import socket
@@ -88,10 +90,8 @@ class RssSampler(threading.Thread):
             return 0
         total = 0
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         return total
 
     def run(self) -> None:
@@ -148,7 +148,7 @@ def round_times(server_log: str) -> list[float]:
             stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         if stamp is not None and ROUND_RE.search(line):
             marks.append(stamp)
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def echo_template(size_mib: float, options: ExchangeOptions, dtype: str = "float32") -> JobTemplate:
@@ -174,7 +174,7 @@ def run_once(root: Path, options: ExchangeOptions, sites: int, size_mib: float, 
     sampler = RssSampler({p.name: p.pid for p in procs})
     sampler.start()
     try:
-        result = submit_job(kits, job_dir, wait=True, timeout=3600, echo=lambda m: log(f"    {m}"))
+        submit_job(kits, job_dir, wait=True, timeout=3600, echo=lambda m: log(f"    {m}"))
     finally:
         peaks = sampler.stop()
         native.down(kits, echo=lambda _m: None)
@@ -213,6 +213,7 @@ def main() -> None:
     # Variants of fedllm's settings for exploration, e.g. --set tensor_streaming=true disk_offload=true
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write all results here")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep kits and logs (for profiling)")
     args = parser.parse_args()
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -221,7 +222,14 @@ def main() -> None:
     for profile in args.profiles:
         options = ExchangeOptions.model_validate({"profile": profile, **(overrides if profile == "fedllm" else {})})
         for n in args.sites:
-            with tempfile.TemporaryDirectory(prefix="fedllm-xbench-", ignore_cleanup_errors=True) as tmp:
+            with contextlib.ExitStack() as stack:
+                if args.keep:
+                    tmp = args.keep / f"{profile}-{n}"
+                    tmp.mkdir(parents=True, exist_ok=True)
+                else:
+                    tmp = stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="fedllm-xbench-", ignore_cleanup_errors=True)
+                    )
                 print(f"{profile} N={n} {size_label(args.size_mib)} …", flush=True)
                 r = run_once(Path(tmp), options, n, args.size_mib, args.rounds, log=print)
                 results.append(r)
