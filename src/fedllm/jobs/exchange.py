@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from nvflare.apis.dxo_filter import DXOFilter
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Timeouts safe for multi-GB payloads on slow links: a 20 GB fp32 state at 100 MB/s takes
 # ~200 s per direction, so every limit that can fire during one transfer is ≥ 10 minutes.
 MULTI_GB_TIMEOUT_S = 1800.0
+TRAIN_TASK = "train"  # FedAvgRecipe's task name
 
 
 class ExchangeOptions(BaseModel):
@@ -34,12 +36,24 @@ class ExchangeOptions(BaseModel):
     tensor_streaming: bool = False
     # Incoming streamed tensors land in files and are aggregated from there (server RAM ~1× model
     # instead of ~N×). Needs format pytorch.
-    disk_offload: bool = False
+    disk_offload: bool = True
     # Chunk size (MiB) FOBS's tensor/array downloader asks for per request (NVFlare default: 2 MiB
     # for tensors, 1 MiB for arrays). Larger chunks cut per-chunk Python overhead.
     download_chunk_mib: int = Field(default=64, ge=1, le=1024)
     # Seconds without progress before a download or a request is declared dead.
     transfer_timeout_s: float = Field(default=MULTI_GB_TIMEOUT_S, gt=0)
+    # Narrow fp32 weights to 16 bits on the wire (both directions) and widen them back on arrival:
+    # half the bytes, lossy (bf16: relative error ≤ 2⁻⁸ per crossing). None keeps weights bit-exact.
+    wire_dtype: Literal["bfloat16", "float16"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExchangeOptions:
+        if self.profile == "fedllm" and self.format == "numpy":
+            if self.wire_dtype == "bfloat16":
+                raise ValueError("wire_dtype bfloat16 needs format pytorch (numpy has no bfloat16); use float16")
+            if self.disk_offload:
+                raise ValueError("disk_offload only applies to format pytorch; set disk_offload: false")
+        return self
 
 
 def recipe_kwargs(options: ExchangeOptions) -> dict[str, Any]:
@@ -76,3 +90,83 @@ def apply_exchange_settings(recipe, options: ExchangeOptions | None = None) -> N
     }
     recipe.add_client_config(config)
     recipe.add_server_config(config)
+    if options.wire_dtype:
+        recipe.add_server_output_filter(CastToWireDtype(options.wire_dtype), tasks=[TRAIN_TASK])
+        recipe.add_client_input_filter(RestoreDtype(), tasks=[TRAIN_TASK])
+        recipe.add_client_output_filter(CastToWireDtype(options.wire_dtype), tasks=[TRAIN_TASK])
+        recipe.add_server_input_filter(RestoreDtype(), tasks=[TRAIN_TASK])
+
+
+# ---- wire dtype: LLM weights cross in 16 bits, training sees its own dtype -------------------------
+
+WIRE_CAST_META = "fedllm_wire_cast"  # DXO meta: {param name: original dtype} of what was narrowed
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+class CastToWireDtype(DXOFilter):
+    """Narrows floating-point weights wider than `wire_dtype` before they are sent (fp32 → bf16 halves the bytes).
+
+    Put on the sender's side (server task-data output, site task-result output); `RestoreDtype`
+    on the receiver's side widens them back, so the trainer and the aggregator see their own dtype.
+    Lossy by design: bf16 keeps 8 bits of mantissa (relative error ≤ 2⁻⁸), fp16 keeps 11 bits but
+    overflows above 65504. Only used when a template asks for it (`exchange.wire_dtype`).
+    """
+
+    def __init__(self, wire_dtype: str = "bfloat16"):
+        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
+        _torch_dtype(wire_dtype)  # fails early on a bad name
+        self.wire_dtype = wire_dtype
+
+    def process_dxo(self, dxo, shareable, fl_ctx):
+        import numpy as np
+        import torch
+
+        wire = _torch_dtype(self.wire_dtype)
+        narrowed: dict[str, str] = {}
+        data = dict(dxo.data)
+        for name, value in data.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.element_size() > wire.itemsize:
+                narrowed[name] = str(value.dtype).removeprefix("torch.")
+                data[name] = value.to(wire)
+            elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype.itemsize > 2:
+                if self.wire_dtype != "float16":
+                    raise ValueError("numpy weights can only cross as float16; use exchange.format pytorch for bf16")
+                narrowed[name] = str(value.dtype)
+                data[name] = value.astype(np.float16)
+        if not narrowed:
+            return None
+        dxo.data = data
+        dxo.set_meta_prop(WIRE_CAST_META, narrowed)
+        return dxo
+
+
+class RestoreDtype(DXOFilter):
+    """Widens weights that `CastToWireDtype` narrowed back to their original dtype (see there)."""
+
+    def __init__(self):
+        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
+
+    def process_dxo(self, dxo, shareable, fl_ctx):
+        import numpy as np
+        import torch
+
+        narrowed = dxo.get_meta_prop(WIRE_CAST_META)
+        if not narrowed:
+            return None
+        data = dict(dxo.data)
+        for name, dtype in narrowed.items():
+            value = data[name]
+            if hasattr(value, "materialize"):  # a disk-offloaded tensor (NVFlare's _LazyRef)
+                value = value.materialize()
+            if isinstance(value, torch.Tensor):
+                data[name] = value.to(getattr(torch, dtype))
+            else:
+                data[name] = np.asarray(value).astype(dtype)
+        dxo.data = data
+        dxo.remove_meta_props([WIRE_CAST_META])
+        return dxo

@@ -88,23 +88,3 @@ class ComponentPolicyBuilder(Builder):
             allowed = list(resources.get("class_allow_list", []))
             resources["class_allow_list"] = allowed + [c for c in FEDLLM_COMPONENTS if c not in allowed]
             _write_json(path, resources)
-
-
-COMM_CONFIG_NAME = "comm_config.json"
-
-
-class CommConfigBuilder(Builder):
-    """Writes `local/comm_config.json` (NVFlare's communication settings) into every server and site kit.
-
-    The values come from `fedllm.provision.comm.kit_comm_config` (documented there): message and
-    streaming limits safe for multi-GB model states. Settings a job can make itself (chunk sizes,
-    download timeouts) stay in the job (`fedllm.jobs.exchange`); only process-wide cellnet settings,
-    read once when a participant starts, belong here.
-    """
-
-    def __init__(self, comm_config: dict[str, Any]):
-        self.comm_config = dict(comm_config)
-
-    def build(self, project: Project, ctx: ProvisionContext) -> None:
-        for participant in [project.get_server(), *project.get_clients()]:
-            _write_json(Path(ctx.get_local_dir(participant)) / COMM_CONFIG_NAME, self.comm_config)

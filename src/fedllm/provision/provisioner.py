@@ -21,7 +21,6 @@ from nvflare.lighter.provision import prepare_project
 from nvflare.lighter.provisioner import Provisioner
 
 from fedllm.config.site_config import SiteConfig
-from fedllm.provision.comm import kit_comm_config
 from fedllm.errors import FedllmError
 from fedllm.resources import resource_dir
 
@@ -81,7 +80,6 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
             },
         },
         {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
-        {"path": "fedllm.provision.builders.CommConfigBuilder", "args": {"comm_config": kit_comm_config()}},
         *extra_builders,
     ]
     return env.get_template("project.yml.j2").render(cfg=config, source=source, fedllm_builders=builders)

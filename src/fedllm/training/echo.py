@@ -30,17 +30,22 @@ def tensor_sizes(size_mib: float, tensor_mib: float = TENSOR_MIB, dtype: str = "
     return [min(per, total - start) for start in range(0, total, per)]
 
 
+def iter_weights(size_mib: float, dtype: str = "float32", seed: int = 0, tensor_mib: float = TENSOR_MIB):
+    """(name, tensor) of the seeded model, one tensor at a time (checks need not hold a second copy)."""
+    gen = torch.Generator().manual_seed(seed)
+    for i, n in enumerate(tensor_sizes(size_mib, tensor_mib, dtype)):
+        # 2-D like a weight matrix; uniform values exercise every mantissa bit.
+        cols = 1024 if n % 1024 == 0 else 1
+        yield f"w{i:04d}", torch.empty(n // cols, cols).uniform_(-1, 1, generator=gen).to(DTYPES[dtype])
+
+
 class EchoModel(nn.Module):
     """Parameters `w0000`, `w0001`, … of `size_mib` MiB in total, filled from `seed`."""
 
     def __init__(self, size_mib: float = 1024, dtype: str = "float32", seed: int = 0, tensor_mib: float = TENSOR_MIB):
         super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        for i, n in enumerate(tensor_sizes(size_mib, tensor_mib, dtype)):
-            # 2-D like a weight matrix; uniform values exercise every mantissa bit.
-            cols = 1024 if n % 1024 == 0 else 1
-            t = torch.empty(n // cols, cols, dtype=torch.float32).uniform_(-1, 1, generator=gen).to(DTYPES[dtype])
-            self.register_parameter(f"w{i:04d}", nn.Parameter(t, requires_grad=False))
+        for name, t in iter_weights(size_mib, dtype, seed, tensor_mib):
+            self.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never trained
         return x
@@ -55,6 +60,32 @@ def state_digest(state: dict) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def check_weights(received: dict, size_mib: float, dtype: str, seed: int, tolerance: float) -> float:
+    """Max |Δ| between `received` and the seeded model; raises if names, shapes, dtypes or values are off.
+
+    With tolerance 0 the bytes must be identical (NaN-safe, sign-of-zero-safe: compared as raw bytes).
+    """
+    names = set()
+    worst = 0.0
+    for name, want in iter_weights(size_mib, dtype, seed):
+        names.add(name)
+        if name not in received:
+            raise ValueError(f"weight {name} is missing")
+        got = torch.as_tensor(received[name])
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(f"{name}: got {got.dtype}{tuple(got.shape)}, expected {want.dtype}{tuple(want.shape)}")
+        if tolerance == 0:
+            if not torch.equal(got.contiguous().view(torch.uint8), want.view(torch.uint8)):
+                raise ValueError(f"{name}: bytes differ")
+        else:
+            worst = max(worst, (got.float() - want.float()).abs().max().item())
+    if extra := set(received) - names:
+        raise ValueError(f"unexpected weights {sorted(extra)[:5]}")
+    if worst > tolerance:
+        raise ValueError(f"max |Δ| {worst} exceeds tolerance {tolerance}")
+    return worst
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -87,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
 
     flare.init()
     site = flare.get_site_name()
-    expected = EchoModel(args.size_mib, args.dtype, args.seed).state_dict() if args.verify else None
     while flare.is_running():
         t0 = time.monotonic()
         incoming = flare.receive()
@@ -96,10 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         received = time.monotonic()
         params = incoming.params
         nbytes = sum(torch.as_tensor(v).nbytes for v in params.values())
-        if expected is not None:
-            diff = max_abs_diff(expected, params)
-            if diff > args.tolerance or (args.tolerance == 0 and state_digest(expected) != state_digest(params)):
-                raise RuntimeError(f"[{site}] round {incoming.current_round}: weights differ (max |Δ| {diff})")
+        if args.verify:
+            # Round r's weights are the server's aggregate of round r-1's echoes: checking them every
+            # round checks both directions of the exchange.
+            try:
+                diff = check_weights(params, args.size_mib, args.dtype, args.seed, args.tolerance)
+            except ValueError as exc:
+                raise RuntimeError(f"[{site}] round {incoming.current_round}: weights differ: {exc}") from exc
             print(f"[{site}] round {incoming.current_round}: weights verified (max |Δ| {diff:.3g})")
         print(
             f"[{site}] round {incoming.current_round}: received {nbytes / 1e9:.3f} GB in {received - t0:.2f}s; echoing",
