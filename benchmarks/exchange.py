@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -39,6 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's test 
 from tests.conftest import local_config_dict, write_yaml
 
 GB = 1e9
+# Named exchange settings the benchmark compares (ExchangeOptions fields; see fedllm.jobs.exchange).
+PROFILES = {
+    "stock": {"profile": "stock"},  # NVFlare's FedAvgRecipe defaults
+    "fedllm": {},  # fedllm's defaults: what every fedllm job gets
+    "fedllm-bf16": {"wire_dtype": "bfloat16"},  # + weights cross as bf16 (opt-in, lossy)
+}
+# Stop a run (and say so) rather than push the shared machine into the OOM killer.
+MIN_AVAILABLE_BYTES = 1.5 * 2**30
+
+
+class OutOfMemory(RuntimeError):
+    """The run would have exhausted this machine's memory; it was stopped."""
 
 
 def loopback_tcp_gbps(nbytes: int = 2**30, chunk: int = 16 * 2**20) -> float:
@@ -79,6 +93,7 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.roots, self.period = roots, period
         self.peak = dict.fromkeys(roots, 0)
+        self.oom = False
         self._halt = threading.Event()
 
     @staticmethod
@@ -98,6 +113,12 @@ class RssSampler(threading.Thread):
         while not self._halt.is_set():
             for name, pid in self.roots.items():
                 self.peak[name] = max(self.peak[name], self._tree_rss(pid))
+            if psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
+                self.oom = True
+                for pid in self.roots.values():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)
+                return
             time.sleep(self.period)
 
     def stop(self) -> dict[str, int]:
@@ -164,7 +185,8 @@ def echo_template(size_mib: float, options: ExchangeOptions, dtype: str = "float
     )
 
 
-def run_once(root: Path, options: ExchangeOptions, sites: int, size_mib: float, rounds: int, log) -> Result:
+def run_once(root: Path, profile: str, sites: int, size_mib: float, rounds: int, log) -> Result:
+    options = ExchangeOptions.model_validate(PROFILES[profile])
     cfg = load_site_config(write_yaml(root / "site.yaml", local_config_dict(project="xbench", sites=sites)))
     kits: Kits = provision(cfg, root / "ws", source="site.yaml", data_root=root)
     template = echo_template(size_mib, options)
@@ -175,12 +197,16 @@ def run_once(root: Path, options: ExchangeOptions, sites: int, size_mib: float, 
     sampler.start()
     try:
         submit_job(kits, job_dir, wait=True, timeout=3600, echo=lambda m: log(f"    {m}"))
+    except Exception:
+        if sampler.oom:
+            raise OutOfMemory(f"stopped: less than {MIN_AVAILABLE_BYTES / GB:.1f} GB of RAM left") from None
+        raise
     finally:
         peaks = sampler.stop()
         native.down(kits, echo=lambda _m: None)
     model_bytes = int(size_mib * 2**20)
     return Result(
-        options.profile,
+        profile,
         sites,
         model_bytes,
         round_times((native.run_dir(kits) / "logs" / f"{cfg.server.name}.log").read_text(errors="replace")),
@@ -200,6 +226,26 @@ def describe(r: Result) -> str:
     )
 
 
+def markdown_table(results: list[Result], tcp_gbps: float) -> str:
+    """The README/docs table: one row per profile and site count."""
+    rows = [
+        "| model | sites | settings | s/round (median) | effective GB/s | × stock | peak RSS server | peak RSS per site |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    stock = {r.sites: r for r in results if r.profile == "stock"}
+    for r in results:
+        base = stock.get(r.sites)
+        speedup = f"{r.gbps / base.gbps:.1f}×" if base and r is not base else "1×" if r is base else "—"
+        site_peak = max(r.peak_sites.values())
+        rows.append(
+            f"| {size_label(r.model_bytes / 2**20)} | {r.sites} | {r.profile} | {r.best_round_s:.1f} | {r.gbps:.2f} | "
+            f"{speedup} | {r.peak_server / GB:.1f} GB ({r.peak_server / r.model_bytes:.1f}×) | "
+            f"{site_peak / GB:.1f} GB ({site_peak / r.model_bytes:.1f}×) |"
+        )
+    rows.append(f"\nRaw loopback TCP (one Python stream, same run): {tcp_gbps:.2f} GB/s.")
+    return "\n".join(rows)
+
+
 def size_label(size_mib: float) -> str:
     return f"{size_mib / 1024:g}GiB" if size_mib >= 1024 else f"{size_mib:g}MiB"
 
@@ -209,18 +255,20 @@ def main() -> None:
     parser.add_argument("--size-mib", type=float, default=1024)
     parser.add_argument("--sites", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profiles", nargs="+", default=["stock", "fedllm"])
-    # Variants of fedllm's settings for exploration, e.g. --set tensor_streaming=true disk_offload=true
+    parser.add_argument("--profiles", nargs="+", default=["stock", "fedllm"], choices=sorted(PROFILES))
+    # Variants of fedllm's settings for exploration, e.g. --set tensor_streaming=true disk_offload=false
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write all results here")
     parser.add_argument("--keep", type=Path, help="run in this directory and keep kits and logs (for profiling)")
     args = parser.parse_args()
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    print(f"loopback TCP (1 Python stream): {loopback_tcp_gbps():.2f} GB/s", flush=True)
+    if overrides:
+        PROFILES["fedllm"] = {**PROFILES["fedllm"], **overrides}
+    tcp = [loopback_tcp_gbps()]
+    print(f"loopback TCP (1 Python stream): {tcp[0]:.2f} GB/s", flush=True)
     results: list[Result] = []
     for profile in args.profiles:
-        options = ExchangeOptions.model_validate({"profile": profile, **(overrides if profile == "fedllm" else {})})
         for n in args.sites:
             with contextlib.ExitStack() as stack:
                 if args.keep:
@@ -231,10 +279,16 @@ def main() -> None:
                         tempfile.TemporaryDirectory(prefix="fedllm-xbench-", ignore_cleanup_errors=True)
                     )
                 print(f"{profile} N={n} {size_label(args.size_mib)} …", flush=True)
-                r = run_once(Path(tmp), options, n, args.size_mib, args.rounds, log=print)
+                try:
+                    r = run_once(Path(tmp), profile, n, args.size_mib, args.rounds, log=print)
+                except OutOfMemory as exc:
+                    print(f"{profile:>8} N={n}  {exc}", flush=True)
+                    continue
                 results.append(r)
                 print(describe(r), flush=True)
-    print(f"loopback TCP (1 Python stream): {loopback_tcp_gbps():.2f} GB/s", flush=True)
+    tcp.append(loopback_tcp_gbps())
+    print(f"loopback TCP (1 Python stream): {tcp[-1]:.2f} GB/s", flush=True)
+    print(markdown_table(results, max(tcp)))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str))
     by = {r.profile: r for r in results if r.sites == 1} or {r.profile: r for r in results}
