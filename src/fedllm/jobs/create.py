@@ -20,6 +20,7 @@ from typing import Any
 
 from fedllm.errors import FedllmError
 from fedllm.jobs.compression import apply_compression
+from fedllm.jobs.exchange import apply_exchange_settings, recipe_kwargs
 from fedllm.jobs.template import JobTemplate, Mode
 
 
@@ -194,7 +195,9 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
             # --standalone picks a free rendezvous port, so sites sharing a host do not collide.
             launch_external_process=torchrun,
             command=f"torchrun --standalone --nproc_per_node={spec.devices}" if torchrun else "python3 -u",
+            **recipe_kwargs(spec.template.exchange),
         )
+        apply_exchange_settings(recipe, spec.template.exchange)
         if spec.site_args:
             set_per_site_config(
                 recipe,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedllm.config.loader import load_model
 from fedllm.config.problems import ConfigError, FixableError, Problem
+from fedllm.jobs.exchange import ExchangeOptions
 from fedllm.resources import resource_dir
 
 Mode = Literal["local", "central", "fedavg"]
@@ -56,6 +57,8 @@ class JobTemplate(_Strict):
     # Arguments for the trainer. Paths may use {data_dir} (the site's data directory) and {site}.
     # A `rounds` key is filled with the job's rounds (trainers that size their data for the whole job).
     train_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # How weights travel between server and sites (fedllm.jobs.exchange, docs/exchange.md).
+    exchange: ExchangeOptions = Field(default_factory=ExchangeOptions)
 
     @field_validator("trainer")
     @classmethod

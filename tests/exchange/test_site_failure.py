@@ -1,0 +1,78 @@
+"""A site whose job process dies mid-transfer does not take the server down; the job finishes with the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from fedllm.admin import admin_session
+from fedllm.jobs.submit import submit_job
+from fedllm.runtime import native
+
+from .conftest import echo_job, start_federation
+
+pytestmark = pytest.mark.federation
+
+SIZE_MIB = 512  # big enough that a transfer takes a second or more on 2 cores
+
+
+def _job_process(site_pid: int) -> psutil.Process | None:
+    """The NVFlare job process (worker_process) a site spawned for the running job."""
+    for child in psutil.Process(site_pid).children(recursive=True):
+        try:
+            if "worker_process" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := predicate():
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_site_killed_mid_transfer(tmp_path):
+    kits = start_federation(tmp_path / "fed", sites=3)
+    try:
+        procs = {p.name: p for p in native.read_state(kits)}
+        server_log = native.run_dir(kits) / "logs" / f"{kits.config.server.name}.log"
+        job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=2, rounds=2, name="echo-kill")
+        result = submit_job(kits, job, wait=False, echo=lambda _m: None)
+
+        def victim():
+            # The first site the server hands the round-0 weights to: the download starts right away.
+            text = server_log.read_text(errors="replace") if server_log.is_file() else ""
+            for name in kits.config.site_names:
+                if f"assigned task to client {name}:" in text:
+                    return name
+            return None
+
+        site = _wait_for(victim, 240, "the server to hand out the first task")
+        worker = _job_process(procs[site].pid)
+        assert worker is not None, f"{site} has no job process"
+        os.kill(worker.pid, signal.SIGKILL)
+        site_log = kits.site(site) / result.job_id / "log.txt"
+        received = site_log.is_file() and "round 0: received" in site_log.read_text(errors="replace")
+        assert not received, f"{site} had already received the weights when it was killed (not mid-transfer)"
+
+        with admin_session(kits) as session:
+            session.monitor_job(result.job_id, timeout=600, poll_interval=2.0)
+            status = session.get_job_meta(result.job_id).get("status", "")
+        assert native.status(kits)[kits.config.server.name], "the server process died"
+        assert status == "FINISHED:COMPLETED", status
+        survivors = [s for s in kits.config.site_names if s != site]
+        finished = [
+            s for s in survivors if "round 1: received" in (kits.site(s) / result.job_id / "log.txt").read_text()
+        ]
+        assert finished, f"no surviving site reached round 1 ({survivors})"
+    finally:
+        native.down(kits, echo=lambda _m: None)
