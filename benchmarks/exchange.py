@@ -15,9 +15,7 @@ import argparse
 import contextlib
 import itertools
 import json
-import os
 import re
-import signal
 import socket
 import sys
 import tempfile
@@ -115,9 +113,13 @@ class RssSampler(threading.Thread):
                 self.peak[name] = max(self.peak[name], self._tree_rss(pid))
             if psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
                 self.oom = True
+                # Job processes run in sessions of their own (NVFlare setsid): kill each process of each tree.
                 for pid in self.roots.values():
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pid, signal.SIGKILL)
+                    with contextlib.suppress(psutil.Error):
+                        root = psutil.Process(pid)
+                        for proc in [*root.children(recursive=True), root]:
+                            with contextlib.suppress(psutil.Error):
+                                proc.kill()
                 return
             time.sleep(self.period)
 

@@ -15,9 +15,12 @@ from fedllm.runtime import native
 from tests.conftest import local_config_dict, write_yaml
 
 
-def start_federation(root: Path, sites: int) -> Kits:
+def start_federation(root: Path, sites: int, heartbeat_timeout_s: int | None = None) -> Kits:
     """Provision mTLS kits (with fedllm's comm settings) for a server and `sites` sites, and start them."""
-    cfg = load_site_config(write_yaml(root / "site.yaml", local_config_dict(project="xtest", sites=sites)))
+    data = local_config_dict(project="xtest", sites=sites)
+    if heartbeat_timeout_s is not None:
+        data["server"]["heartbeat_timeout_s"] = heartbeat_timeout_s
+    cfg = load_site_config(write_yaml(root / "site.yaml", data))
     kits = provision(cfg, root / "ws", source="site.yaml", data_root=root)
     native.up(kits, timeout=120, echo=lambda _m: None)
     return kits

@@ -1,4 +1,4 @@
-"""A site whose job process dies mid-transfer does not take the server down; the job finishes with the rest."""
+"""A site that dies mid-transfer does not take the server down; the job finishes with the rest."""
 
 from __future__ import annotations
 
@@ -41,12 +41,14 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 def test_site_killed_mid_transfer(tmp_path):
-    kits = start_federation(tmp_path / "fed", sites=3)
+    # The shortest heartbeat timeout the site config allows: the server declares the dead site gone sooner.
+    kits = start_federation(tmp_path / "fed", sites=3, heartbeat_timeout_s=30)
     try:
         procs = {p.name: p for p in native.read_state(kits)}
-        server_log = native.run_dir(kits) / "logs" / f"{kits.config.server.name}.log"
         job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=2, rounds=2, name="echo-kill")
         result = submit_job(kits, job, wait=False, echo=lambda _m: None)
+        # The server job's own log (the copy in the server's process log is relayed late, in blocks).
+        server_log = kits.server() / result.job_id / "log.txt"
 
         def victim():
             # The first site the server hands the round-0 weights to: the download starts right away.
@@ -57,9 +59,13 @@ def test_site_killed_mid_transfer(tmp_path):
             return None
 
         site = _wait_for(victim, 240, "the server to hand out the first task")
-        worker = _job_process(procs[site].pid)
-        assert worker is not None, f"{site} has no job process"
-        os.kill(worker.pid, signal.SIGKILL)
+        assert _job_process(procs[site].pid) is not None, f"{site} has no job process"
+        # The whole site dies (its client and its job process, as when its machine goes down). A crash of the
+        # job process alone is reported by the living client, and NVFlare 2.9 then fails the job by design.
+        # NVFlare starts job processes in sessions of their own, so the site's process group is not enough.
+        site_proc = psutil.Process(procs[site].pid)
+        for victim in [site_proc, *site_proc.children(recursive=True)]:
+            os.kill(victim.pid, signal.SIGKILL)
         site_log = kits.site(site) / result.job_id / "log.txt"
         received = site_log.is_file() and "round 0: received" in site_log.read_text(errors="replace")
         assert not received, f"{site} had already received the weights when it was killed (not mid-transfer)"

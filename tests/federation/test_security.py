@@ -62,17 +62,27 @@ def test_site_with_foreign_certificate_is_refused(federation, tmp_path: Path) ->
         proc.wait()
 
 
-def _tls_request(kits, cert_dir: Path) -> bytes:
-    """Open a TLS connection to the server's FL port with a client certificate and send an HTTP request."""
+def _tls_outcome(kits, cert_dir: Path) -> str:
+    """Connect to the server's FL port (NVFlare's tcp driver behind TLS) with a client certificate.
+
+    The server speaks only after a framed request, so an accepted client sees silence: "open".
+    TLS 1.3 checks the client certificate after the client's side of the handshake, so a refused
+    client learns it on its first read, as an alert ("refused: <reason>") or a closed connection.
+    """
     ctx = ssl.create_default_context(cafile=str(kits.server() / "startup" / "rootCA.pem"))
     ctx.load_cert_chain(str(cert_dir / "client.crt"), str(cert_dir / "client.key"))
     with socket.create_connection(("localhost", kits.config.server.fed_learn_port), timeout=10) as raw:
         try:
             with ctx.wrap_socket(raw, server_hostname=kits.config.server.name) as tls:
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                return tls.recv(200)
-        except (ssl.SSLError, ConnectionError):
-            return b""
+                tls.settimeout(5)
+                data = tls.recv(200)
+        except TimeoutError:
+            return "open"
+        except ssl.SSLError as exc:
+            return f"refused: {exc.reason}"
+        except ConnectionError as exc:
+            return f"refused: {exc!r}"
+        return "refused: connection closed" if data == b"" else f"answered: {data!r}"
 
 
 def test_server_refuses_tls_with_a_foreign_client_certificate(federation, tmp_path: Path) -> None:
@@ -80,7 +90,7 @@ def test_server_refuses_tls_with_a_foreign_client_certificate(federation, tmp_pa
     foreign = provision(
         load_site_config(write_yaml(tmp_path / "foreign.yaml", legit)), tmp_path / "ws", source="foreign.yaml"
     )
-    # Control: a certificate from this federation's CA gets an answer from the server.
-    assert _tls_request(federation, federation.site("site-1") / "startup").startswith(b"HTTP/1.1")
-    # The same request with a certificate signed by another provisioning's CA gets nothing.
-    assert _tls_request(federation, foreign.site("site-1") / "startup") == b""
+    # Control: a certificate from this federation's CA completes mutual TLS and the connection stays open.
+    assert _tls_outcome(federation, federation.site("site-1") / "startup") == "open"
+    # The same connection with a certificate signed by another provisioning's CA is cut by the server.
+    assert _tls_outcome(federation, foreign.site("site-1") / "startup").startswith("refused")

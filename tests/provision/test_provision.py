@@ -124,3 +124,23 @@ def test_latest_kits_without_provisioning_says_what_to_do(tmp_path: Path) -> Non
     cfg = load_site_config(write_yaml(tmp_path / "site.yaml", local_config_dict()))
     with pytest.raises(ProvisionError, match="run `fedllm provision"):
         latest_kits(tmp_path / "ws", cfg)
+
+
+def test_server_heartbeat_timeout_comes_from_the_site_config(tmp_path: Path) -> None:
+    # NVFlare's server reads it from startup/fed_server.json; its own default (600 s) stalls a round
+    # for 10 minutes when a site dies.
+    def timeout_in_kit(kits) -> int:
+        return json.loads((kits.server() / "startup" / "fed_server.json").read_text())["servers"][0][
+            "heart_beat_timeout"
+        ]
+
+    data = local_config_dict()
+    assert (
+        timeout_in_kit(provision(load_site_config(write_yaml(tmp_path / "a.yaml", data)), tmp_path / "a", "a.yaml"))
+        == 120
+    )
+    data["server"]["heartbeat_timeout_s"] = 900
+    assert (
+        timeout_in_kit(provision(load_site_config(write_yaml(tmp_path / "b.yaml", data)), tmp_path / "b", "b.yaml"))
+        == 900
+    )

@@ -20,37 +20,10 @@ import torch
 
 from fedllm.checkpoint.archive import NemoArchive
 from fedllm.checkpoint.errors import CheckpointError
-from fedllm.checkpoint.layout import is_mcore, rule_for
+from fedllm.checkpoint.layout import KEY_NAMES, is_mcore, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.checkpoint.reshard import merged_tensor
 from fedllm.checkpoint.vocab import resolve_vocab_size
-
-_LEGACY = {
-    "emb": "model.language_model.embedding.word_embeddings.weight",
-    "pos": "model.language_model.embedding.position_embeddings.weight",
-    "layer": "model.language_model.encoder.layers.{i}.",
-    "ln1": "input_layernorm.",
-    "qkv": "self_attention.query_key_value.",
-    "proj": "self_attention.dense.",
-    "ln2": "post_attention_layernorm.",
-    "fc1": "mlp.dense_h_to_4h.",
-    "fc2": "mlp.dense_4h_to_h.",
-    "final": "model.language_model.encoder.final_layernorm.",
-    "out": "model.language_model.output_layer.weight",
-}
-_MCORE = {
-    "emb": "model.embedding.word_embeddings.weight",
-    "pos": "model.embedding.position_embeddings.weight",
-    "layer": "model.decoder.layers.{i}.",
-    "ln1": "self_attention.linear_qkv.layer_norm_",
-    "qkv": "self_attention.linear_qkv.",
-    "proj": "self_attention.linear_proj.",
-    "ln2": "mlp.linear_fc1.layer_norm_",
-    "fc1": "mlp.linear_fc1.",
-    "fc2": "mlp.linear_fc2.",
-    "final": "model.decoder.final_layernorm.",
-    "out": "model.output_layer.weight",
-}
 
 
 def _architecture(spec: ModelSpec, cfg: dict) -> str:
@@ -122,7 +95,7 @@ def export_hf(
             ranks = [archive.open_rank(r) for r in range(archive.tp)]
             try:
                 keys = ranks[0].keys()
-                names = _MCORE if is_mcore(keys) else _LEGACY
+                names = KEY_NAMES["mcore" if is_mcore(keys) else "legacy"]
                 padded = ranks[0].state[names["emb"]].shape[0] * archive.tp
                 vocab = resolve_vocab_size(archive, vocab_size, padded)
                 tied = names["out"] not in ranks[0].state

@@ -18,6 +18,36 @@ from enum import Enum
 from fedllm.checkpoint.errors import CheckpointError
 from fedllm.checkpoint.model_spec import ModelSpec
 
+# Where each tensor of a GPT layer lives in the two state-dict layouts ("layer" is formatted with i=layer).
+KEY_NAMES: dict[str, dict[str, str]] = {
+    "legacy": {
+        "emb": "model.language_model.embedding.word_embeddings.weight",
+        "pos": "model.language_model.embedding.position_embeddings.weight",
+        "layer": "model.language_model.encoder.layers.{i}.",
+        "ln1": "input_layernorm.",
+        "qkv": "self_attention.query_key_value.",
+        "proj": "self_attention.dense.",
+        "ln2": "post_attention_layernorm.",
+        "fc1": "mlp.dense_h_to_4h.",
+        "fc2": "mlp.dense_4h_to_h.",
+        "final": "model.language_model.encoder.final_layernorm.",
+        "out": "model.language_model.output_layer.weight",
+    },
+    "mcore": {
+        "emb": "model.embedding.word_embeddings.weight",
+        "pos": "model.embedding.position_embeddings.weight",
+        "layer": "model.decoder.layers.{i}.",
+        "ln1": "self_attention.linear_qkv.layer_norm_",
+        "qkv": "self_attention.linear_qkv.",
+        "proj": "self_attention.linear_proj.",
+        "ln2": "mlp.linear_fc1.layer_norm_",
+        "fc1": "mlp.linear_fc1.",
+        "fc2": "mlp.linear_fc2.",
+        "final": "model.decoder.final_layernorm.",
+        "out": "model.output_layer.weight",
+    },
+}
+
 
 class Split(Enum):
     COLUMN = "column"  # dim 0

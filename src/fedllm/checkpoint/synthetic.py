@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from fedllm.checkpoint.layout import KEY_NAMES
+
 VOCAB_ARTIFACT = "a1b2c3_vocab.json"
 MERGES_ARTIFACT = "d4e5f6_merges.txt"
 
@@ -103,33 +105,7 @@ class TinyGPT:
 
     # -- weights ----------------------------------------------------------------------------------------------
     def _keys(self) -> dict[str, str]:
-        if self.layout == "mcore":
-            return {
-                "emb": "model.embedding.word_embeddings.weight",
-                "pos": "model.embedding.position_embeddings.weight",
-                "layer": "model.decoder.layers.{i}.",
-                "ln1": "self_attention.linear_qkv.layer_norm_",
-                "qkv": "self_attention.linear_qkv.",
-                "proj": "self_attention.linear_proj.",
-                "ln2": "mlp.linear_fc1.layer_norm_",
-                "fc1": "mlp.linear_fc1.",
-                "fc2": "mlp.linear_fc2.",
-                "final": "model.decoder.final_layernorm.",
-                "out": "model.output_layer.weight",
-            }
-        return {
-            "emb": "model.language_model.embedding.word_embeddings.weight",
-            "pos": "model.language_model.embedding.position_embeddings.weight",
-            "layer": "model.language_model.encoder.layers.{i}.",
-            "ln1": "input_layernorm.",
-            "qkv": "self_attention.query_key_value.",
-            "proj": "self_attention.dense.",
-            "ln2": "post_attention_layernorm.",
-            "fc1": "mlp.dense_h_to_4h.",
-            "fc2": "mlp.dense_4h_to_h.",
-            "final": "model.language_model.encoder.final_layernorm.",
-            "out": "model.language_model.output_layer.weight",
-        }
+        return KEY_NAMES[self.layout]
 
     def full_weights(self) -> OrderedDict[str, torch.Tensor]:
         """TP1 weights (vocabulary unpadded): the ground truth every split is compared with."""

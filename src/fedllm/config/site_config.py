@@ -65,6 +65,10 @@ class Server(_Strict):
     org: str = "nvidia"
     # The machine that runs the server, when the federation spans several hosts (compose per host).
     host: str | None = None
+    # Seconds without a heartbeat (sites send one every 10 s) before the server drops a site and
+    # stops waiting for its results; NVFlare's default of 600 stalls a round for 10 minutes when a
+    # site dies. Raise it for links that can stall longer than this.
+    heartbeat_timeout_s: int = Field(default=120, ge=30, le=86400)
 
     @field_validator("name")
     @classmethod

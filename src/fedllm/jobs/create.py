@@ -20,7 +20,7 @@ from typing import Any
 
 from fedllm.errors import FedllmError
 from fedllm.jobs.compression import apply_compression
-from fedllm.jobs.exchange import apply_exchange_settings, recipe_kwargs
+from fedllm.jobs.exchange import apply_exchange_settings, recipe_kwargs, wire_compression
 from fedllm.jobs.template import JobTemplate, Mode
 
 
@@ -197,13 +197,16 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
             command=f"torchrun --standalone --nproc_per_node={spec.devices}" if torchrun else "python3 -u",
             **recipe_kwargs(spec.template.exchange),
         )
-        apply_exchange_settings(recipe, spec.template.exchange)
+        # NVFlare takes per-site config only right after construction, before any config or filter.
         if spec.site_args:
             set_per_site_config(
                 recipe,
                 {site: {"train_args": _cli_args({**spec.train_args, **a})} for site, a in spec.site_args.items()},
             )
-        apply_compression(recipe, spec.compression)
+        apply_exchange_settings(recipe, spec.template.exchange)
+        # --compress wins over the template's exchange.wire_dtype; both use the same filters.
+        compression = spec.compression if spec.compression != "none" else wire_compression(spec.template.exchange)
+        apply_compression(recipe, compression)
         # Sites stream their job logs to the server, so `fedllm job submit` can show a failing site's error.
         recipe.enable_log_streaming("log.txt")
         staging = Path(tmp) / "export"

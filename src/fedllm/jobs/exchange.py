@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from nvflare.apis.dxo_filter import DXOFilter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Timeouts safe for multi-GB payloads on slow links: a 20 GB fp32 state at 100 MB/s takes
 # ~200 s per direction, so every limit that can fire during one transfer is ≥ 10 minutes.
 MULTI_GB_TIMEOUT_S = 1800.0
-TRAIN_TASK = "train"  # FedAvgRecipe's task name
 
 
 class ExchangeOptions(BaseModel):
@@ -90,83 +88,10 @@ def apply_exchange_settings(recipe, options: ExchangeOptions | None = None) -> N
     }
     recipe.add_client_config(config)
     recipe.add_server_config(config)
-    if options.wire_dtype:
-        recipe.add_server_output_filter(CastToWireDtype(options.wire_dtype), tasks=[TRAIN_TASK])
-        recipe.add_client_input_filter(RestoreDtype(), tasks=[TRAIN_TASK])
-        recipe.add_client_output_filter(CastToWireDtype(options.wire_dtype), tasks=[TRAIN_TASK])
-        recipe.add_server_input_filter(RestoreDtype(), tasks=[TRAIN_TASK])
 
 
-# ---- wire dtype: LLM weights cross in 16 bits, training sees its own dtype -------------------------
+def wire_compression(options: ExchangeOptions) -> str:
+    """The compression (fedllm.jobs.compression) that `wire_dtype` asks for; "none" keeps weights bit-exact."""
+    from fedllm.jobs.compression import WIRE_DTYPES
 
-WIRE_CAST_META = "fedllm_wire_cast"  # DXO meta: {param name: original dtype} of what was narrowed
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
-class CastToWireDtype(DXOFilter):
-    """Narrows floating-point weights wider than `wire_dtype` before they are sent (fp32 → bf16 halves the bytes).
-
-    Put on the sender's side (server task-data output, site task-result output); `RestoreDtype`
-    on the receiver's side widens them back, so the trainer and the aggregator see their own dtype.
-    Lossy by design: bf16 keeps 8 bits of mantissa (relative error ≤ 2⁻⁸), fp16 keeps 11 bits but
-    overflows above 65504. Only used when a template asks for it (`exchange.wire_dtype`).
-    """
-
-    def __init__(self, wire_dtype: str = "bfloat16"):
-        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
-        _torch_dtype(wire_dtype)  # fails early on a bad name
-        self.wire_dtype = wire_dtype
-
-    def process_dxo(self, dxo, shareable, fl_ctx):
-        import numpy as np
-        import torch
-
-        wire = _torch_dtype(self.wire_dtype)
-        narrowed: dict[str, str] = {}
-        data = dict(dxo.data)
-        for name, value in data.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.element_size() > wire.itemsize:
-                narrowed[name] = str(value.dtype).removeprefix("torch.")
-                data[name] = value.to(wire)
-            elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype.itemsize > 2:
-                if self.wire_dtype != "float16":
-                    raise ValueError("numpy weights can only cross as float16; use exchange.format pytorch for bf16")
-                narrowed[name] = str(value.dtype)
-                data[name] = value.astype(np.float16)
-        if not narrowed:
-            return None
-        dxo.data = data
-        dxo.set_meta_prop(WIRE_CAST_META, narrowed)
-        return dxo
-
-
-class RestoreDtype(DXOFilter):
-    """Widens weights that `CastToWireDtype` narrowed back to their original dtype (see there)."""
-
-    def __init__(self):
-        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
-
-    def process_dxo(self, dxo, shareable, fl_ctx):
-        import numpy as np
-        import torch
-
-        narrowed = dxo.get_meta_prop(WIRE_CAST_META)
-        if not narrowed:
-            return None
-        data = dict(dxo.data)
-        for name, dtype in narrowed.items():
-            value = data[name]
-            if hasattr(value, "materialize"):  # a disk-offloaded tensor (NVFlare's _LazyRef)
-                value = value.materialize()
-            if isinstance(value, torch.Tensor):
-                data[name] = value.to(getattr(torch, dtype))
-            else:
-                data[name] = np.asarray(value).astype(dtype)
-        dxo.data = data
-        dxo.remove_meta_props([WIRE_CAST_META])
-        return dxo
+    return WIRE_DTYPES[options.wire_dtype] if options.wire_dtype else "none"

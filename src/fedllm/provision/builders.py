@@ -65,6 +65,25 @@ class SiteRuntimeBuilder(Builder):
         )
 
 
+class ServerLivenessBuilder(Builder):
+    """Sets how long the server waits on a silent site (`heart_beat_timeout` in fed_server.json).
+
+    NVFlare's StaticFileBuilder has no argument for it, so this Builder adds the key to the file
+    StaticFileBuilder just wrote. A site declared dead releases the round it was part of: FedAvg
+    goes on with the results of the others.
+    """
+
+    def __init__(self, heartbeat_timeout: int):
+        self.heartbeat_timeout = heartbeat_timeout
+
+    def build(self, project: Project, ctx: ProvisionContext) -> None:
+        path = Path(ctx.get_kit_dir(project.get_server())) / "fed_server.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for server in config["servers"]:
+            server["heart_beat_timeout"] = self.heartbeat_timeout
+        _write_json(path, config)
+
+
 # Classes fedllm's jobs instantiate on the server from config (job apps without custom code are
 # checked against the site's class_allow_list in NVFlare 2.9; NVFlare's default list lacks these).
 FEDLLM_COMPONENTS = (

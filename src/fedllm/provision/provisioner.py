@@ -81,6 +81,10 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
         },
         {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
         {
+            "path": "fedllm.provision.builders.ServerLivenessBuilder",
+            "args": {"heartbeat_timeout": config.server.heartbeat_timeout_s},
+        },
+        {
             "path": "fedllm.provision.compose.ComposeBuilder",
             "args": {"site_config": config.model_dump(mode="json"), "source": source, "data_root": str(data_root)},
         },

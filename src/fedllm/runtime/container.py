@@ -22,6 +22,7 @@ from nvflare.lighter.utils import update_storage_locations
 
 from fedllm.errors import FedllmError
 from fedllm.provision.builders import SITE_FILE_NAME
+from fedllm.runtime.site_env import SERVER_ENVIRONMENT
 
 ROLES = ("server", "site", "admin")
 
@@ -69,6 +70,8 @@ def run_server(kit: Path, workspace: Path) -> None:
     ws = stage_workspace(kit, workspace)
     # Job store and snapshots into the volume, not the container's /tmp (lost on restart).
     update_storage_locations(str(ws / "local"), str(ws))
+    for name, value in SERVER_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     _exec_nvflare(ws)
 
 

@@ -16,15 +16,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from nvflare.lighter.utils import update_storage_locations
 
 from fedllm.admin import AdminError, admin_session, wait_for_sites
 from fedllm.errors import FedllmError
 from fedllm.provision import Kits
-from fedllm.runtime.site_env import site_environment
+from fedllm.runtime.site_env import SERVER_ENVIRONMENT, site_environment
 
 STATE_FILE = "native.json"
 
@@ -152,7 +154,7 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
     update_storage_locations(str(kits.server() / "local"), str(kits.server()))
     logs = run_dir(kits) / "logs"
     base = _base_env()
-    procs = [_spawn(kits.config.server.name, kits.server(), base, logs)]
+    procs = [_spawn(kits.config.server.name, kits.server(), {**base, **SERVER_ENVIRONMENT}, logs)]
     echo(f"started server '{kits.config.server.name}' (pid {procs[0].pid}) from {kits.server()}")
     for site in kits.config.sites:
         env = {**base, **site_environment(kits.site(site.name))}
@@ -178,13 +180,29 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
     return procs
 
 
-def _terminate(procs: list[Process], grace: float) -> None:
+def _descendants(procs: list[Process]) -> list[int]:
+    """Pids of everything the processes started, found while the parents still live.
+
+    NVFlare 2.9 starts every job process in a session of its own (setsid), so signalling a
+    site's process group does not reach its running job.
+    """
+    pids: list[int] = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            pids += [child.pid for child in psutil.Process(p.pid).children(recursive=True)]
+    return pids
+
+
+def _terminate(procs: list[Process], grace: float, job_pids: Sequence[int] = ()) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, sig)
+        for pid in job_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p.pid) for p in procs):
+        while time.monotonic() < deadline and any(_alive(pid) for pid in [*(p.pid for p in procs), *job_pids]):
             time.sleep(0.2)
 
 
@@ -196,6 +214,7 @@ def down(kits: Kits, timeout: float = 60.0, echo=print) -> None:
         echo("no native federation is running")
         _state_path(kits).unlink(missing_ok=True)
         return
+    job_pids = _descendants(alive)
     try:
         # FLARE prints connection chatter while it waits for the server to go away.
         with admin_session(kits, timeout=10.0) as session, _quiet():
@@ -206,9 +225,9 @@ def down(kits: Kits, timeout: float = 60.0, echo=print) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(p.pid) for p in alive):
         time.sleep(0.3)
-    _terminate([p for p in alive if _alive(p.pid)], grace=5.0)
-    # Job processes live in the same process groups; reap any that outlived their parent.
-    _terminate(alive, grace=2.0)
+    _terminate([p for p in alive if _alive(p.pid)], grace=5.0, job_pids=job_pids)
+    # Job processes that outlived their parent.
+    _terminate(alive, grace=2.0, job_pids=job_pids)
     _state_path(kits).unlink(missing_ok=True)
     echo("federation stopped")
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 from fedllm.provision.builders import SITE_FILE_NAME
 
+# NVFlare's server keeps a finished job RUNNING until every site that ran it reports its outcome, up to
+# 900 s by default: one site that died mid-job holds the status for 15 minutes. Live sites report within
+# seconds of the job's end (all weights have crossed by then), so two minutes loses nothing.
+SERVER_ENVIRONMENT = {"NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT": "120"}
+
 
 def read_site_file(kit: Path) -> dict:
     path = kit / "local" / SITE_FILE_NAME

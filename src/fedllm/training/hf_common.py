@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedllm.data.io import read_jsonl
+from fedllm.training.core import TrainOutcome
+
+Example = tuple[list[int], list[int]]
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -94,3 +97,50 @@ def quiet_transformers() -> None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    to_batch: Callable[[list[Example]], dict[str, torch.Tensor]],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> TrainOutcome:
+    """AdamW over the trainable parameters only (frozen base weights get no optimizer state).
+
+    Each epoch reshuffles with its own seed, so a site's run is reproducible round by round;
+    the reported loss is the last epoch's mean.
+    """
+    seed_everything(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    steps, losses = 0, []
+    for epoch in range(epochs):
+        losses = []
+        for idx in batches(len(examples), batch_size, seed * 100 + epoch):
+            loss = model(**to_batch([examples[i] for i in idx])).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            steps += 1
+    return TrainOutcome(steps=steps, train_loss=sum(losses) / max(1, len(losses)))
+
+
+@torch.no_grad()
+def mean_loss(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    to_batch: Callable[[list[Example]], dict[str, torch.Tensor]],
+    batch_size: int,
+) -> float:
+    """Example-weighted mean loss (the last batch may be smaller), in eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    for idx in batches(len(examples), batch_size, None):
+        total += model(**to_batch([examples[i] for i in idx])).loss.item() * len(idx)
+        count += len(idx)
+    return total / max(1, count)

@@ -22,10 +22,11 @@ from fedllm.training.hf_common import (
     batches,
     collate,
     load_records,
+    mean_loss,
     pick_device,
     prompt_answer_ids,
     quiet_transformers,
-    seed_everything,
+    train_epochs,
 )
 
 ADAPTER = "default"
@@ -125,34 +126,22 @@ class PTuningTask:
         prompt_encoder(self.model).load_state_dict({k: v.to(self.device) for k, v in state.items()})
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        seed_everything(seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr)
-        self.model.train()
-        steps, losses = 0, []
-        for epoch in range(epochs):
-            losses = []
-            for idx in batches(len(self.train_examples), self.batch_size, seed * 100 + epoch):
-                batch = self._batch([self.train_examples[i] for i in idx])
-                loss = self.model(**batch).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                steps += 1
-        return TrainOutcome(steps=steps, train_loss=sum(losses) / max(1, len(losses)))
+        return train_epochs(
+            self.model,
+            self.train_examples,
+            self._batch,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        total, count = 0.0, 0
-        for idx in batches(len(self.val_examples), self.batch_size * 2, None):
-            batch = self._batch([self.val_examples[i] for i in idx])
-            total += self.model(**batch).loss.item() * len(idx)
-            count += len(idx)
+        loss = mean_loss(self.model, self.val_examples, self._batch, self.batch_size * 2)
         predictions = self.predict([r["sentence"] for r in self.val_records])
         correct = sum(p == r["label"] for p, r in zip(predictions, self.val_records, strict=True))
-        return {"val_loss": total / max(1, count), "val_accuracy": correct / max(1, len(self.val_records))}
+        return {"val_loss": loss, "val_accuracy": correct / max(1, len(self.val_records))}
 
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,13 +19,13 @@ import torch
 from fedllm.training.core import TrainOutcome, resolve_path, run_site
 from fedllm.training.hf_common import (
     base_parser,
-    batches,
     collate,
     load_records,
+    mean_loss,
     pick_device,
     prompt_answer_ids,
     quiet_transformers,
-    seed_everything,
+    train_epochs,
 )
 
 # NeMo's SFT prompt template "{input} {output}": the answer follows the input after one space.
@@ -118,30 +118,19 @@ class SFTTask:
             self.model.load_state_dict(tensors, strict=False)  # tied weights may appear under one name only
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        seed_everything(seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr)
-        self.model.train()
-        steps, losses = 0, []
-        for epoch in range(epochs):
-            losses = []
-            for idx in batches(len(self.train_examples), self.batch_size, seed * 100 + epoch):
-                loss = self.model(**self._batch([self.train_examples[i] for i in idx])).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                steps += 1
-        return TrainOutcome(steps=steps, train_loss=sum(losses) / max(1, len(losses)))
+        return train_epochs(
+            self.model,
+            self.train_examples,
+            self._batch,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        total, count = 0.0, 0
-        for idx in batches(len(self.val_examples), self.batch_size * 2, None):
-            total += self.model(**self._batch([self.val_examples[i] for i in idx])).loss.item() * len(idx)
-            count += len(idx)
-        loss = total / max(1, count)
+        loss = mean_loss(self.model, self.val_examples, self._batch, self.batch_size * 2)
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     @torch.no_grad()
