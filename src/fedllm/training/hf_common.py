@@ -144,3 +144,36 @@ def mean_loss(
         total += model(**to_batch([examples[i] for i in idx])).loss.item() * len(idx)
         count += len(idx)
     return total / max(1, count)
+
+
+class CausalLMTask:
+    """Training, validation loss and batching shared by the HF `SiteTask`s (p-tuning, SFT, LoRA).
+
+    A subclass sets these attributes in its constructor and adds what is its own: which state
+    is exchanged, and its metrics.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    lr: float
+    batch_size: int
+    train_examples: list[Example]
+    val_examples: list[Example]
+
+    def train(self, epochs: int, seed: int) -> TrainOutcome:
+        return train_epochs(
+            self.model,
+            self.train_examples,
+            self._batch,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+        )
+
+    def val_loss(self) -> float:
+        return mean_loss(self.model, self.val_examples, self._batch, self.batch_size * 2)
+
+    def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}

@@ -16,17 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.training.core import resolve_path, run_site
 from fedllm.training.hf_common import (
+    CausalLMTask,
     base_parser,
     batches,
-    collate,
     load_records,
-    mean_loss,
     pick_device,
     prompt_answer_ids,
     quiet_transformers,
-    train_epochs,
 )
 
 ADAPTER = "default"
@@ -75,7 +73,7 @@ def prompt_encoder(model) -> nn.Module:
     return model.prompt_encoder[ADAPTER]
 
 
-class PTuningTask:
+class PTuningTask(CausalLMTask):
     """One site's p-tuning: the `SiteTask` the training core drives."""
 
     def __init__(
@@ -125,20 +123,9 @@ class PTuningTask:
             )
         prompt_encoder(self.model).load_state_dict({k: v.to(self.device) for k, v in state.items()})
 
-    def train(self, epochs: int, seed: int) -> TrainOutcome:
-        return train_epochs(
-            self.model,
-            self.train_examples,
-            self._batch,
-            epochs=epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=seed,
-        )
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        loss = mean_loss(self.model, self.val_examples, self._batch, self.batch_size * 2)
+        loss = self.val_loss()
         predictions = self.predict([r["sentence"] for r in self.val_records])
         correct = sum(p == r["label"] for p, r in zip(predictions, self.val_records, strict=True))
         return {"val_loss": loss, "val_accuracy": correct / max(1, len(self.val_records))}
@@ -178,9 +165,6 @@ class PTuningTask:
     def _prompt_ids(self, sentence: str) -> list[int]:
         ids = self.tokenizer(PROMPT.format(sentence=sentence), add_special_tokens=False)["input_ids"]
         return ids[-(self.max_length - self.answer_tokens) :]
-
-    def _batch(self, examples) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
 
 def parser():

@@ -16,16 +16,14 @@ from typing import Any
 
 import torch
 
-from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.training.core import resolve_path, run_site
 from fedllm.training.hf_common import (
+    CausalLMTask,
     base_parser,
-    collate,
     load_records,
-    mean_loss,
     pick_device,
     prompt_answer_ids,
     quiet_transformers,
-    train_epochs,
 )
 
 # NeMo's SFT prompt template "{input} {output}": the answer follows the input after one space.
@@ -57,7 +55,7 @@ def lora_model(model_path: str, r: int = 8, alpha: int = 16, target_modules: str
     return get_peft_model(model, config), tokenizer
 
 
-class SFTTask:
+class SFTTask(CausalLMTask):
     """One site's SFT (method "full") or LoRA (method "lora"): the `SiteTask` the training core drives."""
 
     def __init__(
@@ -117,20 +115,9 @@ class SFTTask:
         else:
             self.model.load_state_dict(tensors, strict=False)  # tied weights may appear under one name only
 
-    def train(self, epochs: int, seed: int) -> TrainOutcome:
-        return train_epochs(
-            self.model,
-            self.train_examples,
-            self._batch,
-            epochs=epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=seed,
-        )
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        loss = mean_loss(self.model, self.val_examples, self._batch, self.batch_size * 2)
+        loss = self.val_loss()
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     @torch.no_grad()
@@ -141,9 +128,6 @@ class SFTTask:
             **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
         )
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-    def _batch(self, examples) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
 
 def parser(method: str):
