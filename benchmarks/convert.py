@@ -1,6 +1,6 @@
 """TP4 → TP2 resharding benchmark: fedllm's streaming resharder vs the I/O floor vs NeMo's algorithm.
 
-    flock /tmp/fedllm-heavy.lock .venv/bin/python benchmarks/convert.py --layers 4 --workdir /tmp/fedllm-bench
+    make bench-convert    # = .venv/bin/python benchmarks/convert.py --layers 4 --layers-flat 1
 
 Builds a synthetic Megatron-GPT .nemo with the 20B model's layer shapes (hidden 6144, ffn 24576, 48 heads,
 GPT-2 vocabulary padded to 50688, bf16, TP4), then measures in one run, each in a fresh subprocess:

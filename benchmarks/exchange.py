@@ -5,7 +5,7 @@ sites, runs an echo job (sites send the received weights straight back; no train
 reports per-round wall time, effective GB/s (bytes both ways / round time), the peak RSS of the
 server side and of each site (all their processes summed, sampled every 0.1 s), and raw
 loopback TCP throughput measured in the same run. Needs several × the model in RAM: run as
-    flock /tmp/fedllm-heavy.lock .venv/bin/python benchmarks/exchange.py --size-mib 1024 --sites 1 3
+    make bench-exchange   # = .venv/bin/python benchmarks/exchange.py --size-mib 1024 --sites 1 3
 Last line: `exchange 1GiB: fedllm X.XX GB/s, peak Y.Y× model; stock Z.ZZ GB/s, peak W.W× model`.
 """
 

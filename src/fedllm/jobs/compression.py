@@ -8,8 +8,9 @@
 
 Filters sit on both directions: the server casts the global model it sends and the sites restore
 it; the sites cast their update and the server restores it before averaging. A template asks for
-it with `exchange.wire_dtype` (fedllm.jobs.exchange), `fedllm job create --compress` overrides that. The site-side cast
-also records `bytes_on_wire` (bytes of the cast update) in the site's metrics for the round.
+fp16/bf16 with `exchange.wire_dtype` (fedllm.jobs.exchange); `fedllm job create --compress` overrides
+it. The site-side cast also records `bytes_on_wire` (bytes of the cast update) in the site's metrics
+for the round.
 """
 
 from __future__ import annotations

@@ -48,12 +48,14 @@ class JobResult:
 
 def first_error(log_text: str) -> str | None:
     """The most telling error in a log: the first exception of a traceback (the root cause), else the last ERROR line."""
-    in_traceback = False
+    in_traceback = relayed_traceback = False
     for raw in log_text.splitlines():
         relayed = _RELAYED.match(raw)
         line = relayed.group(1) if relayed else raw
         if "Traceback (most recent call last):" in line:
-            in_traceback = True
+            in_traceback, relayed_traceback = True, bool(relayed)
+        elif in_traceback and relayed_traceback and not relayed:
+            continue  # the site's own log lines interleave with the trainer's relayed traceback
         elif in_traceback and line and not line[0].isspace():
             if _EXC_LINE.match(line):
                 return line.strip()

@@ -154,7 +154,8 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
     update_storage_locations(str(kits.server() / "local"), str(kits.server()))
     logs = run_dir(kits) / "logs"
     base = _base_env()
-    procs = [_spawn(kits.config.server.name, kits.server(), {**base, **SERVER_ENVIRONMENT}, logs)]
+    # fedllm's server defaults; a value already in the environment wins.
+    procs = [_spawn(kits.config.server.name, kits.server(), {**SERVER_ENVIRONMENT, **base}, logs)]
     echo(f"started server '{kits.config.server.name}' (pid {procs[0].pid}) from {kits.server()}")
     for site in kits.config.sites:
         env = {**base, **site_environment(kits.site(site.name))}
