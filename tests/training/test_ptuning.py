@@ -65,3 +65,17 @@ def test_mismatched_global_state_is_refused_with_the_fix(task: PTuningTask) -> N
     with pytest.raises(ValueError, match="token_dim = the model's hidden size"):
         task.load_exchanged_state(wrong)
     assert prompt_encoder(task.model).embedding.weight.shape[1] != 32
+
+
+def test_initial_global_prompt_encoder_is_seeded() -> None:
+    # Every run of a job starts from the same global state, so runs (and the demo) are comparable.
+    def state(seed: int) -> list[torch.Tensor]:
+        return list(PromptEncoderModule(32, 4, 16, seed=seed).state_dict().values())
+
+    assert all(torch.equal(a, b) for a, b in zip(state(0), state(0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(state(0), state(1), strict=True))
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    state(0)
+    assert torch.equal(torch.rand(1), expected)  # the caller's random stream is left alone

@@ -37,13 +37,22 @@ class PromptEncoderModule(nn.Module):
     FedAvg keeps and averages this module's state_dict, which is exactly what the sites exchange.
     """
 
-    def __init__(self, token_dim: int, num_virtual_tokens: int = 10, encoder_hidden_size: int | None = None):
+    def __init__(
+        self, token_dim: int, num_virtual_tokens: int = 10, encoder_hidden_size: int | None = None, seed: int = 0
+    ):
         super().__init__()
         hidden = encoder_hidden_size or token_dim
-        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
-        self.mlp_head = nn.Sequential(
-            nn.Linear(token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, token_dim)
-        )
+        # Seeded: every run of a job starts from the same global prompt encoder (runs are comparable).
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
+            self.mlp_head = nn.Sequential(
+                nn.Linear(token_dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, token_dim),
+            )
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self.mlp_head(self.embedding(indices))
