@@ -15,9 +15,9 @@ from pathlib import Path
 from fedllm.nemo.checkpoint import NemoModelInfo, check_fits_site, read_model_config
 from fedllm.nemo.compat import require_nemo_nlp
 from fedllm.nemo.config import OptimSettings, TrainerSettings
-from fedllm.nemo.distributed import world
+from fedllm.nemo.distributed import run_distributed_site, world
 from fedllm.nemo.errors import NemoCheckpointError
-from fedllm.training.core import resolve_path
+from fedllm.training.core import resolve_path, run_site
 
 
 def base_parser(description: str, lr: float) -> argparse.ArgumentParser:
@@ -80,3 +80,20 @@ def optim_settings(args: argparse.Namespace) -> OptimSettings:
 def output_dir() -> Path:
     """The job workspace of this site (NVFlare runs the trainer there); results travel with the job."""
     return Path.cwd()
+
+
+def run_nemo_site(task_class, args: argparse.Namespace, **exchange) -> None:
+    """Run a NeMo trainer's rounds on every rank of this site (rank 0 talks to NVFlare).
+
+    `task_class(args, site, model_info)` is built after the checkpoint preflight; `exchange` are
+    run_distributed_site's options for how the exchanged state is split across ranks.
+    """
+    run_distributed_site(
+        lambda site: task_class(args, site, preflight(args, site)),
+        run_site,
+        site=site_name(),
+        epochs=args.epochs,
+        seed=args.seed,
+        tb_dir=args.tb_dir,
+        **exchange,
+    )

@@ -12,7 +12,6 @@ for CPU runs). The admin role opens NVFlare's admin console, or runs `fedllm ARG
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -21,8 +20,7 @@ from pathlib import Path
 from nvflare.lighter.utils import update_storage_locations
 
 from fedllm.errors import FedllmError
-from fedllm.provision.builders import SITE_FILE_NAME
-from fedllm.runtime.site_env import SERVER_ENVIRONMENT
+from fedllm.runtime.site_env import SERVER_ENVIRONMENT, read_site_file
 
 ROLES = ("server", "site", "admin")
 
@@ -76,10 +74,10 @@ def run_server(kit: Path, workspace: Path) -> None:
 
 
 def site_facts(kit: Path) -> dict:
-    path = kit / "local" / SITE_FILE_NAME
-    if not path.is_file():
-        raise ContainerEntryError(f"{path} is missing: the kit was not provisioned by fedllm; run `fedllm provision`")
-    return json.loads(path.read_text())
+    try:
+        return read_site_file(kit)
+    except FileNotFoundError as exc:
+        raise ContainerEntryError(str(exc)) from None
 
 
 def run_site(kit: Path, workspace: Path, echo=print) -> None:

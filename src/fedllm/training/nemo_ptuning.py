@@ -21,10 +21,9 @@ import torch
 
 from fedllm.nemo.checkpoint import NemoModelInfo
 from fedllm.nemo.config import PtuningSettings, ptuning_config
-from fedllm.nemo.distributed import run_distributed_site
 from fedllm.nemo.prompt_encoder import load_prompt_encoder_state, prompt_encoder_state
-from fedllm.nemo.site_args import base_parser, files, optim_settings, output_dir, preflight, site_name, trainer_settings
-from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.nemo.site_args import base_parser, files, optim_settings, output_dir, run_nemo_site, trainer_settings
+from fedllm.training.core import TrainOutcome, resolve_path
 
 
 class NemoPtuningTask:
@@ -97,13 +96,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    site = site_name()
-    run_distributed_site(
-        lambda s: NemoPtuningTask(args, s, preflight(args, s)),
-        run_site,
-        site=site,
-        epochs=args.epochs,
-        seed=args.seed,
-        tb_dir=args.tb_dir,
-    )
+    run_nemo_site(NemoPtuningTask, parse_args(argv))

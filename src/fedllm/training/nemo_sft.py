@@ -23,11 +23,11 @@ import torch
 
 from fedllm.nemo.checkpoint import NemoModelInfo
 from fedllm.nemo.config import SftSettings, sft_config, sft_steps
-from fedllm.nemo.distributed import run_distributed_site, world
+from fedllm.nemo.distributed import world
 from fedllm.nemo.errors import NemoStateError
 from fedllm.nemo.server_models import shard_key, split_shard_key
-from fedllm.nemo.site_args import base_parser, files, optim_settings, preflight, site_name, trainer_settings
-from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.nemo.site_args import base_parser, files, optim_settings, run_nemo_site, trainer_settings
+from fedllm.training.core import TrainOutcome, resolve_path
 from fedllm.training.nemo_ptuning import nemo_validation_metrics
 
 
@@ -145,16 +145,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    site = site_name()
-    run_distributed_site(
-        lambda s: NemoSftTask(args, s, preflight(args, s)),
-        run_site,
-        site=site,
-        shard=shard_for_rank,
-        merge=merge_shards,
-        gather=True,
-        epochs=args.epochs,
-        seed=args.seed,
-        tb_dir=args.tb_dir,
-    )
+    run_nemo_site(NemoSftTask, parse_args(argv), shard=shard_for_rank, merge=merge_shards, gather=True)
