@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,53 +99,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_epochs(
-    model: torch.nn.Module,
-    examples: Sequence[Example],
-    to_batch: Callable[[list[Example]], dict[str, torch.Tensor]],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-) -> TrainOutcome:
-    """AdamW over the trainable parameters only (frozen base weights get no optimizer state).
-
-    Each epoch reshuffles with its own seed, so a site's run is reproducible round by round;
-    the reported loss is the last epoch's mean.
-    """
-    seed_everything(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    steps, losses = 0, []
-    for epoch in range(epochs):
-        losses = []
-        for idx in batches(len(examples), batch_size, seed * 100 + epoch):
-            loss = model(**to_batch([examples[i] for i in idx])).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            steps += 1
-    return TrainOutcome(steps=steps, train_loss=sum(losses) / max(1, len(losses)))
-
-
-@torch.no_grad()
-def mean_loss(
-    model: torch.nn.Module,
-    examples: Sequence[Example],
-    to_batch: Callable[[list[Example]], dict[str, torch.Tensor]],
-    batch_size: int,
-) -> float:
-    """Example-weighted mean loss (the last batch may be smaller), in eval mode."""
-    model.eval()
-    total, count = 0.0, 0
-    for idx in batches(len(examples), batch_size, None):
-        total += model(**to_batch([examples[i] for i in idx])).loss.item() * len(idx)
-        count += len(idx)
-    return total / max(1, count)
-
-
 class CausalLMTask:
     """Training, validation loss and batching shared by the HF `SiteTask`s (p-tuning, SFT, LoRA).
 
@@ -162,18 +115,35 @@ class CausalLMTask:
     val_examples: list[Example]
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        return train_epochs(
-            self.model,
-            self.train_examples,
-            self._batch,
-            epochs=epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=seed,
-        )
+        """AdamW over the trainable parameters only (frozen base weights get no optimizer state).
 
+        Each epoch reshuffles with its own seed, so a site's run is reproducible round by round;
+        the reported loss is the last epoch's mean.
+        """
+        seed_everything(seed)
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
+        self.model.train()
+        steps, losses = 0, []
+        for epoch in range(epochs):
+            losses = []
+            for idx in batches(len(self.train_examples), self.batch_size, seed * 100 + epoch):
+                loss = self.model(**self._batch([self.train_examples[i] for i in idx])).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                steps += 1
+        return TrainOutcome(steps=steps, train_loss=sum(losses) / max(1, len(losses)))
+
+    @torch.no_grad()
     def val_loss(self) -> float:
-        return mean_loss(self.model, self.val_examples, self._batch, self.batch_size * 2)
+        """Example-weighted mean validation loss (the last batch may be smaller), in eval mode."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for idx in batches(len(self.val_examples), self.batch_size * 2, None):
+            total += self.model(**self._batch([self.val_examples[i] for i in idx])).loss.item() * len(idx)
+            count += len(idx)
+        return total / max(1, count)
 
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
