@@ -12,6 +12,7 @@ from fedllm.jobs.exchange import ExchangeOptions
 from fedllm.jobs.template import InitialModel, JobTemplate
 from fedllm.provision import Kits, provision
 from fedllm.runtime import native
+from fedllm.training.echo import TENSOR_MIB
 from tests.conftest import local_config_dict, write_yaml
 
 
@@ -43,16 +44,24 @@ def echo_job(
     exchange: ExchangeOptions | None = None,
     tolerance: float = 0.0,
     name: str | None = None,
+    tensor_mib: float = TENSOR_MIB,
 ) -> Path:
     """An echo job folder: sites verify the weights they receive and send them back."""
     template = JobTemplate(
         name="echo",
         trainer="fedllm.training.echo",
         initial_model=InitialModel(
-            class_path="fedllm.training.echo.EchoModel", args={"size_mib": size_mib, "dtype": dtype}
+            class_path="fedllm.training.echo.EchoModel",
+            args={"size_mib": size_mib, "dtype": dtype, "tensor_mib": tensor_mib},
         ),
         key_metric="val_accuracy",
-        train_args={"size_mib": size_mib, "dtype": dtype, "verify": True, "tolerance": tolerance},
+        train_args={
+            "size_mib": size_mib,
+            "dtype": dtype,
+            "tensor_mib": tensor_mib,
+            "verify": True,
+            "tolerance": tolerance,
+        },
         exchange=exchange or ExchangeOptions(),
     )
     spec = resolve_spec(template, "fedavg", num_clients=sites, rounds=rounds, name=name)

@@ -11,7 +11,8 @@ from .conftest import echo_job, start_federation
 
 pytestmark = pytest.mark.federation
 
-# 2.05 GiB = 2.2 GB of fp32 weights: more than max_message_size (2 GiB) and than a signed 32-bit length.
+# 2.05 GiB = 2.2 GB of fp32 weights: more than max_message_size (2 GiB) and than a signed 32-bit length,
+# in one tensor (an LLM's embedding can be one): it crosses in download-chunk-sized slices.
 SIZE_MIB = 2100
 
 
@@ -20,7 +21,7 @@ def test_state_over_2gb_crosses_both_ways(tmp_path):
     try:
         # Two rounds with --verify: round 0 checks server → site; round 1's weights are the server's
         # aggregate of the site's round-0 echo, so its check covers site → server too.
-        job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=1, rounds=2, name="echo-2gb")
+        job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=1, rounds=2, name="echo-2gb", tensor_mib=SIZE_MIB)
         result = submit_job(kits, job, timeout=900, echo=lambda _m: None)
         assert result.ok, result.status
         site_log = next((kits.site("site-1")).glob(f"{result.job_id}/log.txt")).read_text(errors="replace")

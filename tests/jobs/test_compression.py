@@ -49,6 +49,8 @@ def test_fp16_job_has_filters_in_both_directions(tmp_path: Path) -> None:
     text = json.dumps(server) + json.dumps(client)
     assert text.count("fedllm.jobs.compression.PrecisionCast") == 2
     assert text.count("fedllm.jobs.compression.PrecisionRestore") == 2
+    # The filters come from the fedllm installed on each participant, not from copies in the job.
+    assert sorted(p.name for p in (job / "app" / "custom").iterdir()) == ["fedllm_site_entry.py"]
 
 
 def test_unknown_compression_and_quantization_without_cuda_are_refused(tmp_path: Path) -> None:

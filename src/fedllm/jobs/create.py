@@ -20,7 +20,7 @@ from typing import Any
 
 from fedllm.errors import FedllmError
 from fedllm.jobs.compression import apply_compression
-from fedllm.jobs.exchange import apply_exchange_settings, recipe_kwargs, wire_compression
+from fedllm.jobs.exchange import apply_exchange_settings, apply_tensor_items, recipe_kwargs, wire_compression
 from fedllm.jobs.template import JobTemplate, Mode
 
 
@@ -152,8 +152,10 @@ The trainer code comes from the fedllm installed on the site (its image or venv)
 the job folder, so every site runs the same reviewed code.
 """
 
+from fedllm.jobs.tensor_wire import register
 from {module} import main
 
+register()  # weights may come straight from the server as raw tensor slices (fedllm.jobs.tensor_wire)
 main()
 '''
 
@@ -207,10 +209,16 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         # --compress wins over the template's exchange.wire_dtype; both use the same filters.
         compression = spec.compression if spec.compression != "none" else wire_compression(spec.template.exchange)
         apply_compression(recipe, compression)
+        apply_tensor_items(recipe, spec.template.exchange)  # after compression: it must be the last filter out
         # Sites stream their job logs to the server, so `fedllm job submit` can show a failing site's error.
         recipe.enable_log_streaming("log.txt")
         staging = Path(tmp) / "export"
         recipe.export(str(staging))
+        # NVFlare's Job API copies the source of components from packages it finds outside site-packages
+        # (an editable install) into the job. fedllm is installed on every participant: drop the copies,
+        # so a job carries only its entry script and runs the reviewed install.
+        for copied in (staging / spec.name).glob("*/custom/fedllm"):
+            shutil.rmtree(copied)
         if job_dir.exists():
             shutil.rmtree(job_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -62,14 +62,16 @@ def state_digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def check_weights(received: dict, size_mib: float, dtype: str, seed: int, tolerance: float) -> float:
+def check_weights(
+    received: dict, size_mib: float, dtype: str, seed: int, tolerance: float, tensor_mib: float = TENSOR_MIB
+) -> float:
     """Max |Δ| between `received` and the seeded model; raises if names, shapes, dtypes or values are off.
 
     With tolerance 0 the bytes must be identical (NaN-safe, sign-of-zero-safe: compared as raw bytes).
     """
     names = set()
     worst = 0.0
-    for name, want in iter_weights(size_mib, dtype, seed):
+    for name, want in iter_weights(size_mib, dtype, seed, tensor_mib):
         names.add(name)
         if name not in received:
             raise ValueError(f"weight {name} is missing")
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-mib", type=float, default=1024)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-mib", type=float, default=TENSOR_MIB, help="size of each weight tensor")
     # Check every round that the weights arrived equal to the seeded model (bit-exact, or within
     # `--tolerance` when the wire carries a narrower dtype). Fails the site loudly when they differ.
     parser.add_argument("--verify", action="store_true")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             # Round r's weights are the server's aggregate of round r-1's echoes: checking them every
             # round checks both directions of the exchange.
             try:
-                diff = check_weights(params, args.size_mib, args.dtype, args.seed, args.tolerance)
+                diff = check_weights(params, args.size_mib, args.dtype, args.seed, args.tolerance, args.tensor_mib)
             except ValueError as exc:
                 raise RuntimeError(f"[{site}] round {incoming.current_round}: weights differ: {exc}") from exc
             print(f"[{site}] round {incoming.current_round}: weights verified (max |Δ| {diff:.3g})")

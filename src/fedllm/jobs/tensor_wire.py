@@ -1,0 +1,371 @@
+"""Weights on the wire as views of their own memory: a FOBS tensor downloader without serialization.
+
+NVFlare's TensorDecomposer sends torch tensors through its download service, but first turns
+every tensor into a safetensors blob (`TensorDownloadable.produce_item`) and parses the blob
+again on arrival: two extra passes over every byte, the sender's largest CPU cost in our
+profile (docs/exchange.md), and a whole tensor per item, however large.
+
+This module plugs into the same machinery (FOBS decomposer → DownloadService transaction →
+Consumer) with another item format: the sender hands out memoryviews of each tensor's own
+storage, in slices of at most the job's download chunk size; the receiver copies each slice
+into the tensor it allocated for it, or writes it into a one-tensor safetensors file when the
+job offloads incoming tensors to disk (NVFlare's lazy references then load them for the
+aggregation, as they do for NVFlare's own downloader). Transactions, retries, timeouts and
+chunk-size settings (`tensor_download_chunk_size`, …) stay NVFlare's.
+
+A job opts in with the `WireViews` output filter on each sending side (fedllm.jobs.create adds
+it): it wraps outgoing tensors as `WireTensor`, which only this decomposer serializes. The
+receiver gets plain torch tensors back. Importing this module registers the decomposer; every
+process that sends or receives such weights imports it (the filters do, at job start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import threading
+import warnings
+from typing import Any
+
+import torch
+
+# Datum Object Type of our download references: one byte on the wire (FOBS datum header); NVFlare
+# registers 1–6 (fobs/dots.py) and checks for duplicates at registration.
+WIRE_TENSOR_DOWNLOAD = 70
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+# torch dtype ↔ safetensors dtype code, for the files written under disk offload.
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in SAFETENSORS_DTYPES}
+
+
+class WireTensor:
+    """A tensor marked to cross the wire as raw slices of its storage (see module docstring)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _flat_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview, without a copy when it is already contiguous on CPU."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.dtype not in SAFETENSORS_DTYPES:
+        raise TypeError(f"tensor dtype {t.dtype} cannot cross the wire; supported: {sorted(DTYPES_BY_NAME)}")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+class _Item:
+    """Indices of one slice message: [item id, dtype, shape, offset, total bytes, data]."""
+
+    ID, DTYPE, SHAPE, OFFSET, TOTAL, DATA = range(6)
+
+
+def _downloadable_base():
+    from nvflare.fuel.f3.streaming.download_service import Downloadable
+
+    return Downloadable
+
+
+class TensorViewDownloadable(_downloadable_base()):
+    """Produces ≤ max_chunk_size bytes of slices per request, straight from the tensors' storage.
+
+    Stateless between requests (the position travels in the download state), so every receiver
+    of a broadcast and every retried request is served from the same views, with nothing cached.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], max_chunk_size: int):
+        super().__init__(tensors)
+        self.max_chunk_size = max(1, int(max_chunk_size))
+        self.ids = list(tensors)
+        self.meta = [(str(t.dtype).removeprefix("torch."), list(t.shape)) for t in tensors.values()]
+        self.views = [_flat_bytes(t) for t in tensors.values()]
+
+    def produce(self, state: dict, requester: str):
+        from nvflare.fuel.f3.streaming.download_service import ProduceRC
+
+        views = self.views
+        if views is None:
+            raise RuntimeError("tensors requested after the download transaction released them")
+        index, offset = (state or {}).get("pos", (0, 0))
+        if index >= len(views):
+            return ProduceRC.EOF, None, {}
+        items, budget = [], self.max_chunk_size
+        while index < len(views) and budget > 0:
+            view = views[index]
+            take = min(len(view) - offset, budget)
+            dtype, shape = self.meta[index]
+            items.append([self.ids[index], dtype, shape, offset, len(view), view[offset : offset + take]])
+            budget -= take
+            offset += take
+            if offset == len(view):
+                index, offset = index + 1, 0
+        return ProduceRC.OK, items, {"pos": [index, offset]}
+
+    def release(self) -> None:
+        self.views = None
+        self.base_obj = None
+
+
+def _consumer_base():
+    from nvflare.fuel.f3.streaming.cacheable import ItemConsumer
+
+    return ItemConsumer
+
+
+def _as_uint8(data: Any) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # The received buffer is read-only (bytes); it is only ever read from here.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+
+
+class _Assembly:
+    """Checks that one tensor's slices arrive in order and add up to its size."""
+
+    def __init__(self, item_id: str, total: int):
+        self.item_id, self.total, self.filled = item_id, total, 0
+
+    def advance(self, offset: int, size: int) -> None:
+        if offset != self.filled or offset + size > self.total:
+            raise ValueError(
+                f"tensor {self.item_id}: slice [{offset}, {offset + size}) out of order "
+                f"(have {self.filled} of {self.total} bytes)"
+            )
+        self.filled += size
+
+
+class TensorViewConsumer(_consumer_base()):
+    """Receives slices into preallocated tensors; the result maps item ids to tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.result = {}
+        self._flat: dict[str, torch.Tensor] = {}
+        self._assembly: dict[str, _Assembly] = {}
+
+    def consume_items(self, items: list, result: Any) -> Any:
+        for item in items:
+            item_id, data = item[_Item.ID], item[_Item.DATA]
+            if item_id not in self._assembly:
+                dtype = DTYPES_BY_NAME[item[_Item.DTYPE]]
+                tensor = torch.empty(item[_Item.SHAPE], dtype=dtype)
+                if tensor.numel() * tensor.element_size() != item[_Item.TOTAL]:
+                    raise ValueError(f"tensor {item_id}: {item[_Item.TOTAL]} bytes announced for {dtype}{tensor.shape}")
+                self._assembly[item_id] = _Assembly(item_id, item[_Item.TOTAL])
+                self._flat[item_id] = tensor.reshape(-1).view(torch.uint8)
+                self.result[item_id] = tensor
+            offset = item[_Item.OFFSET]
+            self._assembly[item_id].advance(offset, len(data))
+            self._flat[item_id][offset : offset + len(data)].copy_(_as_uint8(data))
+        return self.result
+
+    def download_completed(self, ref_id: str) -> None:
+        incomplete = [a.item_id for a in self._assembly.values() if a.filled != a.total]
+        if incomplete:
+            self.download_failed(ref_id, f"tensors {incomplete} arrived incomplete")
+        self._flat.clear()
+
+
+def safetensors_header(dtype: torch.dtype, shape: list[int], nbytes: int, key: str = "t") -> bytes:
+    """The header of a one-tensor safetensors file (8-byte length + JSON, padded to 8 bytes)."""
+    meta = {key: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class TensorViewDiskConsumer(_consumer_base()):
+    """Writes slices into one safetensors file per tensor (NVFlare's disk offload, for our item format)."""
+
+    KEY = "t"
+
+    def __init__(self, temp_dir: str):
+        super().__init__()
+        self.temp_dir = temp_dir
+        self.result = {}
+        self._files: dict[str, Any] = {}
+        self._assembly: dict[str, _Assembly] = {}
+        self._lock = threading.Lock()
+
+    def consume_items(self, items: list, result: Any) -> Any:
+        with self._lock:
+            for item in items:
+                item_id, data = item[_Item.ID], item[_Item.DATA]
+                if item_id not in self._assembly:
+                    path = os.path.join(self.temp_dir, f"{len(self._assembly)}.safetensors")
+                    handle = open(path, "wb")  # noqa: SIM115 - closed when the tensor's last slice lands
+                    dtype = DTYPES_BY_NAME[item[_Item.DTYPE]]
+                    handle.write(safetensors_header(dtype, item[_Item.SHAPE], item[_Item.TOTAL], self.KEY))
+                    self._files[item_id] = handle
+                    self._assembly[item_id] = _Assembly(item_id, item[_Item.TOTAL])
+                    self.result[item_id] = (path, self.KEY)
+                assembly = self._assembly[item_id]
+                assembly.advance(item[_Item.OFFSET], len(data))
+                self._files[item_id].write(data)
+                if assembly.filled == assembly.total:
+                    self._files.pop(item_id).close()
+        return self.result
+
+    def close_all(self) -> None:
+        with self._lock:
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
+
+    def download_completed(self, ref_id: str) -> None:
+        if self._files:
+            self.download_failed(ref_id, f"tensors {sorted(self._files)} arrived incomplete")
+        self.close_all()
+
+    def download_failed(self, ref_id, reason: str) -> None:
+        super().download_failed(ref_id, reason)
+        self.close_all()
+
+
+def download_tensor_views(from_fqcn: str, ref_id: str, cell, use_disk: bool, root_dir: str | None, **kwargs):
+    """Download one batch of tensors; (error or None, {item id: tensor} or NVFlare's LazyTensorDict)."""
+    from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict, _cleanup_temp_dir
+    from nvflare.fuel.f3.streaming.download_service import download_object
+
+    if not use_disk:
+        consumer = TensorViewConsumer()
+        download_object(from_fqcn=from_fqcn, ref_id=ref_id, consumer=consumer, cell=cell, **kwargs)
+        return consumer.error, (None if consumer.error else consumer.result)
+    if not root_dir:
+        raise RuntimeError("tensor disk offload is on, but the job set no offload directory")
+    temp_dir = tempfile.mkdtemp(prefix="fedllm_tensors_", dir=root_dir)
+    consumer = TensorViewDiskConsumer(temp_dir)
+    try:
+        download_object(from_fqcn=from_fqcn, ref_id=ref_id, consumer=consumer, cell=cell, **kwargs)
+    except BaseException:
+        consumer.close_all()
+        _cleanup_temp_dir(temp_dir)
+        raise
+    if consumer.error:
+        _cleanup_temp_dir(temp_dir)
+        return consumer.error, None
+    return None, LazyTensorDict(key_to_file=consumer.result, temp_dir=temp_dir)
+
+
+def _decomposer_base():
+    from nvflare.fuel.utils.fobs.decomposers.via_downloader import ViaDownloaderDecomposer
+
+    return ViaDownloaderDecomposer
+
+
+class WireTensorDecomposer(_decomposer_base()):
+    """FOBS decomposer for WireTensor: download references over NVFlare's DownloadService.
+
+    Shares NVFlare's `tensor_` config variables (tensor_download_chunk_size, …), so a job's
+    exchange settings apply to it unchanged.
+    """
+
+    def __init__(self):
+        super().__init__(DEFAULT_CHUNK_BYTES, "tensor_")
+
+    def supported_type(self):
+        return WireTensor
+
+    def get_download_dot(self) -> int:
+        return WIRE_TENSOR_DOWNLOAD
+
+    def to_downloadable(self, items: dict, max_chunk_size: int, fobs_ctx: dict):
+        return TensorViewDownloadable({k: w.tensor for k, w in items.items()}, max_chunk_size)
+
+    def _get_download_kwargs(self, fobs_ctx: dict) -> dict:
+        return {"fobs_ctx": fobs_ctx}
+
+    def download(
+        self,
+        from_fqcn: str,
+        ref_id: str,
+        per_request_timeout: float,
+        cell,
+        secure=False,
+        optional=False,
+        abort_signal=None,
+        progress_cb=None,
+        fobs_ctx: dict | None = None,
+    ):
+        from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
+        from nvflare.fuel.utils.fobs import FOBSContextKey
+
+        cell_ctx = cell.get_fobs_context()
+        fobs_ctx = fobs_ctx or {}
+        return download_tensor_views(
+            from_fqcn,
+            ref_id,
+            cell,
+            use_disk=fobs_ctx.get(FOBSContextKey.TENSOR_DISK_OFFLOAD, cell_ctx.get(FOBSContextKey.TENSOR_DISK_OFFLOAD)),
+            root_dir=fobs_ctx.get(_TENSOR_DISK_OFFLOAD_ROOT_DIR, cell_ctx.get(_TENSOR_DISK_OFFLOAD_ROOT_DIR)),
+            per_request_timeout=per_request_timeout,
+            secure=secure,
+            optional=optional,
+            abort_signal=abort_signal,
+            progress_cb=progress_cb,
+        )
+
+    def native_decompose(self, target: WireTensor, manager=None) -> bytes:
+        # No cell (e.g. a message saved to a file): one safetensors blob, as NVFlare does.
+        from safetensors.torch import save
+
+        return save({"t": target.tensor.detach().cpu().contiguous()})
+
+    def native_recompose(self, data: bytes, manager=None) -> torch.Tensor:
+        from safetensors.torch import load
+
+        return load(data)["t"]
+
+
+def register() -> None:
+    """Make this process able to send and receive WireTensors (idempotent)."""
+    from nvflare.fuel.utils import fobs
+
+    fobs.register(WireTensorDecomposer)
+
+
+def _dxo_filter_base():
+    from nvflare.apis.dxo_filter import DXOFilter
+
+    return DXOFilter
+
+
+class WireViews(_dxo_filter_base()):
+    """Output filter: the weights leave as WireTensors (raw slices), not safetensors blobs.
+
+    Last in a sending side's filter chain; the receiving side gets torch tensors back.
+    """
+
+    def __init__(self):
+        from nvflare.apis.dxo import DataKind
+
+        kinds = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF]
+        super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
+        register()
+
+    def process_dxo(self, dxo, shareable, fl_ctx):
+        from nvflare.apis.dxo import DXO
+
+        # A new DXO, never an in-place edit: the server filters the same task data once per site.
+        data = {k: WireTensor(v) if isinstance(v, torch.Tensor) else v for k, v in dxo.data.items()}
+        return DXO(dxo.data_kind, data=data, meta=dict(dxo.meta))
+
+
+register()
