@@ -147,3 +147,8 @@ def test_download_references_get_a_datum_type_of_their_own():
     assert WIRE_TENSOR_DOWNLOAD not in nvflare_dots
     assert 0 < WIRE_TENSOR_DOWNLOAD < 256  # one byte in FOBS's datum header
     assert fobs.get_dot_handler(WIRE_TENSOR_DOWNLOAD).supported_type() is WireTensor
+
+
+def test_a_dtype_without_raw_slices_names_the_setting_that_avoids_it():
+    with pytest.raises(TypeError, match="tensor_items: safetensors"):
+        TensorViewDownloadable({"T0": torch.zeros(2, dtype=torch.complex64)}, CHUNK)

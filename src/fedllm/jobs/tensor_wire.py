@@ -67,7 +67,10 @@ def _flat_bytes(tensor: torch.Tensor) -> memoryview:
         t = t.cpu()
     t = t.contiguous().reshape(-1)
     if t.dtype not in SAFETENSORS_DTYPES:
-        raise TypeError(f"tensor dtype {t.dtype} cannot cross the wire; supported: {sorted(DTYPES_BY_NAME)}")
+        raise TypeError(
+            f"tensor dtype {t.dtype} cannot cross as raw slices (supported: {', '.join(sorted(DTYPES_BY_NAME))}); "
+            "set `exchange: {tensor_items: safetensors}` in the job template to use NVFlare's tensor items"
+        )
     return memoryview(t.view(torch.uint8).numpy())
 
 
