@@ -141,8 +141,9 @@ def test_jobs_send_views_from_both_sides_unless_told_otherwise(tmp_path, exchang
 def test_download_references_get_a_datum_type_of_their_own():
     from nvflare.fuel.utils.fobs import dots
 
-    from fedllm.jobs.tensor_wire import WIRE_TENSOR_DOWNLOAD
+    from fedllm.jobs.tensor_wire import WIRE_TENSOR_DOWNLOAD, register
 
+    register()
     nvflare_dots = {v for k, v in vars(dots).items() if k.isupper()}
     assert WIRE_TENSOR_DOWNLOAD not in nvflare_dots
     assert 0 < WIRE_TENSOR_DOWNLOAD < 256  # one byte in FOBS's datum header

@@ -15,8 +15,9 @@ chunk-size settings (`tensor_download_chunk_size`, …) stay NVFlare's.
 
 A job opts in with the `WireViews` output filter on each sending side (fedllm.jobs.create adds
 it): it wraps outgoing tensors as `WireTensor`, which only this decomposer serializes. The
-receiver gets plain torch tensors back. Importing this module registers the decomposer; every
-process that sends or receives such weights imports it (the filters do, at job start).
+receiver gets plain torch tensors back. Every process that sends or receives such weights calls
+`register()`: the filter does when the job starts, the job's entry script does for trainers that
+download the server's weights themselves (external-process trainers).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ import warnings
 from typing import Any
 
 import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
+from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict, _cleanup_temp_dir
+from nvflare.fuel.f3.streaming.cacheable import ItemConsumer
+from nvflare.fuel.f3.streaming.download_service import Downloadable, ProduceRC, download_object
+from nvflare.fuel.utils import fobs
+from nvflare.fuel.utils.fobs.decomposers.via_downloader import ViaDownloaderDecomposer
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 # Datum Object Type of our download references: one byte on the wire (FOBS datum header); NVFlare
 # registers 1–6 (fobs/dots.py) and checks for duplicates at registration.
@@ -80,13 +91,7 @@ class _Item:
     ID, DTYPE, SHAPE, OFFSET, TOTAL, DATA = range(6)
 
 
-def _downloadable_base():
-    from nvflare.fuel.f3.streaming.download_service import Downloadable
-
-    return Downloadable
-
-
-class TensorViewDownloadable(_downloadable_base()):
+class TensorViewDownloadable(Downloadable):
     """Produces ≤ max_chunk_size bytes of slices per request, straight from the tensors' storage.
 
     Stateless between requests (the position travels in the download state), so every receiver
@@ -101,8 +106,6 @@ class TensorViewDownloadable(_downloadable_base()):
         self.views = [_flat_bytes(t) for t in tensors.values()]
 
     def produce(self, state: dict, requester: str):
-        from nvflare.fuel.f3.streaming.download_service import ProduceRC
-
         views = self.views
         if views is None:
             raise RuntimeError("tensors requested after the download transaction released them")
@@ -124,12 +127,6 @@ class TensorViewDownloadable(_downloadable_base()):
     def release(self) -> None:
         self.views = None
         self.base_obj = None
-
-
-def _consumer_base():
-    from nvflare.fuel.f3.streaming.cacheable import ItemConsumer
-
-    return ItemConsumer
 
 
 def _as_uint8(data: Any) -> torch.Tensor:
@@ -154,7 +151,7 @@ class _Assembly:
         self.filled += size
 
 
-class TensorViewConsumer(_consumer_base()):
+class TensorViewConsumer(ItemConsumer):
     """Receives slices into preallocated tensors; the result maps item ids to tensors."""
 
     def __init__(self):
@@ -194,7 +191,7 @@ def safetensors_header(dtype: torch.dtype, shape: list[int], nbytes: int, key: s
     return struct.pack("<Q", len(text)) + text
 
 
-class TensorViewDiskConsumer(_consumer_base()):
+class TensorViewDiskConsumer(ItemConsumer):
     """Writes slices into one safetensors file per tensor (NVFlare's disk offload, for our item format)."""
 
     KEY = "t"
@@ -244,9 +241,6 @@ class TensorViewDiskConsumer(_consumer_base()):
 
 def download_tensor_views(from_fqcn: str, ref_id: str, cell, use_disk: bool, root_dir: str | None, **kwargs):
     """Download one batch of tensors; (error or None, {item id: tensor} or NVFlare's LazyTensorDict)."""
-    from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict, _cleanup_temp_dir
-    from nvflare.fuel.f3.streaming.download_service import download_object
-
     if not use_disk:
         consumer = TensorViewConsumer()
         download_object(from_fqcn=from_fqcn, ref_id=ref_id, consumer=consumer, cell=cell, **kwargs)
@@ -267,13 +261,7 @@ def download_tensor_views(from_fqcn: str, ref_id: str, cell, use_disk: bool, roo
     return None, LazyTensorDict(key_to_file=consumer.result, temp_dir=temp_dir)
 
 
-def _decomposer_base():
-    from nvflare.fuel.utils.fobs.decomposers.via_downloader import ViaDownloaderDecomposer
-
-    return ViaDownloaderDecomposer
-
-
-class WireTensorDecomposer(_decomposer_base()):
+class WireTensorDecomposer(ViaDownloaderDecomposer):
     """FOBS decomposer for WireTensor: download references over NVFlare's DownloadService.
 
     Shares NVFlare's `tensor_` config variables (tensor_download_chunk_size, …), so a job's
@@ -307,16 +295,15 @@ class WireTensorDecomposer(_decomposer_base()):
         progress_cb=None,
         fobs_ctx: dict | None = None,
     ):
-        from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
-        from nvflare.fuel.utils.fobs import FOBSContextKey
-
         cell_ctx = cell.get_fobs_context()
         fobs_ctx = fobs_ctx or {}
         return download_tensor_views(
             from_fqcn,
             ref_id,
             cell,
-            use_disk=fobs_ctx.get(FOBSContextKey.TENSOR_DISK_OFFLOAD, cell_ctx.get(FOBSContextKey.TENSOR_DISK_OFFLOAD)),
+            use_disk=fobs_ctx.get(
+                fobs.FOBSContextKey.TENSOR_DISK_OFFLOAD, cell_ctx.get(fobs.FOBSContextKey.TENSOR_DISK_OFFLOAD)
+            ),
             root_dir=fobs_ctx.get(_TENSOR_DISK_OFFLOAD_ROOT_DIR, cell_ctx.get(_TENSOR_DISK_OFFLOAD_ROOT_DIR)),
             per_request_timeout=per_request_timeout,
             secure=secure,
@@ -327,48 +314,29 @@ class WireTensorDecomposer(_decomposer_base()):
 
     def native_decompose(self, target: WireTensor, manager=None) -> bytes:
         # No cell (e.g. a message saved to a file): one safetensors blob, as NVFlare does.
-        from safetensors.torch import save
-
-        return save({"t": target.tensor.detach().cpu().contiguous()})
+        return save_safetensors({"t": target.tensor.detach().cpu().contiguous()})
 
     def native_recompose(self, data: bytes, manager=None) -> torch.Tensor:
-        from safetensors.torch import load
-
-        return load(data)["t"]
+        return load_safetensors(data)["t"]
 
 
 def register() -> None:
     """Make this process able to send and receive WireTensors (idempotent)."""
-    from nvflare.fuel.utils import fobs
-
     fobs.register(WireTensorDecomposer)
 
 
-def _dxo_filter_base():
-    from nvflare.apis.dxo_filter import DXOFilter
-
-    return DXOFilter
-
-
-class WireViews(_dxo_filter_base()):
+class WireViews(DXOFilter):
     """Output filter: the weights leave as WireTensors (raw slices), not safetensors blobs.
 
     Last in a sending side's filter chain; the receiving side gets torch tensors back.
     """
 
     def __init__(self):
-        from nvflare.apis.dxo import DataKind
-
         kinds = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF]
         super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
         register()
 
     def process_dxo(self, dxo, shareable, fl_ctx):
-        from nvflare.apis.dxo import DXO
-
         # A new DXO, never an in-place edit: the server filters the same task data once per site.
         data = {k: WireTensor(v) if isinstance(v, torch.Tensor) else v for k, v in dxo.data.items()}
         return DXO(dxo.data_kind, data=data, meta=dict(dxo.meta))
-
-
-register()
