@@ -85,12 +85,6 @@ def _flat_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-class _Item:
-    """Indices of one slice message: [item id, dtype, shape, offset, total bytes, data]."""
-
-    ID, DTYPE, SHAPE, OFFSET, TOTAL, DATA = range(6)
-
-
 class TensorViewDownloadable(Downloadable):
     """Produces ≤ max_chunk_size bytes of slices per request, straight from the tensors' storage.
 
@@ -151,36 +145,53 @@ class _Assembly:
         self.filled += size
 
 
-class TensorViewConsumer(ItemConsumer):
-    """Receives slices into preallocated tensors; the result maps item ids to tensors."""
+class _SliceConsumer(ItemConsumer):
+    """Rebuilds tensors from their slices, in order; subclasses decide where the bytes go.
+
+    A slice is [item id, dtype name, shape, offset, total bytes, data] (TensorViewDownloadable.produce).
+    """
 
     def __init__(self):
         super().__init__()
         self.result = {}
-        self._flat: dict[str, torch.Tensor] = {}
         self._assembly: dict[str, _Assembly] = {}
 
+    def _start(self, item_id: str, dtype: torch.dtype, shape: list[int], total: int) -> Any:
+        """Make room for a new tensor; returns its entry in the result."""
+        raise NotImplementedError
+
+    def _write(self, item_id: str, offset: int, data: Any, done: bool) -> None:
+        """Put one slice's bytes in place; `done` when it was the tensor's last."""
+        raise NotImplementedError
+
     def consume_items(self, items: list, result: Any) -> Any:
-        for item in items:
-            item_id, data = item[_Item.ID], item[_Item.DATA]
+        for item_id, dtype_name, shape, offset, total, data in items:
             if item_id not in self._assembly:
-                dtype = DTYPES_BY_NAME[item[_Item.DTYPE]]
-                tensor = torch.empty(item[_Item.SHAPE], dtype=dtype)
-                if tensor.numel() * tensor.element_size() != item[_Item.TOTAL]:
-                    raise ValueError(f"tensor {item_id}: {item[_Item.TOTAL]} bytes announced for {dtype}{tensor.shape}")
-                self._assembly[item_id] = _Assembly(item_id, item[_Item.TOTAL])
-                self._flat[item_id] = tensor.reshape(-1).view(torch.uint8)
-                self.result[item_id] = tensor
-            offset = item[_Item.OFFSET]
-            self._assembly[item_id].advance(offset, len(data))
-            self._flat[item_id][offset : offset + len(data)].copy_(_as_uint8(data))
+                self.result[item_id] = self._start(item_id, DTYPES_BY_NAME[dtype_name], shape, total)
+                self._assembly[item_id] = _Assembly(item_id, total)
+            assembly = self._assembly[item_id]
+            assembly.advance(offset, len(data))
+            self._write(item_id, offset, data, assembly.filled == assembly.total)
         return self.result
 
     def download_completed(self, ref_id: str) -> None:
         incomplete = [a.item_id for a in self._assembly.values() if a.filled != a.total]
         if incomplete:
             self.download_failed(ref_id, f"tensors {incomplete} arrived incomplete")
-        self._flat.clear()
+
+
+class TensorViewConsumer(_SliceConsumer):
+    """Receives slices into preallocated tensors; the result maps item ids to tensors."""
+
+    def _start(self, item_id, dtype, shape, total):
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel() * tensor.element_size() != total:
+            raise ValueError(f"tensor {item_id}: {total} bytes announced for {dtype}{tensor.shape}")
+        return tensor
+
+    def _write(self, item_id, offset, data, done):
+        flat = self.result[item_id].reshape(-1).view(torch.uint8)
+        flat[offset : offset + len(data)].copy_(_as_uint8(data))
 
 
 def safetensors_header(dtype: torch.dtype, shape: list[int], nbytes: int, key: str = "t") -> bytes:
@@ -191,7 +202,7 @@ def safetensors_header(dtype: torch.dtype, shape: list[int], nbytes: int, key: s
     return struct.pack("<Q", len(text)) + text
 
 
-class TensorViewDiskConsumer(ItemConsumer):
+class TensorViewDiskConsumer(_SliceConsumer):
     """Writes slices into one safetensors file per tensor (NVFlare's disk offload, for our item format)."""
 
     KEY = "t"
@@ -199,29 +210,24 @@ class TensorViewDiskConsumer(ItemConsumer):
     def __init__(self, temp_dir: str):
         super().__init__()
         self.temp_dir = temp_dir
-        self.result = {}
         self._files: dict[str, Any] = {}
-        self._assembly: dict[str, _Assembly] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # a failed download closes the files from another thread
+
+    def _start(self, item_id, dtype, shape, total):
+        path = os.path.join(self.temp_dir, f"{len(self._assembly)}.safetensors")
+        handle = open(path, "wb")  # noqa: SIM115 - closed when the tensor's last slice lands
+        handle.write(safetensors_header(dtype, shape, total, self.KEY))
+        self._files[item_id] = handle
+        return (path, self.KEY)
+
+    def _write(self, item_id, offset, data, done):
+        self._files[item_id].write(data)
+        if done:
+            self._files.pop(item_id).close()
 
     def consume_items(self, items: list, result: Any) -> Any:
         with self._lock:
-            for item in items:
-                item_id, data = item[_Item.ID], item[_Item.DATA]
-                if item_id not in self._assembly:
-                    path = os.path.join(self.temp_dir, f"{len(self._assembly)}.safetensors")
-                    handle = open(path, "wb")  # noqa: SIM115 - closed when the tensor's last slice lands
-                    dtype = DTYPES_BY_NAME[item[_Item.DTYPE]]
-                    handle.write(safetensors_header(dtype, item[_Item.SHAPE], item[_Item.TOTAL], self.KEY))
-                    self._files[item_id] = handle
-                    self._assembly[item_id] = _Assembly(item_id, item[_Item.TOTAL])
-                    self.result[item_id] = (path, self.KEY)
-                assembly = self._assembly[item_id]
-                assembly.advance(item[_Item.OFFSET], len(data))
-                self._files[item_id].write(data)
-                if assembly.filled == assembly.total:
-                    self._files.pop(item_id).close()
-        return self.result
+            return super().consume_items(items, result)
 
     def close_all(self) -> None:
         with self._lock:
@@ -230,8 +236,7 @@ class TensorViewDiskConsumer(ItemConsumer):
             self._files.clear()
 
     def download_completed(self, ref_id: str) -> None:
-        if self._files:
-            self.download_failed(ref_id, f"tensors {sorted(self._files)} arrived incomplete")
+        super().download_completed(ref_id)
         self.close_all()
 
     def download_failed(self, ref_id, reason: str) -> None:
