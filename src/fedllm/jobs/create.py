@@ -173,8 +173,9 @@ def _working_dir(path: Path) -> Iterator[None]:
 
 def create_job(spec: JobSpec, out_dir: Path) -> Path:
     """Export `spec` as an NVFlare job folder under `out_dir`; returns the job's directory."""
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe.utils import set_per_site_config
+
+    from fedllm.jobs.lean_server import FedllmFedAvgRecipe
 
     out_dir = out_dir.resolve()
     job_dir = out_dir / spec.name
@@ -183,7 +184,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         Path(ENTRY_NAME).write_text(ENTRY_SCRIPT.format(module=spec.template.trainer))
         initial = spec.template.initial_model
         torchrun = spec.template.launch == "torchrun"
-        recipe = FedAvgRecipe(
+        recipe = FedllmFedAvgRecipe(
             name=spec.name,
             model={"class_path": initial.class_path, "args": _initial_args(spec)} if initial else None,
             min_clients=spec.num_clients,

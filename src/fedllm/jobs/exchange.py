@@ -53,6 +53,10 @@ class ExchangeOptions(BaseModel):
     # whole models until Python's cyclic GC happens to run: without it the server peaked at 6.3 GB
     # instead of 5.0 GB for a 1 GiB model (docs/exchange.md).
     memory_gc_rounds: int = Field(default=1, ge=0)
+    # fedllm.jobs.lean_server: a FedAvg controller and persistor that keep ONE global model in server
+    # RAM between rounds (stock: + the initial weights for the whole job + older rounds' models pinned
+    # by long-lived contexts) and skip the broadcast's deep copy of the weights (docs/exchange.md).
+    lean_server: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ExchangeOptions:
@@ -65,9 +69,9 @@ class ExchangeOptions(BaseModel):
 
 
 def recipe_kwargs(options: ExchangeOptions) -> dict[str, Any]:
-    """FedAvgRecipe constructor arguments that fix the exchange path (they are baked in at construction)."""
+    """FedllmFedAvgRecipe constructor arguments that fix the exchange path (baked in at construction)."""
     if options.profile == "stock":
-        return {}
+        return {"lean_server": False}
     from nvflare.client.config import ExchangeFormat
 
     fmt = ExchangeFormat.PYTORCH if options.format == "pytorch" else ExchangeFormat.NUMPY
@@ -76,6 +80,7 @@ def recipe_kwargs(options: ExchangeOptions) -> dict[str, Any]:
         "enable_tensor_disk_offload": options.disk_offload,
         "server_memory_gc_rounds": options.memory_gc_rounds,
         "client_memory_gc_rounds": options.memory_gc_rounds,
+        "lean_server": options.lean_server,
     }
 
 

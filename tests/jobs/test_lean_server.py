@@ -1,0 +1,149 @@
+"""The lean FedAvg server holds one global model between rounds (fedllm.jobs.lean_server)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContextManager
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.fedavg import FedAvg
+
+from fedllm.jobs.create import create_job, resolve_spec
+from fedllm.jobs.exchange import ExchangeOptions
+from fedllm.jobs.lean_server import LeanFedAvg, LeanPTFileModelPersistor, SharedWeights
+from fedllm.jobs.template import InitialModel, JobTemplate
+from fedllm.training.echo import EchoModel
+
+
+class RecordingEngine:
+    """The one engine call a controller makes outside a running job: firing events."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def fire_event(self, event_type: str, fl_ctx) -> None:
+        self.events.append(event_type)
+
+
+def _three_rounds(controller_class: type[FedAvg]):
+    """Run update_model for 3 rounds the way FedAvg.run does; a context made in round 0 is kept."""
+    manager = FLContextManager(engine=RecordingEngine(), identity_name="server", job_id="job")
+    controller = controller_class(num_rounds=3, persistor_id="")
+    controller.fl_ctx = manager.new_context()
+    initial = {"w": torch.zeros(256)}
+    initial_alive = weakref.ref(initial["w"])
+    controller.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
+    model = FLModel(params_type=ParamsType.FULL, params=initial)
+    kept = manager.new_context()  # like the contexts NVFlare components keep for the whole job
+    del initial
+    for r in range(1, 4):
+        aggregated = FLModel(params_type=ParamsType.FULL, params={"w": torch.full((256,), float(r))})
+        model = controller.update_model(model, aggregated)
+    gc.collect()
+    # What the kept context holds locally (no get_prop: that would refresh it from the manager).
+    pinned = kept.props[AppConstants.GLOBAL_MODEL]["value"]
+    return controller, model, pinned, initial_alive
+
+
+def test_stock_fedavg_pins_the_initial_model_in_kept_contexts() -> None:
+    """The leak the lean controller removes: without it this test's counterpart below would fail."""
+    _, model, pinned, initial_alive = _three_rounds(FedAvg)
+    assert initial_alive() is not None
+    assert pinned["weights"]["w"][0].item() == 0.0
+    assert model.params["w"][0].item() == 3.0
+
+
+def test_lean_fedavg_keeps_one_global_model_for_every_context() -> None:
+    controller, model, pinned, initial_alive = _three_rounds(LeanFedAvg)
+    assert initial_alive() is None, "the initial weights must be freed once a newer model exists"
+    assert pinned["weights"]["w"] is model.params["w"], "old contexts see the current model, not a copy"
+    assert controller.fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) is pinned
+
+
+def test_broadcast_deep_copy_shares_the_tensors_and_is_a_plain_dict() -> None:
+    weights = SharedWeights({"a": torch.arange(4.0), "b": torch.ones(2, 2)})
+    task_data = DXO(DataKind.WEIGHTS, data=weights).to_shareable()
+    copied = copy.deepcopy(task_data)  # what NVFlare's WFCommServer does to broadcast task data
+    sent = copied["DXO"]["data"]
+    assert type(sent) is dict, "the wire must not need a fedllm type"
+    assert sent is not weights and all(sent[k] is weights[k] for k in weights)
+
+
+def test_lean_fedavg_marks_broadcast_weights_as_shared() -> None:
+    controller = LeanFedAvg(num_rounds=1, persistor_id="")
+    model = FLModel(params_type=ParamsType.FULL, params={"w": torch.ones(3)}, current_round=0, total_rounds=1)
+    shareable = controller._build_shareable(model)
+    assert isinstance(shareable["DXO"]["data"], SharedWeights)
+    assert shareable["DXO"]["data"]["w"] is model.params["w"]
+
+
+def test_lean_persistor_reads_the_initial_weights_then_drops_the_module(tmp_path: Path) -> None:
+    args = {"size_mib": 1, "tensor_mib": 0.25, "seed": 3}
+    persistor = LeanPTFileModelPersistor(
+        model_class="fedllm.training.echo.EchoModel", model_args=args, allow_numpy_conversion=False
+    )
+    fl_ctx = FLContextManager(engine=RecordingEngine(), identity_name="server", job_id="job").new_context()
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(tmp_path), private=True, sticky=True)
+    persistor.handle_event(EventType.START_RUN, fl_ctx)
+    learnable = persistor.load_model(fl_ctx)
+    assert persistor.model is None
+    expected = EchoModel(**args).state_dict()
+    assert set(learnable["weights"]) == set(expected)
+    assert all(torch.equal(learnable["weights"][k], expected[k]) for k in expected)
+    persistor.save_model(learnable, fl_ctx)
+    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def _server_components(job: Path) -> tuple[str, dict]:
+    config = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    persistor = next(c for c in config["components"] if c["id"] == "persistor")
+    return config["workflows"][0]["path"], persistor
+
+
+def _echo_template(**exchange) -> JobTemplate:
+    return JobTemplate(
+        name="echo",
+        trainer="fedllm.training.echo",
+        initial_model=InitialModel(class_path="fedllm.training.echo.EchoModel", args={"size_mib": 1}),
+        key_metric="val_accuracy",
+        train_args={"size_mib": 1},
+        exchange=ExchangeOptions(**exchange),
+    )
+
+
+@pytest.mark.parametrize(
+    ("exchange", "controller", "persistor"),
+    [
+        ({}, "fedllm.jobs.lean_server.LeanFedAvg", "fedllm.jobs.lean_server.LeanPTFileModelPersistor"),
+        (
+            {"lean_server": False},
+            "nvflare.app_common.workflows.fedavg.FedAvg",
+            "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+        ),
+        (
+            {"profile": "stock"},
+            "nvflare.app_common.workflows.fedavg.FedAvg",
+            "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+        ),
+    ],
+)
+def test_jobs_get_the_lean_server_unless_asked_not_to(tmp_path: Path, exchange, controller, persistor) -> None:
+    job = create_job(resolve_spec(_echo_template(**exchange), "fedavg", num_clients=1, rounds=1), tmp_path / "jobs")
+    workflow, component = _server_components(job)
+    assert (workflow, component["path"]) == (controller, persistor)
+    if persistor.startswith("fedllm"):
+        # Class path + plain arguments: NVFlare's config builder must not build (and keep) the module.
+        assert component["args"]["model_class"] == "fedllm.training.echo.EchoModel"
+        assert "path" not in component["args"]["model_args"]
