@@ -31,7 +31,9 @@ def _command(job: Path) -> list[str]:
 
 
 def _persisted_model(job: Path) -> dict:
-    return next(c for c in _server(job)["components"] if c["id"] == "persistor")["args"]["model"]
+    """The server model the persistor builds (fedllm's lean persistor names it by class path + args)."""
+    args = next(c for c in _server(job)["components"] if c["id"] == "persistor")["args"]
+    return {"path": args["model_class"], "args": args.get("model_args", {})}
 
 
 @pytest.mark.parametrize(
