@@ -29,6 +29,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat
 
 
 class SharedWeights(dict):
@@ -111,8 +112,6 @@ class FedllmFedAvgRecipe(FedAvgRecipe):
         super().__init__(**kwargs)
 
     def _setup_model_and_persistor(self, job) -> str:
-        from nvflare.client.config import ExchangeFormat
-
         if self._lean_server and self.model_persistor is None and isinstance(self.model, dict):
             # What PTModel builds for a dict model (fedllm's only form), as the lean subclass.
             kwargs = {"best_global_model_file_name": self.best_model_filename} if self.best_model_filename else {}
@@ -127,22 +126,9 @@ class FedllmFedAvgRecipe(FedAvgRecipe):
         return super()._setup_model_and_persistor(job)
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> FedAvg:
-        if not self._lean_server:
-            return super()._create_controller(persistor_id, model_params, model_aggregator)
-        # Same arguments as NVFlare's controller (the Job API serializes a component from its attributes).
-        return LeanFedAvg(
-            num_clients=self.min_clients,
-            num_rounds=self.num_rounds,
-            persistor_id=persistor_id,
-            model=model_params,
-            save_filename=self.save_filename,
-            aggregator=model_aggregator,
-            stop_cond=self.stop_cond,
-            patience=self.patience,
-            task_name="train",
-            exclude_vars=self.exclude_vars,
-            aggregation_weights=self.aggregation_weights,
-            memory_gc_rounds=self.server_memory_gc_rounds,
-            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
-            **self._get_controller_kwargs(),
-        )
+        controller = super()._create_controller(persistor_id, model_params, model_aggregator)
+        if self._lean_server:
+            # LeanFedAvg only overrides methods (no state, no __init__): re-typing the FedAvg NVFlare
+            # built keeps every argument NVFlare passes, and the Job API exports the subclass path.
+            controller.__class__ = LeanFedAvg
+        return controller
