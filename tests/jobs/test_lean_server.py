@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import threading
 import weakref
 from pathlib import Path
 
@@ -102,8 +103,92 @@ def test_lean_persistor_reads_the_initial_weights_then_drops_the_module(tmp_path
     assert set(learnable["weights"]) == set(expected)
     assert all(torch.equal(learnable["weights"][k], expected[k]) for k in expected)
     persistor.save_model(learnable, fl_ctx)
+    persistor.handle_event(EventType.END_RUN, fl_ctx)  # the job's end waits for the background write
     saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def _started_persistor(tmp_path: Path, **kwargs):
+    persistor = LeanPTFileModelPersistor(
+        model_class="fedllm.training.echo.EchoModel",
+        model_args={"size_mib": 0.5, "tensor_mib": 0.25},
+        allow_numpy_conversion=False,
+        **kwargs,
+    )
+    fl_ctx = FLContextManager(engine=RecordingEngine(), identity_name="server", job_id="job").new_context()
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(tmp_path), private=True, sticky=True)
+    persistor.handle_event(EventType.START_RUN, fl_ctx)
+    return persistor, fl_ctx, persistor.load_model(fl_ctx)
+
+
+def _filled(learnable, value: float):
+    return make_model_learnable({k: torch.full_like(v, value) for k, v in learnable["weights"].items()}, {})
+
+
+def test_background_checkpoint_writes_the_snapshot_taken_when_asked(tmp_path: Path, monkeypatch) -> None:
+    """The round goes on while the file is written; what lands is the model of the round that asked."""
+    import fedllm.jobs.lean_server as lean
+
+    gate, started, real_write = threading.Event(), threading.Event(), lean.write_checkpoint
+
+    def gated_write(save_dict, path):
+        started.set()
+        assert gate.wait(30)
+        real_write(save_dict, path)
+
+    monkeypatch.setattr(lean, "write_checkpoint", gated_write)
+    persistor, fl_ctx, learnable = _started_persistor(tmp_path)
+    persistor.save_model(_filled(learnable, 1.0), fl_ctx)  # returns while the write is held
+    assert started.wait(30)
+    checkpoint = tmp_path / "FL_global_model.pt"
+    assert not checkpoint.exists(), "the write was held back, so save_model did not wait for it"
+    persistor.persistence_manager.update(_filled(learnable, 2.0))  # the next round's model arrives
+    gate.set()
+    persistor.flush()
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(t, torch.ones_like(t)) for t in saved.values())
+    persistor.handle_event(EventType.END_RUN, fl_ctx)
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
+
+
+def test_a_failed_checkpoint_write_fails_the_next_save_and_the_job_end(tmp_path: Path, monkeypatch) -> None:
+    import fedllm.jobs.lean_server as lean
+
+    def disk_full(obj, handle):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    persistor, fl_ctx, learnable = _started_persistor(tmp_path)
+    persistor.save_model(_filled(learnable, 1.0), fl_ctx)
+    persistor.flush()
+    good = (tmp_path / "FL_global_model.pt").read_bytes()
+    monkeypatch.setattr(lean.torch, "save", disk_full)
+    persistor.save_model(_filled(learnable, 2.0), fl_ctx)
+    with pytest.raises(lean.CheckpointWriteError, match="No space left on device"):
+        persistor.flush()
+    assert (tmp_path / "FL_global_model.pt").read_bytes() == good, "the previous checkpoint survives intact"
+    assert not list(tmp_path.glob(".*.tmp"))
+    persistor.save_model(_filled(learnable, 3.0), fl_ctx)
+    panics = []
+    monkeypatch.setattr(persistor, "system_panic", lambda reason, ctx: panics.append(reason))
+    persistor.handle_event(EventType.END_RUN, fl_ctx)
+    assert panics and "No space left on device" in panics[0]
+
+
+def test_a_checkpoint_that_does_not_read_back_is_not_installed(tmp_path: Path) -> None:
+    import fedllm.jobs.lean_server as lean
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.zeros(2, 2)}}, path)
+    with pytest.raises(lean.CheckpointWriteError, match=r"model\.w did not read back as torch\.float32\(3, 2\)"):
+        lean._verify_checkpoint({"model": {"w": torch.zeros(3, 2)}}, str(path))
+
+
+def test_foreground_checkpoint_is_on_disk_when_save_returns(tmp_path: Path) -> None:
+    persistor, fl_ctx, learnable = _started_persistor(tmp_path, background_save=False)
+    persistor.save_model(_filled(learnable, 5.0), fl_ctx)
+    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["model"]
+    assert all(torch.equal(t, torch.full_like(t, 5.0)) for t in saved.values())
 
 
 def _server_components(job: Path) -> tuple[str, dict]:

@@ -57,6 +57,10 @@ class ExchangeOptions(BaseModel):
     # RAM between rounds (stock: + the initial weights for the whole job + older rounds' models pinned
     # by long-lived contexts) and skip the broadcast's deep copy of the weights (docs/exchange.md).
     lean_server: bool = True
+    # With lean_server: write each round's checkpoint (torch.save + fsync + rename, read back) on a
+    # background thread instead of on the round's critical path (1.4–2.9 s of a ~10 s round at 1 GiB);
+    # the job waits for the last one before it ends, and a failed write fails the job.
+    background_checkpoint: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ExchangeOptions:
@@ -81,6 +85,7 @@ def recipe_kwargs(options: ExchangeOptions) -> dict[str, Any]:
         "server_memory_gc_rounds": options.memory_gc_rounds,
         "client_memory_gc_rounds": options.memory_gc_rounds,
         "lean_server": options.lean_server,
+        "background_checkpoint": options.background_checkpoint,
     }
 
 

@@ -11,7 +11,9 @@ component sees:
 
 - `LeanPTFileModelPersistor`: PTFileModelPersistor named by the model's class path and arguments
   (plain values the config builder leaves alone); it builds the module at start, hands its
-  weights to the controller and lets go of it.
+  weights to the controller and lets go of it. It also writes each round's checkpoint on a
+  background thread (`CheckpointWriter`): torch.save + fsync of a 1 GiB model took 1.4–2.9 s of
+  a ~10 s round on the server's critical path, while the sites waited for the next task.
 - `LeanFedAvg`: FedAvg that keeps ONE `GLOBAL_MODEL` learnable for the job and updates it in
   place each round, so every context, old or new, sees the current model and pins no other; and
   that marks the weights it broadcasts as `SharedWeights`, whose deep copy shares the tensors.
@@ -21,8 +23,14 @@ component sees:
 
 from __future__ import annotations
 
+import os
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch
+from nvflare.apis.event_type import EventType
 from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
 from nvflare.app_common.workflows.fedavg import FedAvg
@@ -48,6 +56,94 @@ class SharedWeights(dict):
         return copied
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written or read back; the job must not go on as if it were saved."""
+
+
+def write_checkpoint(save_dict: dict, path: str) -> None:
+    """torch.save `save_dict` to `path` atomically (temp file + fsync + rename), then read it back.
+
+    The read-back maps the file (no data is read) and checks that every tensor is there with its
+    shape and dtype, so a truncated or foreign file never replaces a good checkpoint silently.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "xb") as handle:
+            torch.save(save_dict, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _verify_checkpoint(save_dict, temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def _verify_checkpoint(save_dict: dict, path: str) -> None:
+    written = torch.load(path, mmap=True, weights_only=True)
+    for key, value in save_dict.items():
+        if not isinstance(value, dict) or key not in written:
+            continue
+        for name, tensor in value.items():
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            got = written[key].get(name)
+            if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
+                raise CheckpointWriteError(
+                    f"{path}: {key}.{name} did not read back as {tensor.dtype}{tuple(tensor.shape)}"
+                )
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, in order, each atomically (`write_checkpoint`).
+
+    A write holds references to the tensors of its snapshot, never copies: the controller never
+    edits a global model in place (each round's model is new tensors), so a snapshot stays
+    consistent while it is written. At most `max_pending` writes are in flight (a round's global
+    and best checkpoints share their tensors); a caller that would exceed that waits, which bounds
+    the extra memory when writing is slower than training. A failed write raises
+    CheckpointWriteError from the next `submit` or from `wait`.
+    """
+
+    def __init__(self, max_pending: int = 2):
+        self.max_pending = max_pending
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedllm-checkpoint")
+        self._pending: list[tuple[str, Future]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, save_dict: dict, path: str) -> None:
+        with self._lock:
+            self._collect(block_until=self.max_pending - 1)
+            self._pending.append((path, self._executor.submit(write_checkpoint, save_dict, path)))
+
+    def wait(self) -> None:
+        """Block until every submitted checkpoint is on disk; raise if one failed."""
+        with self._lock:
+            self._collect(block_until=0)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _collect(self, block_until: int) -> None:
+        while self._pending and (len(self._pending) > block_until or self._pending[0][1].done()):
+            path, future = self._pending.pop(0)
+            try:
+                future.result()
+            except Exception as exc:
+                self._pending.clear()
+                raise CheckpointWriteError(f"writing checkpoint {path} failed: {exc}") from exc
+
+
 class LeanPTFileModelPersistor(PTFileModelPersistor):
     """PTFileModelPersistor that does not keep the initial model's nn.Module for the whole job.
 
@@ -64,12 +160,16 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
         model_args: dict[str, Any] | None = None,
         allow_numpy_conversion: bool = True,
         best_global_model_file_name: str = DefaultCheckpointFileName.BEST_GLOBAL_MODEL,
+        background_save: bool = True,
     ):
         super().__init__(
             allow_numpy_conversion=allow_numpy_conversion, best_global_model_file_name=best_global_model_file_name
         )
         self.model_class = model_class
         self.model_args = dict(model_args or {})
+        # Checkpoints are written off the round's critical path; END_RUN waits for the last one.
+        self.background_save = background_save
+        self._writer: CheckpointWriter | None = None
 
     def _initialize(self, fl_ctx):
         self.model = {"path": self.model_class, "args": self.model_args}  # built by PTFileModelPersistor
@@ -79,6 +179,29 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
         learnable = super().load_model(fl_ctx)
         self.model = None  # the weights live on in `learnable` as long as the controller needs them
         return learnable
+
+    def save_model_file(self, save_path: str) -> None:
+        snapshot = self.persistence_manager.to_persistence_dict()  # references, taken now: consistent
+        if not self.background_save:
+            write_checkpoint(snapshot, save_path)
+            return
+        if self._writer is None:
+            self._writer = CheckpointWriter()
+        self._writer.submit(snapshot, save_path)
+
+    def flush(self) -> None:
+        """Wait until every checkpoint asked for so far is on disk (raises CheckpointWriteError)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def handle_event(self, event: str, fl_ctx) -> None:
+        super().handle_event(event, fl_ctx)
+        if event == EventType.END_RUN and self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()  # the job ends with its last global model on disk
+            except CheckpointWriteError as exc:
+                self.system_panic(str(exc), fl_ctx)
 
 
 class LeanFedAvg(FedAvg):
@@ -104,11 +227,13 @@ class LeanFedAvg(FedAvg):
 class FedllmFedAvgRecipe(FedAvgRecipe):
     """NVFlare's PyTorch FedAvgRecipe with `LeanFedAvg` and `LeanPTFileModelPersistor`.
 
-    Same arguments as FedAvgRecipe; `lean_server=False` builds the stock controller and persistor.
+    Same arguments as FedAvgRecipe; `lean_server=False` builds the stock controller and persistor;
+    `background_checkpoint=False` makes the lean persistor write each checkpoint before the round goes on.
     """
 
-    def __init__(self, *, lean_server: bool = True, **kwargs):
+    def __init__(self, *, lean_server: bool = True, background_checkpoint: bool = True, **kwargs):
         self._lean_server = lean_server
+        self._background_checkpoint = background_checkpoint
         super().__init__(**kwargs)
 
     def _setup_model_and_persistor(self, job) -> str:
@@ -119,6 +244,7 @@ class FedllmFedAvgRecipe(FedAvgRecipe):
                 model_class=self.model["path"],
                 model_args=self.model.get("args", {}),
                 allow_numpy_conversion=self.server_expected_format != ExchangeFormat.PYTORCH,
+                background_save=self._background_checkpoint,
                 **kwargs,
             )
             if self._pt_model_locator is None:
