@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
@@ -23,12 +24,37 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_range(n: int = 4) -> str:
+    """'first-last': n consecutive ports nothing listens on now, below Linux's ephemeral range."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", port))
+            return f"{first}-{first + n - 1}"
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def local_config_dict(project: str = "fedtest", sites: int = 3, gpus: list[list[int]] | None = None) -> dict:
     fl_port, admin_port = free_ports(2)
     return {
         "project": project,
         "nvflare_version": "2.9.0",
-        "server": {"name": "localhost", "fed_learn_port": fl_port, "admin_port": admin_port},
+        "server": {
+            "name": "localhost",
+            "fed_learn_port": fl_port,
+            "admin_port": admin_port,
+            "job_ports": free_port_range(),
+        },
         "admins": [{"name": "admin@nvidia.com", "org": "nvidia", "role": "project_admin"}],
         "sites": [{"name": f"site-{i + 1}", "org": "nvidia", "gpus": (gpus[i] if gpus else [])} for i in range(sites)],
     }

@@ -140,6 +140,25 @@ def test_equal_ports(tmp_path: Path) -> None:
     assert "server.admin_port: admin_port equals fed_learn_port (8002)" in msg
 
 
+def test_job_ports_default_and_disable(tmp_path: Path) -> None:
+    assert load_site_config(write_yaml(tmp_path / "cfg.yaml", VALID)).server.job_port_range == (8004, 8013)
+    text = VALID.replace("admin_port: 8003}", "admin_port: 8003, job_ports: null}")
+    assert load_site_config(write_yaml(tmp_path / "cfg.yaml", text)).server.job_port_range is None
+
+
+@pytest.mark.parametrize("value", ["'9000-8000'", "'8004'", "'1-70000'", "'1000-9000'"])
+def test_job_ports_must_be_a_short_range(tmp_path: Path, value: str) -> None:
+    msg = only(tmp_path, VALID.replace("admin_port: 8003}", f"admin_port: 8003, job_ports: {value}}}"))
+    assert "server.job_ports" in msg and "is not a port range" in msg and "e.g. '8004-8013'" in msg
+
+
+def test_job_ports_must_not_cover_the_server_ports(tmp_path: Path) -> None:
+    found = problems(tmp_path, VALID.replace("admin_port: 8003}", "admin_port: 8003, job_ports: 8000-8009}"))
+    assert len(found) == 2
+    assert "server.job_ports: job_ports 8000-8009 includes fed_learn_port 8002" in found[0]
+    assert "includes admin_port 8003" in found[1] and "job_ports: '8004-8013'" in found[1]
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     text = VALID.replace("name: site-2", "name: site-1").replace("gpus: [2, 3]", "gpus: [1, -2]")
     text = text.replace("admin_port: 8003", "admin_port: 8002").replace("project: fedllm", "project: Fed LLM")

@@ -10,7 +10,7 @@ from pathlib import Path
 from fedllm.config import load_site_config
 from fedllm.provision import Kits, provision
 from fedllm.training.demo_mlp import write_demo_data
-from tests.conftest import free_ports, write_yaml
+from tests.conftest import free_port_range, free_ports, write_yaml
 from tests.docker.conftest import run
 
 GPUS = [[0, 1], [2, 3], [4, 5]]
@@ -20,7 +20,12 @@ def compose_config_dict(project: str | None = None, gpus: list[list[int]] = GPUS
     fl_port, admin_port = free_ports(2)
     return {
         "project": project or f"ci-{secrets.token_hex(3)}",
-        "server": {"name": "server", "fed_learn_port": fl_port, "admin_port": admin_port},
+        "server": {
+            "name": "server",
+            "fed_learn_port": fl_port,
+            "admin_port": admin_port,
+            "job_ports": free_port_range(),
+        },
         "admins": [{"name": "admin@nvidia.com"}],
         "sites": [{"name": f"site-{i + 1}", "gpus": g} for i, g in enumerate(gpus)],
     }

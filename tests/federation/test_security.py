@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,9 @@ import yaml
 
 from fedllm.admin import admin_session, connected_sites
 from fedllm.config import load_site_config
+from fedllm.jobs.create import create_job, resolve_spec
+from fedllm.jobs.submit import submit_job
+from fedllm.jobs.template import InitialModel, JobTemplate
 from fedllm.provision import provision
 from tests.conftest import write_yaml
 
@@ -62,16 +66,17 @@ def test_site_with_foreign_certificate_is_refused(federation, tmp_path: Path) ->
         proc.wait()
 
 
-def _tls_outcome(kits, cert_dir: Path) -> str:
-    """Connect to the server's FL port (NVFlare's tcp driver behind TLS) with a client certificate.
+def _tls_outcome(kits, cert_dir: Path | None, port: int | None = None) -> str:
+    """Connect to a server port (NVFlare's tcp driver behind TLS) with a client certificate, or none.
 
     The server speaks only after a framed request, so an accepted client sees silence: "open".
     TLS 1.3 checks the client certificate after the client's side of the handshake, so a refused
     client learns it on its first read, as an alert ("refused: <reason>") or a closed connection.
     """
     ctx = ssl.create_default_context(cafile=str(kits.server() / "startup" / "rootCA.pem"))
-    ctx.load_cert_chain(str(cert_dir / "client.crt"), str(cert_dir / "client.key"))
-    with socket.create_connection(("localhost", kits.config.server.fed_learn_port), timeout=10) as raw:
+    if cert_dir is not None:
+        ctx.load_cert_chain(str(cert_dir / "client.crt"), str(cert_dir / "client.key"))
+    with socket.create_connection(("localhost", port or kits.config.server.fed_learn_port), timeout=10) as raw:
         try:
             with ctx.wrap_socket(raw, server_hostname=kits.config.server.name) as tls:
                 tls.settimeout(5)
@@ -94,3 +99,47 @@ def test_server_refuses_tls_with_a_foreign_client_certificate(federation, tmp_pa
     assert _tls_outcome(federation, federation.site("site-1") / "startup") == "open"
     # The same connection with a certificate signed by another provisioning's CA is cut by the server.
     assert _tls_outcome(federation, foreign.site("site-1") / "startup").startswith("refused")
+
+
+def _job_port(kits, job_id: str, timeout: float = 60) -> int:
+    """The port the running server job listens on for the sites' job processes (from its log)."""
+    log = kits.server() / job_id / "log.txt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if m := re.search(r"created adhoc external listener \S+ for stcp://[^:]+:(\d+)", text):
+            return int(m.group(1))
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} opened no job port within {timeout:.0f}s")
+
+
+def test_job_port_speaks_mtls_only_to_this_federation(federation, tmp_path: Path) -> None:
+    """A running job's own listener holds the same line as fed_learn_port: this CA's client certificates only."""
+    legit = yaml.safe_load((federation.prod_dir.parents[2] / "site.yaml").read_text())
+    foreign = provision(
+        load_site_config(write_yaml(tmp_path / "foreign.yaml", legit)), tmp_path / "ws", source="foreign.yaml"
+    )
+    template = JobTemplate(
+        name="echo",
+        trainer="fedllm.training.echo",
+        initial_model=InitialModel(class_path="fedllm.training.echo.EchoModel", args={"size_mib": 1}),
+        key_metric="val_accuracy",
+        train_args={"size_mib": 1},
+    )
+    # Long enough to probe its port while it runs; aborted afterwards.
+    job = create_job(resolve_spec(template, "fedavg", num_clients=3, rounds=200, name="echo-port"), tmp_path / "jobs")
+    job_id = submit_job(federation, job, wait=False, echo=lambda _m: None).job_id
+    try:
+        port = _job_port(federation, job_id)
+        first, last = federation.config.server.job_port_range
+        assert first <= port <= last
+        assert _tls_outcome(federation, federation.site("site-1") / "startup", port) == "open"
+        assert _tls_outcome(federation, foreign.site("site-1") / "startup", port).startswith("refused")
+        assert _tls_outcome(federation, None, port).startswith("refused"), "a client without a certificate got in"
+    finally:
+        with admin_session(federation) as session:
+            session.abort_job(job_id)
+            deadline = time.monotonic() + 60
+            while not session.get_job_meta(job_id).get("status", "").startswith("FINISHED"):
+                assert time.monotonic() < deadline, "the probe job did not stop after abort"
+                time.sleep(1)

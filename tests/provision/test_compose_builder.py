@@ -26,6 +26,14 @@ def test_compose_bundle_follows_the_site_config(tmp_path: Path):
     base, gpu, cpu = (_load(bundle / f) for f in ("compose.yaml", "compose.gpu.yaml", "compose.cpu.yaml"))
 
     assert set(base["services"]) == {"localhost", "site-1", "site-2", "site-3", "admin"}
+    server = data["server"]
+    # The server publishes its two ports and the job ports its running jobs listen on; sites publish nothing.
+    assert base["services"]["localhost"]["ports"] == [
+        f"{server['fed_learn_port']}:{server['fed_learn_port']}",
+        f"{server['admin_port']}:{server['admin_port']}",
+        f"{server['job_ports']}:{server['job_ports']}",
+    ]
+    assert not any("ports" in base["services"][s] for s in ("site-1", "site-2", "site-3", "admin"))
     site2 = base["services"]["site-2"]
     assert site2["shm_size"] == "8g" and site2["ulimits"] == {"stack": 33554432}
     assert site2["volumes"][:2] == ["../site-2:/fedllm/kit:ro", f"{tmp_path / 'data' / 'site-2'}:/fedllm/data:ro"]

@@ -144,3 +144,22 @@ def test_server_heartbeat_timeout_comes_from_the_site_config(tmp_path: Path) -> 
         timeout_in_kit(provision(load_site_config(write_yaml(tmp_path / "b.yaml", data)), tmp_path / "b", "b.yaml"))
         == 900
     )
+
+
+def test_server_jobs_listen_on_the_job_ports_and_sites_never_do(tmp_path: Path) -> None:
+    """Only the server's kit allows ad-hoc connections: its jobs listen (mTLS) on the site config's job ports."""
+    data = local_config_dict()
+    data["server"]["job_ports"] = "21000-21003"
+    kits = provision(load_site_config(write_yaml(tmp_path / "a.yaml", data)), tmp_path / "a", "a.yaml")
+    comm = json.loads((kits.server() / "local" / "comm_config.json").read_text())
+    assert comm["allow_adhoc_conns"] is True
+    assert comm["adhoc"] == {
+        "scheme": "tcp",
+        "resources": {"host": "localhost", "ports": "21000-21003", "secure": True, "connection_security": "mtls"},
+    }
+    for site in kits.config.site_names:
+        assert not (kits.site(site) / "local" / "comm_config.json").exists()
+
+    data["server"]["job_ports"] = None
+    off = provision(load_site_config(write_yaml(tmp_path / "b.yaml", data)), tmp_path / "b", "b.yaml")
+    assert not (off.server() / "local" / "comm_config.json").exists()

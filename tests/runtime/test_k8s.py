@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,6 +34,10 @@ def test_render_lint_and_template_carry_each_sites_gpu_count(helm, tmp_path: Pat
     kits = provision(cfg, tmp_path / "ws", source="site.yaml", data_root=tmp_path)
     charts = render(kits, image="registry.example.org/fedllm:1.0", namespace="fl", echo=lambda _m: None)
     assert [c.name for c in charts] == ["server", "site-1", "site-2", "site-3"]
+    # Job pods sit behind no Service of their own: the prepared server kit keeps NVFlare's internal
+    # section but not the job ports (sites would dial a port the server's Service does not front).
+    comm = json.loads((charts[0].prepared_kit / "local" / "comm_config.json").read_text())
+    assert comm["allow_adhoc_conns"] is False and "adhoc" not in comm and "internal" in comm
     for chart in charts:
         lint = subprocess.run([helm, "lint", str(chart.helm_chart)], capture_output=True, text=True)
         assert lint.returncode == 0, lint.stdout + lint.stderr

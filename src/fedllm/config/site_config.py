@@ -26,6 +26,9 @@ HOSTNAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*$")
 ORG_RE = re.compile(r"^[A-Za-z0-9_]+$")
 SIZE_RE = re.compile(r"^[0-9]+[bkmg]?$")
+PORT_RANGE_RE = re.compile(r"^([0-9]{1,5})-([0-9]{1,5})$")
+# One port per job running at the same time; a range this long is a typo, not a plan.
+MAX_JOB_PORTS = 1000
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 GpuId = Annotated[StrictInt, Field(ge=0)]
@@ -69,6 +72,36 @@ class Server(_Strict):
     # stops waiting for its results; NVFlare's default of 600 stalls a round for 10 minutes when a
     # site dies. Raise it for links that can stall longer than this.
     heartbeat_timeout_s: int = Field(default=120, ge=30, le=86400)
+    # Ports ("first-last") on which each running job's server process listens (mTLS, like
+    # fed_learn_port), one port per job running at once: the sites' job processes connect to it
+    # directly (NVFlare's ad-hoc connections) instead of having every byte relayed by the server's
+    # parent process — 20 % less CPU per round and 12–13 % shorter rounds for a 1 GiB model
+    # (docs/exchange.md). Sites that cannot reach them fall back to fed_learn_port. null: no job ports.
+    job_ports: str | None = "8004-8013"
+
+    @field_validator("job_ports")
+    @classmethod
+    def _job_ports(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = PORT_RANGE_RE.fullmatch(v.strip())
+        first, last = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        if not m or not (1 <= first <= last <= 65535) or last - first + 1 > MAX_JOB_PORTS:
+            raise FixableError(
+                f"job_ports '{v}' is not a port range",
+                f"write it as first-last with 1 ≤ first ≤ last ≤ 65535 and at most {MAX_JOB_PORTS} ports, "
+                "e.g. '8004-8013' (one port per job running at once), or null to route all traffic through "
+                "fed_learn_port",
+            )
+        return f"{first}-{last}"
+
+    @property
+    def job_port_range(self) -> tuple[int, int] | None:
+        """(first, last) of `job_ports`, or None."""
+        if self.job_ports is None:
+            return None
+        first, last = self.job_ports.split("-")
+        return int(first), int(last)
 
     @field_validator("name")
     @classmethod
@@ -273,6 +306,21 @@ def cross_field_problems(raw: Any, line_of: Callable[[Path_], int | None]) -> li
                 "use two different ports, e.g. fed_learn_port: 8002 and admin_port: 8003",
             )
         )
+    job_ports = server.get("job_ports", "8004-8013")
+    m = PORT_RANGE_RE.fullmatch(job_ports.strip()) if isinstance(job_ports, str) else None
+    first, last = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if m and 1 <= first <= last <= 65535 and last - first < MAX_JOB_PORTS:  # else the field check reports it
+        ports = {k: p for k, p in (("fed_learn_port", fl_port), ("admin_port", adm_port)) if isinstance(p, int)}
+        above = max(ports.values(), default=0) + 1
+        for key, port in ports.items():
+            if first <= port <= last:
+                out.append(
+                    (
+                        ("server", "job_ports"),
+                        f"job_ports {first}-{last} includes {key} {port}",
+                        f"move the range off the server's ports, e.g. job_ports: '{above}-{above + last - first}'",
+                    )
+                )
 
     def entries(key: str) -> list[tuple[int, dict]]:
         items = raw.get(key)

@@ -95,6 +95,8 @@ class ComposeBuilder(Builder):
         svc["hostname"] = server.name
         svc["networks"] = {"default": {"aliases": [server.name]}}
         svc["ports"] = [f"{p}:{p}" for p in (server.fed_learn_port, server.admin_port)]
+        if server.job_ports:  # each running job's own mTLS listener (JobConnectionsBuilder)
+            svc["ports"].append(f"{server.job_ports}:{server.job_ports}")
         svc["healthcheck"] = {
             # Healthy once the admin port accepts connections: NVFlare opens it when the server has started.
             "test": [

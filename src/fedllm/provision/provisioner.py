@@ -84,6 +84,16 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
             "path": "fedllm.provision.builders.ServerLivenessBuilder",
             "args": {"heartbeat_timeout": config.server.heartbeat_timeout_s},
         },
+        *(
+            [
+                {
+                    "path": "fedllm.provision.builders.JobConnectionsBuilder",
+                    "args": {"server_name": config.server.name, "ports": config.server.job_ports},
+                }
+            ]
+            if config.server.job_ports
+            else []
+        ),
         {
             "path": "fedllm.provision.compose.ComposeBuilder",
             "args": {"site_config": config.model_dump(mode="json"), "source": source, "data_root": str(data_root)},

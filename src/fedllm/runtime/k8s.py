@@ -11,6 +11,7 @@ under `prod_NN/k8s/` and travel to each cluster the same way kits do.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,6 +56,21 @@ def deploy_config(kits: Kits, image: str, namespace: str, site: Site | None) -> 
     return cfg
 
 
+def _without_job_ports(comm_config: Path) -> None:
+    """Drop the server's job ports (fedllm.provision.builders.JobConnectionsBuilder) from a prepared k8s kit.
+
+    On Kubernetes each job runs in a pod of its own, which the server's Service does not front: sites
+    dialing `server:<job port>` would only retry a refused connection. Jobs talk through the server
+    parent there, as NVFlare's k8s launcher sets up (its `internal` section stays).
+    """
+    if not comm_config.is_file():
+        return
+    config = json.loads(comm_config.read_text(encoding="utf-8"))
+    config.pop("adhoc", None)
+    config["allow_adhoc_conns"] = False
+    comm_config.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+
+
 def render(kits: Kits, image: str, namespace: str = "fedllm", out: Path | None = None, echo=print) -> list[Rendered]:
     out = (out or kits.prod_dir / K8S_DIR).resolve()
     participants: list[tuple[str, Site | None]] = [(kits.config.server.name, None)]
@@ -73,6 +89,8 @@ def render(kits: Kits, image: str, namespace: str = "fedllm", out: Path | None =
             raise K8sRenderError(
                 f"nvflare deploy prepare failed for '{name}' (config {config_path}):\n{(proc.stdout + proc.stderr)[-2000:]}"
             )
+        if site is None:
+            _without_job_ports(target / "local" / "comm_config.json")
         gpus = len(site.gpus) if site else 0
         rendered.append(Rendered(name, target, chart, gpus))
         echo(
