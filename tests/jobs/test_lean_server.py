@@ -9,6 +9,7 @@ import threading
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from nvflare.apis.dxo import DXO, DataKind
@@ -186,8 +187,10 @@ def test_a_checkpoint_that_does_not_read_back_is_not_installed(tmp_path: Path) -
 
 def test_foreground_checkpoint_is_on_disk_when_save_returns(tmp_path: Path) -> None:
     persistor, fl_ctx, learnable = _started_persistor(tmp_path, background_save=False)
-    persistor.save_model(_filled(learnable, 5.0), fl_ctx)
-    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["model"]
+    weights = {k: torch.full_like(v, 5.0) for k, v in learnable["weights"].items()}
+    # Metadata of types torch's weights-only loader refuses must not fail the read-back.
+    persistor.save_model(make_model_learnable(weights, {"val_accuracy": np.float64(0.5)}), fl_ctx)
+    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=False)["model"]
     assert all(torch.equal(t, torch.full_like(t, 5.0)) for t in saved.values())
 
 

@@ -87,7 +87,9 @@ def write_checkpoint(save_dict: dict, path: str) -> None:
 
 
 def _verify_checkpoint(save_dict: dict, path: str) -> None:
-    written = torch.load(path, mmap=True, weights_only=True)
+    # Our own file, written a moment ago: the full unpickler, so metadata of any type the persistor
+    # keeps (train_conf, meta) reads back as well; mmap leaves the tensor data on disk.
+    written = torch.load(path, mmap=True, weights_only=False)
     for key, value in save_dict.items():
         if not isinstance(value, dict) or key not in written:
             continue
