@@ -33,7 +33,7 @@ class LinearTask:
             loss = self._loss()
             loss.backward()
             opt.step()
-        return TrainOutcome(steps=epochs * 10, train_loss=float(loss))
+        return TrainOutcome(steps=epochs * 10, train_loss=float(loss.detach()))
 
     def evaluate(self):
         with torch.no_grad():
