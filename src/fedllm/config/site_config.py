@@ -30,6 +30,18 @@ PORT_RANGE_RE = re.compile(r"^([0-9]{1,5})-([0-9]{1,5})$")
 # One port per job running at the same time; a range this long is a typo, not a plan.
 MAX_JOB_PORTS = 1000
 
+
+def parse_port_range(value: object) -> tuple[int, int] | None:
+    """(first, last) of a 'first-last' port range of at most MAX_JOB_PORTS ports, or None if it is not one."""
+    m = PORT_RANGE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if m is None:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    if not (1 <= first <= last <= 65535) or last - first + 1 > MAX_JOB_PORTS:
+        return None
+    return first, last
+
+
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 GpuId = Annotated[StrictInt, Field(ge=0)]
 SUPPORTED_NVFLARE = "2.9"
@@ -84,24 +96,20 @@ class Server(_Strict):
     def _job_ports(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        m = PORT_RANGE_RE.fullmatch(v.strip())
-        first, last = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        if not m or not (1 <= first <= last <= 65535) or last - first + 1 > MAX_JOB_PORTS:
+        port_range = parse_port_range(v)
+        if port_range is None:
             raise FixableError(
                 f"job_ports '{v}' is not a port range",
                 f"write it as first-last with 1 ≤ first ≤ last ≤ 65535 and at most {MAX_JOB_PORTS} ports, "
                 "e.g. '8004-8013' (one port per job running at once), or null to route all traffic through "
                 "fed_learn_port",
             )
-        return f"{first}-{last}"
+        return "{}-{}".format(*port_range)
 
     @property
     def job_port_range(self) -> tuple[int, int] | None:
         """(first, last) of `job_ports`, or None."""
-        if self.job_ports is None:
-            return None
-        first, last = self.job_ports.split("-")
-        return int(first), int(last)
+        return parse_port_range(self.job_ports)
 
     @field_validator("name")
     @classmethod
@@ -306,10 +314,9 @@ def cross_field_problems(raw: Any, line_of: Callable[[Path_], int | None]) -> li
                 "use two different ports, e.g. fed_learn_port: 8002 and admin_port: 8003",
             )
         )
-    job_ports = server.get("job_ports", "8004-8013")
-    m = PORT_RANGE_RE.fullmatch(job_ports.strip()) if isinstance(job_ports, str) else None
-    first, last = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    if m and 1 <= first <= last <= 65535 and last - first < MAX_JOB_PORTS:  # else the field check reports it
+    job_port_range = parse_port_range(server.get("job_ports", Server.model_fields["job_ports"].default))
+    if job_port_range is not None:  # else the field check reports it
+        first, last = job_port_range
         ports = {k: p for k, p in (("fed_learn_port", fl_port), ("admin_port", adm_port)) if isinstance(p, int)}
         above = max(ports.values(), default=0) + 1
         for key, port in ports.items():

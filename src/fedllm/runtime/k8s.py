@@ -22,6 +22,7 @@ import yaml
 from fedllm.config.site_config import LABEL_RE, Site
 from fedllm.errors import FedllmError
 from fedllm.provision import Kits
+from fedllm.provision.builders import COMM_CONFIG_NAME
 
 K8S_DIR = "k8s"
 # NVFlare's default parent-pod requests; GPUs are added per site. Override per cluster in values.yaml.
@@ -90,7 +91,7 @@ def render(kits: Kits, image: str, namespace: str = "fedllm", out: Path | None =
                 f"nvflare deploy prepare failed for '{name}' (config {config_path}):\n{(proc.stdout + proc.stderr)[-2000:]}"
             )
         if site is None:
-            _without_job_ports(target / "local" / "comm_config.json")
+            _without_job_ports(target / "local" / COMM_CONFIG_NAME)
         gpus = len(site.gpus) if site else 0
         rendered.append(Rendered(name, target, chart, gpus))
         echo(
