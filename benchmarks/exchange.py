@@ -312,11 +312,6 @@ def round_marks(server_log: str) -> list[float]:
     return marks
 
 
-def round_times(server_log: str) -> list[float]:
-    """Wall time of each FedAvg round (round start → next start / finish)."""
-    return [b - a for a, b in itertools.pairwise(round_marks(server_log))]
-
-
 def echo_template(size_mib: float, options: ExchangeOptions, dtype: str = "float32") -> JobTemplate:
     return JobTemplate(
         name="echo",
@@ -431,7 +426,7 @@ def ceiling_line(size_mib: float, mtls: dict[str, float]) -> str:
     floor_s = 2 * model / (best * GB)
     return (
         f"mTLS ceiling {best:.2f} GB/s per direction: a 1-site round of {size_label(size_mib)} needs ≥ {floor_s:.2f} s "
-        f"on the wire alone → ≤ {2 * model / floor_s / GB:.2f} GB/s effective with zero time for anything else"
+        f"on the wire alone → ≤ {best:.2f} GB/s effective with zero time for anything else"
     )
 
 
