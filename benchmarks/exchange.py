@@ -278,7 +278,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
     @property
-    def best_round_s(self) -> float:
+    def median_round_s(self) -> float:
         # Round 0 also pays for job start-up work (first imports, allocator warm-up) in some paths;
         # report the median of the rounds so one outlier neither helps nor hurts.
         s = sorted(self.round_s)
@@ -286,7 +286,7 @@ class Result:
 
     @property
     def gbps(self) -> float:
-        return 2 * self.model_bytes * self.sites / self.best_round_s / GB
+        return 2 * self.model_bytes * self.sites / self.median_round_s / GB
 
     @property
     def peak_x(self) -> float:
@@ -406,7 +406,7 @@ def markdown_table(results: list[Result], tcp_gbps: float, mtls: dict[str, float
         server_name = next(n for n in r.cpu_per_round if n not in r.peak_sites) if r.cpu_per_round else None
         site_cpu = max((sum(v.values()) for n, v in r.cpu_per_round.items() if n in r.peak_sites), default=0.0)
         rows.append(
-            f"| {size_label(r.model_bytes / 2**20)} | {r.sites} | {r.profile} | {r.best_round_s:.1f} | {r.gbps:.2f} | "
+            f"| {size_label(r.model_bytes / 2**20)} | {r.sites} | {r.profile} | {r.median_round_s:.1f} | {r.gbps:.2f} | "
             f"{speedup} | {r.peak_server / GB:.1f} GB ({r.peak_server / r.model_bytes:.1f}×) | "
             f"{site_peak / GB:.1f} GB ({site_peak / r.model_bytes:.1f}×) | "
             f"{_cpu(r.cpu_per_round.get(server_name, {})) if server_name else '—'} | {site_cpu:.1f} |"
