@@ -29,10 +29,10 @@ demo: install  ## 3 local sites, a FedAvg job that really trains, metrics, shut 
 test: install  ## the test suite (the README's test command)
 	$(BIN)/pytest -q
 
-lint: install  ## ruff lint + format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: install  ## ruff lint + format check + import contracts (lint-imports)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
-format: install
+format: install  ## ruff: fix what it can, then format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 validate: install  ## check CONFIG (default site_configs/default.yaml)
@@ -47,7 +47,7 @@ up: install  ## start server and sites as local processes (containers: docker co
 down: install  ## stop the native federation
 	$(BIN)/fedllm down -c $(CONFIG) -w $(WORKSPACE)
 
-status: install
+status: install  ## which native participants run and which sites the server sees
 	$(BIN)/fedllm status -c $(CONFIG) -w $(WORKSPACE)
 
 submit: install  ## submit JOB=<job folder>, wait, download into runs/results
@@ -121,7 +121,7 @@ data-fpb: install  ## Financial PhraseBank (FPB_RAW=extracted folder) → data/f
 	$(BIN)/fedllm data fpb --raw $(FPB_RAW) --out data/fpb
 	$(BIN)/fedllm data split --input data/fpb/financial_phrase_bank_train.jsonl --num-sites $(SITES) --out data/fpb/sites
 
-data-sft: install  ## SFT set (SFT_FORMAT=alpaca|dolly|oasst1, SFT_INPUT=file) → data/$(SFT_FORMAT)/{training,validation,testing}.jsonl
+data-sft: install  ## SFT set (SFT_FORMAT=alpaca|dolly|oasst1, SFT_INPUT=file) → data/<format>/{training,validation,testing}.jsonl
 	$(BIN)/fedllm data sft --format $(SFT_FORMAT) --input $(SFT_INPUT) --out data/$(SFT_FORMAT)
 
 tiny-gpt: install  ## build (once) the tiny GPT-2 the demo and tests adapt; prints its folder
@@ -132,4 +132,4 @@ tiny-gpt: install  ## build (once) the tiny GPT-2 the demo and tests adapt; prin
 # The Python that has NeMo (the NeMo image's); .venv has none.
 NEMO_PY ?= python3
 nemo-gpu-proof:  ## GPU + NeMo only: one p-tuning round of a random-weight 345M through a real server and site
-	$(NEMO_PY) -m fedllm.nemo.gpu_proof --workspace $(WORKSPACE)/nemo-gpu-proof --sites 1 --rounds 1
+	$(NEMO_PY) -m fedllm.apps.gpu_proof --workspace $(WORKSPACE)/nemo-gpu-proof --sites 1 --rounds 1

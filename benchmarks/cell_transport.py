@@ -3,7 +3,7 @@
 What `benchmarks/exchange.py` measures is a whole FedAvg round (task hand-out, site, aggregation,
 checkpoint); this isolates the part every byte goes through: two NVFlare cells (the kits' own
 certificates, NVFlare's tcp driver) and FOBS's download service with fedllm's raw tensor views
-(fedllm.jobs.tensor_wire), the path a site's job and the server's job use when they talk directly
+(fedllm.flare.tensor_wire), the path a site's job and the server's job use when they talk directly
 (server.job_ports). The baseline, measured in the same run with the same certificates: one mTLS
 stream between two processes, no framework. The ratio says how much of the wire NVFlare's Python
 stack leaves, and the CPU seconds per GiB say on which side it goes:
@@ -51,8 +51,8 @@ def serve(url: str, kit: str, identity: str, size_mib: float, downloads: int, ch
     from nvflare.fuel.f3.cellnet.cell import Cell
     from nvflare.fuel.f3.streaming.download_service import DownloadService
 
-    from fedllm.jobs.tensor_wire import TensorViewDownloadable
-    from fedllm.training.echo import iter_weights
+    from fedllm.flare.server_models import iter_weights
+    from fedllm.flare.tensor_wire import TensorViewDownloadable
 
     cell = Cell(
         fqcn=SERVER_FQCN,
@@ -79,7 +79,7 @@ def main() -> None:
 
     from nvflare.fuel.f3.cellnet.cell import Cell
 
-    from fedllm.jobs.tensor_wire import download_tensor_views
+    from fedllm.flare.tensor_wire import download_tensor_views
 
     with tempfile.TemporaryDirectory(prefix="fedllm-cellbench-") as tmp:
         kits = provision_kits(Path(tmp), sites=1)

@@ -23,7 +23,6 @@ import multiprocessing
 import re
 import socket
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -33,16 +32,12 @@ from pathlib import Path
 
 import psutil
 
-from fedllm.config import load_site_config
+from fedllm.apps.local_federation import local_federation, loopback_config_dict
+from fedllm.config.site_config import SiteConfig
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.exchange import ExchangeOptions
-from fedllm.jobs.submit import submit_job
 from fedllm.jobs.template import InitialModel, JobTemplate
 from fedllm.provision import Kits, provision
-from fedllm.runtime import native
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's test helpers (free ports, site YAML)
-from tests.conftest import local_config_dict, write_yaml
 
 GB = 1e9
 # Named exchange settings the benchmark compares (ExchangeOptions fields; see fedllm.jobs.exchange).
@@ -315,9 +310,9 @@ def round_marks(server_log: str) -> list[float]:
 def echo_template(size_mib: float, options: ExchangeOptions, dtype: str = "float32") -> JobTemplate:
     return JobTemplate(
         name="echo",
-        trainer="fedllm.training.echo",
+        trainer="fedllm.training.toy.echo",
         initial_model=InitialModel(
-            class_path="fedllm.training.echo.EchoModel", args={"size_mib": size_mib, "dtype": dtype}
+            class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": size_mib, "dtype": dtype}
         ),
         key_metric="val_accuracy",
         train_args={"size_mib": size_mib, "dtype": dtype},
@@ -325,36 +320,36 @@ def echo_template(size_mib: float, options: ExchangeOptions, dtype: str = "float
     )
 
 
+def loopback_config(sites: int, job_ports: bool = True) -> SiteConfig:
+    """A loopback federation of `sites` sites on free ports; without job ports everything crosses the parent."""
+    return SiteConfig.model_validate(loopback_config_dict("xbench", sites, job_ports=job_ports))
+
+
 def provision_kits(root: Path, sites: int, job_ports: bool = True) -> Kits:
     """mTLS startup kits for a loopback federation of `sites` sites under `root` (free ports)."""
-    data = local_config_dict(project="xbench", sites=sites)
-    if not job_ports:
-        data["server"]["job_ports"] = None
-    cfg = load_site_config(write_yaml(root / "site.yaml", data))
-    return provision(cfg, root / "ws", source="site.yaml", data_root=root)
+    return provision(loopback_config(sites, job_ports), root / "ws", source="benchmark", data_root=root)
 
 
 def run_once(root: Path, profile: str, sites: int, size_mib: float, rounds: int, log) -> Result:
     options = ExchangeOptions.model_validate(PROFILES[profile])
-    kits = provision_kits(root, sites, job_ports=profile not in WITHOUT_JOB_PORTS)
-    cfg = kits.config
+    cfg = loopback_config(sites, job_ports=profile not in WITHOUT_JOB_PORTS)
     template = echo_template(size_mib, options)
     spec = resolve_spec(template, "fedavg", num_clients=sites, rounds=rounds)
     job_dir = create_job(spec, root / "jobs")
-    procs = native.up(kits, timeout=120, echo=lambda _m: None)
-    sampler = ProcessSampler({p.name: p.pid for p in procs})
-    sampler.start()
-    try:
-        submit_job(kits, job_dir, wait=True, timeout=3600, echo=lambda m: log(f"    {m}"))
-    except Exception:
-        if sampler.oom:
-            raise OutOfMemory(f"stopped: less than {MIN_AVAILABLE_BYTES / GB:.1f} GB of RAM left") from None
-        raise
-    finally:
-        peaks = sampler.stop()
-        native.down(kits, echo=lambda _m: None)
+    with local_federation(cfg, root / "ws", data_root=root, source="benchmark", echo=lambda _m: None) as fed:
+        sampler = ProcessSampler({p.name: p.pid for p in fed.processes})
+        sampler.start()
+        try:
+            fed.submit(job_dir, timeout=3600, echo=lambda m: log(f"    {m}"))
+        except Exception:
+            if sampler.oom:
+                raise OutOfMemory(f"stopped: less than {MIN_AVAILABLE_BYTES / GB:.1f} GB of RAM left") from None
+            raise
+        finally:
+            peaks = sampler.stop()
+        server_log = fed.log(cfg.server.name)
     model_bytes = int(size_mib * 2**20)
-    marks = round_marks((native.run_dir(kits) / "logs" / f"{cfg.server.name}.log").read_text(errors="replace"))
+    marks = round_marks(server_log.read_text(errors="replace"))
     rounds_done = max(1, len(marks) - 1)
     cpu = {
         name: {role: sec / rounds_done for role, sec in sampler.cpu_between(name, marks[0], marks[-1]).items()}

@@ -15,9 +15,10 @@ import torch
 
 from fedllm.data.split import dirichlet_split
 from fedllm.data.synthetic import sentiment_records, skewed_site_records
+from fedllm.flare.server_models import PeftPromptEncoderWeights
 from fedllm.training.core import run_round
-from fedllm.training.ptuning import PromptEncoderModule, PTuningTask
-from fedllm.training.tiny_gpt import TinyGptSpec, build_tiny_gpt
+from fedllm.training.hf.ptuning import PTuningTask
+from fedllm.training.hf.tiny_gpt import TinyGptSpec, build_tiny_gpt
 
 
 def fedavg(states: list[dict], weights: list[int]) -> dict:
@@ -48,7 +49,7 @@ def main() -> None:
     majority = Counter(r["label"] for r in val).most_common(1)[0][1] / len(val)
     print(f"majority-class rate {majority:.3f}; site labels: {[dict(Counter(r['label'] for r in s)) for s in parts]}")
     tasks = [PTuningTask(model, part, val, lr=args.lr) for part in parts]
-    init = PromptEncoderModule(tasks[0].model.get_input_embeddings().embedding_dim).state_dict()
+    init = PeftPromptEncoderWeights(tasks[0].model.get_input_embeddings().embedding_dim).state_dict()
 
     t0 = time.monotonic()
     local = [run_round(task, init, args.rounds * args.epochs, args.seed)[1]["val_accuracy"] for task in tasks]

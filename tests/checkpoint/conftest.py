@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pytest
-import torch
-import yaml
 
-from fedllm.checkpoint.synthetic import TinyGPT
-
-
-def load_ranks(path) -> tuple[dict, list[dict]]:
-    """Config and every rank's state dict of a .nemo, read with tarfile + torch.load (not fedllm's reader)."""
-    with tarfile.open(path, "r:*") as tar:
-        files = {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar if m.isfile()}
-    cfg = yaml.safe_load(files["model_config.yaml"])
-    tp = cfg["tensor_model_parallel_size"]
-    names = ["model_weights.ckpt"] if tp == 1 else [f"mp_rank_{r:02d}/model_weights.ckpt" for r in range(tp)]
-    return cfg, [torch.load(io.BytesIO(files[n]), weights_only=False) for n in names]
-
-
-def tar_members(path) -> dict[str, bytes]:
-    with tarfile.open(path, "r:*") as tar:
-        return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar if m.isfile()}
+from tests.support.synthetic_checkpoint import TinyGPT
 
 
 @pytest.fixture

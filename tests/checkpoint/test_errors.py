@@ -10,9 +10,9 @@ import torch
 
 from fedllm.checkpoint import CheckpointError, DistributedCheckpointError, convert, summarize
 from fedllm.checkpoint import reshard as reshard_module
-from fedllm.checkpoint.synthetic import TinyGPT
 from fedllm.cli.main import main
-from tests.checkpoint.conftest import tar_members
+from tests.support.nemo_files import tar_members
+from tests.support.synthetic_checkpoint import TinyGPT
 
 
 def _rewrite(path, members: dict[str, bytes]) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from fedllm.checkpoint import CheckpointError
 from fedllm.checkpoint.hf_export import export_hf
-from fedllm.checkpoint.synthetic import TinyGPT
 from fedllm.cli.main import main
-from tests.checkpoint.conftest import load_ranks
-from tests.checkpoint.tp_forward import tp_logits
+from tests.support.nemo_files import load_ranks
+from tests.support.synthetic_checkpoint import TinyGPT
+from tests.support.tp_forward import tp_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,5 +83,9 @@ def test_unsupported_settings_are_named(tmp_path):
 def test_cli_export(tmp_path, capsys):
     src = TinyGPT().write(tmp_path / "m.nemo", 1)
     assert main(["ckpt", "export-hf", str(src), str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "config.json").exists()
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (
+        config["model_type"] == "gpt2" and "dtype" in config and "torch_dtype" not in config
+    )  # not the deprecated key
     assert "GPT-2" in capsys.readouterr().out

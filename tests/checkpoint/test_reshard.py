@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedllm.checkpoint import compare_merged, convert, summarize
-from fedllm.checkpoint.synthetic import MERGES_ARTIFACT, VOCAB_ARTIFACT, TinyGPT
-from tests.checkpoint.conftest import load_ranks, tar_members
-from tests.checkpoint.tp_forward import tp_logits
+from tests.support.nemo_files import load_ranks, tar_members
+from tests.support.synthetic_checkpoint import MERGES_ARTIFACT, VOCAB_ARTIFACT, TinyGPT
+from tests.support.tp_forward import tp_logits
 
 MODELS = {
     "legacy-gelu": TinyGPT(layout="legacy"),

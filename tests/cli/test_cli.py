@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from fedllm.cli.main import main
-from tests.conftest import local_config_dict, write_yaml
+from tests.support.sites import local_config_dict, write_yaml
 
 
 def test_validate_ok(local_config: Path, capsys) -> None:

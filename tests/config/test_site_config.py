@@ -8,7 +8,7 @@ import pytest
 
 from fedllm.config import ConfigError, load_site_config
 from fedllm.resources import resource_dir
-from tests.conftest import write_yaml
+from tests.support.sites import write_yaml
 
 VALID = """\
 project: fedllm
@@ -190,7 +190,7 @@ def test_duplicate_yaml_keys_are_reported(tmp_path: Path) -> None:
 def test_container_settings_and_reserved_admin_name(tmp_path):
     from fedllm.config import load_site_config
     from fedllm.config.problems import ConfigError
-    from tests.conftest import local_config_dict, write_yaml
+    from tests.support.sites import local_config_dict, write_yaml
 
     data = local_config_dict()
     cfg = load_site_config(write_yaml(tmp_path / "ok.yaml", data))
@@ -206,3 +206,12 @@ def test_container_settings_and_reserved_admin_name(tmp_path):
     assert "site name 'admin' is reserved" in text and "sites[0].name" in text
     assert "sites[1].workload" in text and "gpt-20b-ptuning-tp2" in text
     assert "container.ulimits.stack" in text and "container.image" in text
+
+
+def test_an_unknown_site_name_is_a_clear_error(tmp_path) -> None:
+    from fedllm.config.site_config import UnknownSiteError
+    from tests.support.sites import local_config_dict
+
+    cfg = load_site_config(write_yaml(tmp_path / "site.yaml", local_config_dict()))
+    with pytest.raises(UnknownSiteError, match=r"no site named 'site-9'.*its sites: site-1, site-2, site-3.*Fix:"):
+        cfg.site("site-9")

@@ -8,26 +8,11 @@ skip them deliberately on a workstation.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TEST_IMAGE = os.environ.get("FEDLLM_TEST_IMAGE", "fedllm:test")
-TEST_BASE = "fedllm-test-base"
-# Image builds and `docker compose up` need several GB; helpers and CI runs take turns through this lock.
-HEAVY_LOCK = "/tmp/fedllm-heavy.lock"
-
-
-def run(cmd: list[str], timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
-    return proc
+from tests.support.compose import HEAVY_LOCK, REPO, TEST_BASE, TEST_IMAGE, run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.docker.conftest import REPO, run
-from tests.docker.helpers import GPUS, compose_config_dict, provision_compose, rendered
+from tests.support.compose import GPUS, REPO, compose_config_dict, provision_compose, rendered, run
 
-pytestmark = pytest.mark.docker
+# The image build pip-installs NVFlare and fedllm's dependencies from PyPI.
+pytestmark = [pytest.mark.docker, pytest.mark.network]
 
 
 def _binds(service: dict) -> dict[str, tuple[str, bool]]:

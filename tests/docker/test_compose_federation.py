@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.jobs.submit import read_round_metrics
-from tests.docker.conftest import HEAVY_LOCK, run
-from tests.docker.helpers import compose, compose_config_dict, provision_compose
+from fedllm.results.metrics import read_round_metrics
+from tests.support.compose import HEAVY_LOCK, compose, compose_config_dict, provision_compose, run
 
-pytestmark = pytest.mark.docker
+# The image build pip-installs NVFlare and fedllm's dependencies from PyPI.
+pytestmark = [pytest.mark.docker, pytest.mark.network]
 
 ROUNDS = 2
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker.conftest import TEST_BASE, run
-from tests.docker.helpers import compose_config_dict, provision_compose
+from tests.support.compose import TEST_BASE, compose_config_dict, provision_compose, run
 
-pytestmark = pytest.mark.docker
+# The image build pip-installs NVFlare and fedllm's dependencies from PyPI.
+pytestmark = [pytest.mark.docker, pytest.mark.network]
 
 KIT_FILE_NAMES = {"fed_server.json", "fed_client.json", "fed_admin.json", "rootCA.pem", "client.key", "server.key"}
 # A real PEM private key: the header followed by base64 key material (code that only names the header does not match).

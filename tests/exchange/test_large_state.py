@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedllm.jobs.submit import submit_job
-from fedllm.runtime import native
-
-from .conftest import echo_job, start_federation
+from tests.support.exchange import echo_federation, echo_job
 
 pytestmark = pytest.mark.federation
 
@@ -17,14 +14,11 @@ SIZE_MIB = 2100
 
 
 def test_state_over_2gb_crosses_both_ways(tmp_path):
-    kits = start_federation(tmp_path / "fed", sites=1)
-    try:
+    with echo_federation(tmp_path / "fed", sites=1) as fed:
         # Two rounds with --verify: round 0 checks server → site; round 1's weights are the server's
         # aggregate of the site's round-0 echo, so its check covers site → server too.
         job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=1, rounds=2, name="echo-2gb", tensor_mib=SIZE_MIB)
-        result = submit_job(kits, job, timeout=900, echo=lambda _m: None)
+        result = fed.submit(job, timeout=900, echo=lambda _m: None)
         assert result.ok, result.status
-        site_log = next((kits.site("site-1")).glob(f"{result.job_id}/log.txt")).read_text(errors="replace")
+        site_log = (fed.kits.site("site-1") / result.job_id / "log.txt").read_text(errors="replace")
         assert "round 1: weights verified" in site_log, site_log[-3000:]
-    finally:
-        native.down(kits, echo=lambda _m: None)

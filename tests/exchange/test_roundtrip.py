@@ -11,12 +11,12 @@ import psutil
 import pytest
 import torch
 
+from fedllm.flare.server_models import EchoModel
 from fedllm.jobs.exchange import ExchangeOptions
-from fedllm.jobs.submit import submit_job
+from fedllm.results.metrics import load_global_state
 from fedllm.runtime import native
-from fedllm.training.echo import EchoModel, max_abs_diff, state_digest
-
-from .conftest import echo_job
+from tests.support.exchange import echo_job
+from tests.support.weights import max_abs_diff, state_digest
 
 pytestmark = pytest.mark.federation
 
@@ -24,14 +24,12 @@ SIZE_MIB = 48  # several tensors (64 MiB each would make one); small enough for 
 
 
 def _global_model(result_dir) -> dict:
-    path = result_dir / "workspace" / "app_server" / "FL_global_model.pt"
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return saved.get("model", saved)
+    return load_global_state(result_dir)
 
 
 def test_fp32_weights_are_bit_identical_after_a_round(federation_2, tmp_path):
     job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=2, name="echo-fp32")
-    result = submit_job(federation_2, job, download=tmp_path / "results", echo=lambda _m: None)
+    result = federation_2.submit(job, download=tmp_path / "results", echo=lambda _m: None)
     assert result.ok, result.status
     expected = EchoModel(SIZE_MIB).state_dict()
     got = _global_model(result.result_dir)
@@ -52,7 +50,7 @@ def test_16bit_wire_stays_within_cast_tolerance(federation_2, tmp_path, wire):
         tolerance=tolerance,
         name=f"echo-{wire}",
     )
-    result = submit_job(federation_2, job, download=tmp_path / "results", echo=lambda _m: None)
+    result = federation_2.submit(job, download=tmp_path / "results", echo=lambda _m: None)
     assert result.ok, result.status
     expected = EchoModel(SIZE_MIB).state_dict()
     got = _global_model(result.result_dir)
@@ -63,7 +61,7 @@ def test_16bit_wire_stays_within_cast_tolerance(federation_2, tmp_path, wire):
 
 def test_bf16_model_crosses_bit_identical(federation_2, tmp_path):
     job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=2, dtype="bfloat16", name="echo-bf16-model")
-    result = submit_job(federation_2, job, download=tmp_path / "results", echo=lambda _m: None)
+    result = federation_2.submit(job, download=tmp_path / "results", echo=lambda _m: None)
     assert result.ok, result.status
     got = _global_model(result.result_dir)
     assert state_digest(got) == state_digest(EchoModel(SIZE_MIB, dtype="bfloat16").state_dict())
@@ -112,12 +110,12 @@ def _fedavg_span(server_job_log: str) -> tuple[float, float]:
 
 def test_sites_exchange_weights_with_the_server_job_directly(federation_2, tmp_path):
     """Weights go site job ⇄ server job over a job port (mTLS), not through the server's parent process."""
-    sampler = IoSampler(_server_parent(federation_2))
+    sampler = IoSampler(_server_parent(federation_2.kits))
     sampler.start()
     rounds = 3
     job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=2, rounds=rounds, name="echo-direct")
     try:
-        result = submit_job(federation_2, job, download=tmp_path / "results", echo=lambda _m: None)
+        result = federation_2.submit(job, download=tmp_path / "results", echo=lambda _m: None)
     finally:
         sampler.halt.set()
         sampler.join()

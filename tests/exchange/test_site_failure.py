@@ -9,11 +9,9 @@ import time
 import psutil
 import pytest
 
-from fedllm.admin import admin_session
 from fedllm.jobs.submit import submit_job
 from fedllm.runtime import native
-
-from .conftest import echo_job, start_federation
+from tests.support.exchange import echo_federation, echo_job
 
 pytestmark = pytest.mark.federation
 
@@ -42,8 +40,8 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def test_site_killed_mid_transfer(tmp_path):
     # The shortest heartbeat timeout the site config allows: the server declares the dead site gone sooner.
-    kits = start_federation(tmp_path / "fed", sites=3, heartbeat_timeout_s=30)
-    try:
+    with echo_federation(tmp_path / "fed", sites=3, heartbeat_timeout_s=30) as fed:
+        kits = fed.kits
         procs = {p.name: p for p in native.read_state(kits)}
         job = echo_job(tmp_path / "jobs", SIZE_MIB, sites=2, rounds=2, name="echo-kill")
         result = submit_job(kits, job, wait=False, echo=lambda _m: None)
@@ -70,7 +68,7 @@ def test_site_killed_mid_transfer(tmp_path):
         received = site_log.is_file() and "round 0: received" in site_log.read_text(errors="replace")
         assert not received, f"{site} had already received the weights when it was killed (not mid-transfer)"
 
-        with admin_session(kits) as session:
+        with fed.admin() as session:
             session.monitor_job(result.job_id, timeout=600, poll_interval=2.0)
             status = session.get_job_meta(result.job_id).get("status", "")
         assert native.status(kits)[kits.config.server.name], "the server process died"
@@ -80,5 +78,3 @@ def test_site_killed_mid_transfer(tmp_path):
             s for s in survivors if "round 1: received" in (kits.site(s) / result.job_id / "log.txt").read_text()
         ]
         assert finished, f"no surviving site reached round 1 ({survivors})"
-    finally:
-        native.down(kits, echo=lambda _m: None)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.admin import admin_session, connected_sites
-from fedllm.demo import load_global_state
 from fedllm.jobs.create import create_job, resolve_spec
-from fedllm.jobs.submit import COMPLETED, JobFailed, read_round_metrics, submit_job
+from fedllm.jobs.submit import COMPLETED, JobFailed, submit_job
 from fedllm.jobs.template import load_template
-from fedllm.training import demo_mlp
+from fedllm.results.metrics import load_global_state, read_round_metrics
+from fedllm.runtime.admin import admin_session, connected_sites
+from fedllm.training.toy import demo_mlp
 
 pytestmark = pytest.mark.federation
 
@@ -38,9 +38,10 @@ def test_fedavg_job_trains_and_returns_its_result(federation, data_root: Path, t
     assert global_acc[-1] > global_acc[0] + 0.3
 
     # The downloaded global model really learned: well above chance (1/3) on the shared validation set.
-    vx, vy = demo_mlp.load_split(data_root / "data" / "val.npz")
-    final = demo_mlp.evaluate(demo_mlp.TinyClassifier.from_state_dict(load_global_state(result.result_dir)), vx, vy)
-    assert final.accuracy > 0.8
+    val = demo_mlp.load_split(data_root / "data" / "val.npz", "validation")
+    task = demo_mlp.ClassifierTask(val, val)
+    task.load_exchanged_state(load_global_state(result.result_dir))
+    assert task.evaluate()["val_accuracy"] > 0.8
 
     # Each site's own job log came back with the result.
     assert sorted(p.name for p in (result.result_dir / "site_logs").iterdir()) == [
@@ -76,6 +77,6 @@ def test_failing_site_fails_the_job_and_names_its_error(federation, tmp_path: Pa
     assert failure.status.startswith("FINISHED:") and failure.status != COMPLETED
     first_site, first_error = next(iter(failure.site_errors.items()))
     assert first_site == "site-2"
-    assert first_error.startswith("FileNotFoundError") and "/nonexistent/train.npz" in first_error
-    assert "site-2: FileNotFoundError" in str(failure)
+    assert first_error.startswith("fedllm.data.io.DataError: training file /nonexistent/train.npz not found")
+    assert "Fix:" in first_error and "site-2: fedllm.data.io.DataError" in str(failure)
     assert json.loads((failure.result_dir / "meta.json").read_text())["status"] == failure.status

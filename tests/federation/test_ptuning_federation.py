@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.apps.demo import write_demo_data
 from fedllm.data.io import read_jsonl
-from fedllm.demo import load_global_state, write_demo_data
+from fedllm.flare.server_models import PeftPromptEncoderWeights
 from fedllm.jobs.create import create_job, resolve_spec
-from fedllm.jobs.submit import COMPLETED, read_round_metrics, submit_job
+from fedllm.jobs.submit import COMPLETED, submit_job
 from fedllm.jobs.template import load_template
-from fedllm.report import write_report
-from fedllm.training.ptuning import PromptEncoderModule, PTuningTask
-from fedllm.training.tiny_gpt import build_tiny_gpt
+from fedllm.results.metrics import load_global_state, read_round_metrics
+from fedllm.results.report import write_report
+from fedllm.training.hf.ptuning import PTuningTask
+from fedllm.training.hf.tiny_gpt import build_tiny_gpt
 
 pytestmark = pytest.mark.federation
 SITES = ["site-1", "site-2", "site-3"]
@@ -57,7 +59,7 @@ def test_only_the_prompt_encoder_crossed_the_wire(ptuning_runs) -> None:
     rounds = read_round_metrics(ptuning_runs["fedavg"].result_dir)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     global_state = load_global_state(ptuning_runs["fedavg"].result_dir)
-    expected = PromptEncoderModule(token_dim=96, num_virtual_tokens=10, encoder_hidden_size=96).state_dict()
+    expected = PeftPromptEncoderWeights(token_dim=96, num_virtual_tokens=10, encoder_hidden_size=96).state_dict()
     assert {k: tuple(v.shape) for k, v in global_state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     sent = sum(v.numel() * 4 for v in expected.values())
     for rnd in rounds:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedllm.admin import admin_session, connected_sites
 from fedllm.config import load_site_config
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import submit_job
 from fedllm.jobs.template import InitialModel, JobTemplate
 from fedllm.provision import provision
-from tests.conftest import write_yaml
+from fedllm.runtime.admin import admin_session, connected_sites
+from tests.support.sites import write_yaml
 
 pytestmark = pytest.mark.federation
 
@@ -121,8 +121,8 @@ def test_job_port_speaks_mtls_only_to_this_federation(federation, tmp_path: Path
     )
     template = JobTemplate(
         name="echo",
-        trainer="fedllm.training.echo",
-        initial_model=InitialModel(class_path="fedllm.training.echo.EchoModel", args={"size_mib": 1}),
+        trainer="fedllm.training.toy.echo",
+        initial_model=InitialModel(class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": 1}),
         key_metric="val_accuracy",
         train_args={"size_mib": 1},
     )

@@ -10,7 +10,7 @@ import pytest
 from fedllm.config import ConfigError
 from fedllm.jobs.create import JobSpecError, create_job, resolve_spec
 from fedllm.jobs.template import available_templates, load_template
-from tests.conftest import write_yaml
+from tests.support.sites import write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
     controller = server["workflows"][0]["args"]
     assert (controller["num_clients"], controller["num_rounds"]) == (2, 4)
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
-    assert persistor["args"]["model_class"] == "fedllm.training.demo_mlp.TinyClassifier"
+    assert persistor["args"]["model_class"] == "fedllm.flare.server_models.TinyClassifier"
     assert persistor["args"]["model_args"] == {"in_features": 8, "hidden": 32, "classes": 3}
     client = json.loads(next(job.glob("app*/config/config_fed_client.json")).read_text())
     args = client["executors"][0]["executor"]["args"]
@@ -73,7 +73,7 @@ def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
     # The job carries only its entry script: the trainer comes from the fedllm installed on each site.
     custom = sorted(p.name for p in job.rglob("custom/*"))
     assert custom == ["fedllm_site_entry.py"]
-    assert "from fedllm.training.demo_mlp import main" in next(job.rglob("fedllm_site_entry.py")).read_text()
+    assert "from fedllm.training.toy.demo_mlp import main" in next(job.rglob("fedllm_site_entry.py")).read_text()
 
 
 def test_per_site_data_is_deployed_per_site(template, tmp_path: Path) -> None:

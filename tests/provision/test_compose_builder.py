@@ -9,7 +9,7 @@ import yaml
 
 from fedllm.config import load_site_config
 from fedllm.provision import provision
-from tests.conftest import local_config_dict, write_yaml
+from tests.support.sites import local_config_dict, write_yaml
 
 
 def _load(path: Path) -> dict:

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from fedllm.config import load_site_config
 from fedllm.provision import ProvisionError, latest_kits, provision
 from fedllm.runtime.site_env import site_environment
-from tests.conftest import local_config_dict, write_yaml
+from tests.support.sites import local_config_dict, write_yaml
 
 
 def _cert(path: Path) -> x509.Certificate:

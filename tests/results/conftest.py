@@ -9,6 +9,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_gpt() -> Path:
-    from fedllm.training.tiny_gpt import build_tiny_gpt
+    from fedllm.training.hf.tiny_gpt import build_tiny_gpt
 
     return build_tiny_gpt(log=lambda _m: None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedllm.cli.main import main
-from fedllm.report import ReportError, write_report
+from fedllm.results.report import ReportError, write_report
 
 
 def _result(root: Path, name: str, per_round: list[dict[str, float]]) -> Path:
@@ -50,11 +50,12 @@ def test_report_on_a_folder_without_metrics_fails_clearly(tmp_path: Path) -> Non
 
 def test_infer_prints_sentence_sentiment_label(tiny_gpt, tmp_path: Path, capsys) -> None:
     from fedllm.data.synthetic import sentiment_records
+    from fedllm.flare.server_models import PeftPromptEncoderWeights
     from fedllm.training.core import run_round
-    from fedllm.training.ptuning import PromptEncoderModule, PTuningTask
+    from fedllm.training.hf.ptuning import PTuningTask
 
     task = PTuningTask(str(tiny_gpt), sentiment_records(300, seed=5), sentiment_records(30, seed=6), lr=1e-2)
-    state, _, _ = run_round(task, PromptEncoderModule(96).state_dict(), epochs=3, seed=0)
+    state, _, _ = run_round(task, PeftPromptEncoderWeights(96).state_dict(), epochs=3, seed=0)
     ckpt = tmp_path / "FL_global_model.pt"
     torch.save({"model": state}, ckpt)
     sentence = sentiment_records(1, seed=42)[0]["sentence"]

@@ -11,7 +11,7 @@ import pytest
 from fedllm.config import load_site_config
 from fedllm.provision import provision
 from fedllm.runtime.container import ContainerEntryError, site_facts, stage_workspace
-from tests.conftest import local_config_dict, write_yaml
+from tests.support.sites import local_config_dict, write_yaml
 
 
 def test_stage_workspace_copies_kit_and_keeps_the_kit_untouched(tmp_path: Path):

@@ -13,7 +13,7 @@ import yaml
 from fedllm.config import load_site_config
 from fedllm.provision import provision
 from fedllm.runtime.k8s import render
-from tests.conftest import local_config_dict, write_yaml
+from tests.support.sites import local_config_dict, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 

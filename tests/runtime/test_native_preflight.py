@@ -10,7 +10,7 @@ import pytest
 from fedllm.config import load_site_config
 from fedllm.provision import provision
 from fedllm.runtime import native
-from tests.conftest import local_config_dict, write_yaml
+from tests.support.sites import local_config_dict, write_yaml
 
 
 def _kits(tmp_path: Path, **server):

@@ -46,6 +46,70 @@ def rank_member_name(tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1) -> st
     return f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}/{WEIGHTS_NAME}"
 
 
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What a `.nemo` says about itself, read without touching its weights."""
+
+    path: Path
+    config: dict[str, Any]
+    # The weights are a torch-distributed checkpoint (a model_weights/ directory, NeMo 2's save_to):
+    # TP-agnostic, NeMo reshards it when it loads.
+    distributed: bool
+
+
+def _parse_config(text: bytes | str, source: Path) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CheckpointError(
+            f"{source}: {CONFIG_NAME} is not valid YAML ({exc}). Fix: re-save the checkpoint"
+        ) from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: {CONFIG_NAME} is not a mapping. Fix: re-save the checkpoint with NeMo")
+    return cfg
+
+
+def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
+    """model_config.yaml and the weights' layout of a .nemo archive (plain or gzip) or an extracted folder.
+
+    Only tar headers are read (a plain tar is skipped through, a gzip one decompressed up to what is
+    needed), so this is cheap even for a 38 GB checkpoint: sites check it before NeMo loads anything.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist on this machine. Fix: put the .nemo file there (sites read it from "
+            "their own disk or data mount) or pass its path with `fedllm job create ... --model <path>`"
+        )
+    if path.is_dir():
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} has no {CONFIG_NAME}, so it is not an extracted NeMo checkpoint")
+        return CheckpointHeader(path, _parse_config(config_file.read_bytes(), path), (path / "model_weights").is_dir())
+    config: dict[str, Any] | None = None
+    distributed = False
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                name = _normalize(info.name)
+                distributed = distributed or name == "model_weights" or name.startswith("model_weights/")
+                if name == CONFIG_NAME and info.isfile():
+                    handle = tar.extractfile(info)
+                    config = _parse_config(handle.read() if handle else b"", path)
+                if config is not None and distributed:
+                    break
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable .nemo archive ({type(exc).__name__}: {exc}). Fix: re-download or re-save it"
+        ) from exc
+    if config is None:
+        raise CheckpointError(
+            f"{path} has no {CONFIG_NAME}, so it is not a NeMo checkpoint. Fix: pass a .nemo saved by NeMo "
+            "(model.save_to) or written by `fedllm ckpt convert`"
+        )
+    return CheckpointHeader(path, config, distributed)
+
+
 @dataclass
 class _Member:
     name: str  # normalized
@@ -132,13 +196,7 @@ class NemoArchive:
             )
 
     def _read_config(self) -> dict[str, Any]:
-        try:
-            cfg = yaml.safe_load(self.read_member(CONFIG_NAME))
-        except yaml.YAMLError as exc:
-            raise CheckpointError(f"{self.path}: {CONFIG_NAME} is not valid YAML ({exc})") from exc
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{self.path}: {CONFIG_NAME} is not a mapping")
-        return cfg
+        return _parse_config(self.read_member(CONFIG_NAME), self.path)
 
     def _find_ranks(self) -> dict[tuple[int, int], str]:
         """(tp_rank, pp_rank) → member name, checked against the config's TP and PP sizes."""

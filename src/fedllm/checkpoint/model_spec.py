@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from fedllm.checkpoint.archive import read_header
 from fedllm.checkpoint.errors import CheckpointError
 
 # Activations whose fc1 holds [W; V] (gate and value) in one tensor. NeMo's legacy model fuses them only for
@@ -93,3 +95,34 @@ class ModelSpec:
                 raise CheckpointError(
                     f"{self.source}: {what} tensor-parallel size {tp} does not divide {name}={value}; use one of {ok}"
                 )
+
+    def check_fits_site(self, devices: int, *, distributed: bool = False) -> None:
+        """Raise unless one copy of the model spans exactly a site's `devices` GPUs (one process per GPU).
+
+        Megatron shards per-rank checkpoints by TP rank, so a TP=2 file needs exactly two processes; a
+        torch-distributed checkpoint (`distributed`) is resharded by NeMo on load and only needs a TP
+        that divides the model.
+        """
+        if self.pipeline_parallel != 1:
+            raise CheckpointError(
+                f"{self.source}: model_config.yaml field pipeline_model_parallel_size is {self.pipeline_parallel}; "
+                "fedllm's NeMo jobs use tensor parallelism only. Fix: re-save the checkpoint with "
+                "pipeline_model_parallel_size 1"
+            )
+        if distributed:
+            self.check_tp(devices, what="the site's")
+            return
+        if self.tensor_parallel != devices:
+            raise CheckpointError(
+                f"{self.source}: model_config.yaml field tensor_model_parallel_size is {self.tensor_parallel}, but "
+                f"the site trains on {devices} GPU(s) (one process per GPU, each holding one tensor-parallel shard). "
+                f"Fix: create the job with --devices {self.tensor_parallel} and give each site {self.tensor_parallel} "
+                f"GPUs (sites[].gpus in the site config), or convert the checkpoint: `fedllm ckpt convert --source "
+                f"{self.source} --target <new>.nemo --target-tp {devices}`"
+            )
+
+
+def read_model_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec, bool]:
+    """(ModelSpec, distributed) of a .nemo archive or extracted folder, from its config alone."""
+    header = read_header(path)
+    return ModelSpec.from_config(header.config, str(header.path)), header.distributed

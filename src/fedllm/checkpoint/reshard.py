@@ -25,6 +25,7 @@ from fedllm.checkpoint.layout import Rule, Split, layer_index, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.checkpoint.torch_zip import LazyStateDict, LazyTensor, StreamingStateDictWriter
 from fedllm.checkpoint.vocab import resolve_vocab_size
+from fedllm.fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,6 @@ def convert(
         raise CheckpointError(f"{target}: already exists; remove it or pass --overwrite")
     if not target.parent.is_dir():
         raise CheckpointError(f"{target.parent}: the target directory does not exist; create it first")
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     with NemoArchive(source, scratch_dir=target.parent) as archive:
         spec = ModelSpec.from_config(archive.config, str(archive.path))
         if archive.pp != 1:
@@ -184,14 +184,10 @@ def convert(
                 f"{target.parent}: {free / 2**30:.1f} GiB free but the converted checkpoint needs about "
                 f"{weights_bytes / 2**30:.1f} GiB; free space or choose another --target directory"
             )
-        try:
+        with atomic_path(target, durable=True) as tmp:
             result = _write(archive, spec, tmp, target, target_tp, vocab_size, progress)
             if verify is not None:
                 verify(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     return result
 
 

@@ -301,7 +301,7 @@ class _TensorStub:
 
     def __reduce_ex__(self, protocol: int) -> Any:
         args = (self.storage, 0, torch.Size(self.shape), _contiguous_strides(self.shape), False, OrderedDict())
-        return (torch._utils._rebuild_tensor_v2, args)
+        return (_private_torch_api()[1], args)
 
 
 class _StubPickler(pickle.Pickler):
@@ -312,11 +312,28 @@ class _StubPickler(pickle.Pickler):
         return None
 
 
+def _private_torch_api() -> tuple[Any, Any]:
+    """torch's zip writer and tensor rebuild function, which the streaming writer needs; a clear error without.
+
+    They are private: pyproject.toml bounds torch to the releases CI runs these tests on.
+    """
+    writer = getattr(torch._C, "PyTorchFileWriter", None)
+    rebuild = getattr(torch._utils, "_rebuild_tensor_v2", None)
+    if writer is None or rebuild is None:
+        raise CheckpointError(
+            f"torch {torch.__version__} has no torch._C.PyTorchFileWriter / torch._utils._rebuild_tensor_v2, which "
+            "fedllm's streaming checkpoint writer uses. Fix: install a torch within fedllm's supported range "
+            "(pyproject.toml)"
+        )
+    return writer, rebuild
+
+
 class StreamingStateDictWriter:
     """Writes a torch.save-compatible state dict to a stream one tensor at a time (records first, pickle last)."""
 
     def __init__(self, stream: Any) -> None:
-        self._writer = torch._C.PyTorchFileWriter(stream)
+        writer, _ = _private_torch_api()
+        self._writer = writer(stream)
         self._entries: OrderedDict[str, Any] = OrderedDict()
         self._next_key = 0
 

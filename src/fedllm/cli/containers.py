@@ -28,7 +28,7 @@ def preflight(
 ) -> None:
     """Check GPUs before starting: driver, each GPU exists, none shared, free memory, bf16 capability."""
     from fedllm.config import load_site_config
-    from fedllm.preflight import check_sites
+    from fedllm.runtime.preflight import check_sites
 
     cfg = load_site_config(config)
     report = check_sites(cfg, site_names=site or None, hosts=set(host) if host else None)

@@ -62,8 +62,8 @@ def down(
 
 def status(config: ConfigOpt = DEFAULT_CONFIG, workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
     """Show which participants run natively and which sites the server sees."""
-    from fedllm.admin import admin_session, connected_sites
     from fedllm.runtime import native as runtime
+    from fedllm.runtime.admin import admin_session, connected_sites
 
     kits = latest_kits(workspace, load_site_config(config))
     for name, alive in runtime.status(kits).items():

@@ -80,9 +80,10 @@ def submit(
     ] = None,
 ) -> None:
     """Submit with the admin kit; exit non-zero with the failing site's error if the job fails."""
-    from fedllm.admin import AdminKit
-    from fedllm.jobs.submit import read_round_metrics, submit_job
+    from fedllm.jobs.submit import submit_job
     from fedllm.provision import latest_kits
+    from fedllm.results.metrics import read_round_metrics
+    from fedllm.runtime.admin import AdminKit
 
     if admin_kit is not None:
         import os

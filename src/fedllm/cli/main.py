@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from fedllm.cli import ckpt, containers, federation, job, workloads
-from fedllm.cli.common import err_console
+from fedllm.cli.common import console, err_console
 from fedllm.errors import FedllmError
 
 app = typer.Typer(
@@ -35,9 +35,9 @@ def demo(
     """Federated p-tuning of a tiny GPT on 3 local sites vs each site alone: accuracies and a plot."""
     from pathlib import Path
 
-    from fedllm.demo import run_demo
+    from fedllm.apps.demo import run_demo
 
-    run_demo(Path(workspace), rounds=rounds)
+    run_demo(Path(workspace), rounds=rounds, console=console)
 
 
 def main(argv: list[str] | None = None) -> int:

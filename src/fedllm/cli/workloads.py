@@ -117,7 +117,7 @@ def data_synthetic(
 @model_app.command("tiny-gpt")
 def model_tiny_gpt() -> None:
     """Build (once, cached under $FEDLLM_CACHE) a tiny GPT-2 pretrained on the synthetic corpus; print its path."""
-    from fedllm.training.tiny_gpt import build_tiny_gpt
+    from fedllm.training.hf.tiny_gpt import build_tiny_gpt
 
     path = build_tiny_gpt(log=lambda m: console.print(m))
     console.print(str(path))
@@ -129,7 +129,7 @@ def report(
     title: Annotated[str, typer.Option(help="Plot title.")] = "validation",
 ) -> None:
     """Validation curves of local, centralized and FedAvg runs in one PNG plus a markdown table."""
-    from fedllm.report import write_report
+    from fedllm.results.report import write_report
 
     labelled = {}
     for item in runs:
@@ -149,7 +149,7 @@ def infer(
     num_virtual_tokens: Annotated[int, typer.Option()] = 10,
 ) -> None:
     """Run a tuned model: print "sentence sentiment: label" for each sentence."""
-    from fedllm.training.infer import predict_sentiment
+    from fedllm.results.infer import predict_sentiment
 
     for text, label in predict_sentiment(model, prompt_encoder, sentence or EXAMPLE_SENTENCES, num_virtual_tokens):
         console.print(f"{text} sentiment: {label}")

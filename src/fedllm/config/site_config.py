@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, fi
 
 from fedllm.config.loader import Path_, load_model
 from fedllm.config.problems import FixableError
+from fedllm.errors import FedllmError
 
 # One DNS label (RFC 1123), lowercase: usable as a host name, a compose service name and a
 # container name, which is what every site and the server become.
@@ -47,8 +48,12 @@ GpuId = Annotated[StrictInt, Field(ge=0)]
 SUPPORTED_NVFLARE = "2.9"
 # Names a site cannot take: compose services and kit folders that fedllm creates beside the sites.
 RESERVED_SITE_NAMES = ("admin",)
-# Workloads GPU preflight knows the needs of (fedllm.preflight.workloads); "none" skips the memory check.
+# Workloads GPU preflight knows the needs of (fedllm.runtime.preflight.workloads); "none" skips the memory check.
 Workload = Literal["none", "demo-mlp", "gpt-345m-ptuning", "gpt-1.3b-sft", "gpt-5b-sft", "gpt-20b-ptuning-tp2"]
+
+
+class UnknownSiteError(FedllmError):
+    """A command named a site the site config does not have."""
 
 
 class _Strict(BaseModel):
@@ -161,7 +166,7 @@ class Site(_Strict):
     data_dir: str | None = None
     # /dev/shm for the site's container: NeMo's data loaders need 16g (the seeds' docker run).
     shm_size: str = "16g"
-    # What the site will train, so GPU preflight can check free memory per GPU (fedllm.preflight.workloads).
+    # What the site will train, so GPU preflight can check free memory per GPU (fedllm.runtime.preflight.workloads).
     workload: Workload = "none"
 
     @field_validator("name")
@@ -286,7 +291,10 @@ class SiteConfig(_Strict):
         for s in self.sites:
             if s.name == name:
                 return s
-        raise KeyError(f"no site named '{name}' (sites: {', '.join(s.name for s in self.sites)})")
+        raise UnknownSiteError(
+            f"no site named '{name}' in project '{self.project}' (its sites: {', '.join(self.site_names)}). "
+            "Fix: use one of those names, or add the site to sites[] in the site config and re-provision"
+        )
 
     @property
     def site_names(self) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedllm.checkpoint.model_spec import read_model_spec
 from fedllm.errors import FedllmError
 from fedllm.jobs.compression import apply_compression
 from fedllm.jobs.exchange import apply_exchange_settings, apply_tensor_items, recipe_kwargs, wire_compression
@@ -106,9 +107,8 @@ def _check_local_checkpoint(args: dict[str, Any], devices: int) -> None:
     """A NeMo job's TP must equal --devices: check now when the .nemo is readable here (sites check again)."""
     model = str(args.get("model", ""))
     if model.endswith(".nemo") and "{" not in model and Path(model).exists():
-        from fedllm.nemo.checkpoint import check_fits_site, read_model_config
-
-        check_fits_site(read_model_config(model), devices)
+        spec, distributed = read_model_spec(model)
+        spec.check_fits_site(devices, distributed=distributed)
 
 
 def _cli_args(args: dict[str, Any]) -> str:
@@ -152,10 +152,10 @@ The trainer code comes from the fedllm installed on the site (its image or venv)
 the job folder, so every site runs the same reviewed code.
 """
 
-from fedllm.jobs.tensor_wire import register
+from fedllm.flare.tensor_wire import register
 from {module} import main
 
-register()  # weights may come straight from the server as raw tensor slices (fedllm.jobs.tensor_wire)
+register()  # weights may come straight from the server as raw tensor slices (fedllm.flare.tensor_wire)
 main()
 '''
 
@@ -175,7 +175,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
     """Export `spec` as an NVFlare job folder under `out_dir`; returns the job's directory."""
     from nvflare.recipe.utils import set_per_site_config
 
-    from fedllm.jobs.lean_server import FedllmFedAvgRecipe
+    from fedllm.jobs.recipe import FedllmFedAvgRecipe
 
     out_dir = out_dir.resolve()
     job_dir = out_dir / spec.name

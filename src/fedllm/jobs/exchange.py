@@ -44,7 +44,7 @@ class ExchangeOptions(BaseModel):
     # half the bytes, lossy (bf16: relative error ≤ 2⁻⁸ per crossing). None keeps weights bit-exact.
     wire_dtype: Literal["bfloat16", "float16"] | None = None
     # How torch tensors are itemized for FOBS's downloader. "views": raw slices of each tensor's
-    # own memory, written straight into the receiver's tensor (fedllm.jobs.tensor_wire, through an
+    # own memory, written straight into the receiver's tensor (fedllm.flare.tensor_wire, through an
     # NVFlare output filter); "safetensors": NVFlare's TensorDecomposer, one safetensors blob per
     # tensor, serialized by the sender and parsed by the receiver (two extra passes per byte).
     tensor_items: Literal["views", "safetensors"] = "views"
@@ -53,7 +53,7 @@ class ExchangeOptions(BaseModel):
     # whole models until Python's cyclic GC happens to run: without it the server peaked at 6.3 GB
     # instead of 5.0 GB for a 1 GiB model (docs/exchange.md).
     memory_gc_rounds: int = Field(default=1, ge=0)
-    # fedllm.jobs.lean_server: a FedAvg controller and persistor that keep ONE global model in server
+    # fedllm.flare.fedavg: a FedAvg controller and persistor that keep ONE global model in server
     # RAM between rounds (stock: + the initial weights for the whole job + older rounds' models pinned
     # by long-lived contexts) and skip the broadcast's deep copy of the weights (docs/exchange.md).
     lean_server: bool = True
@@ -120,8 +120,8 @@ def apply_tensor_items(recipe, options: ExchangeOptions | None = None) -> None:
     options = options or ExchangeOptions()
     if options.profile == "stock" or options.tensor_items != "views" or options.format != "pytorch":
         return
+    from fedllm.flare.tensor_wire import WireViews
     from fedllm.jobs.compression import TASKS
-    from fedllm.jobs.tensor_wire import WireViews
 
     recipe.add_server_output_filter(WireViews(), tasks=TASKS)
     recipe.add_client_output_filter(WireViews(), tasks=TASKS)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedllm.admin import AdminError, AdminKit, admin_session
 from fedllm.errors import FedllmError
 from fedllm.provision import Kits
+from fedllm.runtime.admin import AdminError, AdminKit, admin_session
 
 COMPLETED = "FINISHED:COMPLETED"
 # The last line of a Python traceback: "pkg.SomeError: message" (or just the qualified name).
@@ -146,25 +145,3 @@ def submit_job(
             errors.setdefault(site, why)
         raise JobFailed(job_id, status, errors, result_dir)
     return result
-
-
-def read_round_metrics(result_dir: Path) -> list[dict]:
-    """Per-round aggregated and per-site metrics NVFlare's FedAvg recorded on the server."""
-    path = result_dir / "workspace" / "metrics" / "round_metrics.jsonl"
-    if not path.is_file():
-        return []
-    rounds = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        rounds.append(
-            {
-                "round": rec["round"],
-                "aggregated": {m["name"]: m["value"] for m in rec.get("aggregated_metrics", [])},
-                "sites": {
-                    s["name"]: {m["name"]: m["value"] for m in s.get("metrics", [])} for s in rec.get("sites", [])
-                },
-            }
-        )
-    return rounds

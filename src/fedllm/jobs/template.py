@@ -64,7 +64,7 @@ class JobTemplate(_Strict):
     @classmethod
     def _trainer(cls, v: str) -> str:
         if not all(part.isidentifier() for part in v.split(".")):
-            raise FixableError(f"trainer '{v}' is not a module path", "use e.g. fedllm.training.demo_mlp")
+            raise FixableError(f"trainer '{v}' is not a module path", "use e.g. fedllm.training.toy.demo_mlp")
         return v
 
 

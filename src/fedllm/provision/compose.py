@@ -22,6 +22,7 @@ import yaml
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 from fedllm.config.site_config import Site, SiteConfig
+from fedllm.fileio import write_text
 
 COMPOSE_DIR = "compose"
 HOSTS_DIR = "hosts"
@@ -53,16 +54,11 @@ def sites_by_host(config: SiteConfig) -> dict[str, list[Site]]:
 
 def _dump(path: Path, data: dict[str, Any], source: str) -> None:
     """Write YAML atomically (temp + rename): a half-written compose file must never be picked up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(HEADER.format(source=source) + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, HEADER.format(source=source) + yaml.safe_dump(data, sort_keys=False))
 
 
 def _write_env(path: Path, values: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(f"{k}={v}\n" for k, v in values.items()))
 
 
 class ComposeBuilder(Builder):

@@ -1,1 +1,2 @@
-"""Running a provisioned federation: native processes here, compose files in fedllm.provision."""
+"""Running a provisioned federation: native processes, container entry points, Kubernetes charts, the
+admin session, the per-site environment and GPU preflight."""

@@ -87,7 +87,7 @@ def run_site(kit: Path, workspace: Path, echo=print) -> None:
         # Hide GPUs from CUDA in CPU runs; in GPU runs the NVIDIA runtime already shows only the site's.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     else:
-        from fedllm.preflight import check_container_gpus
+        from fedllm.runtime.preflight import check_container_gpus
 
         report = check_container_gpus(facts)
         for line in report.lines():

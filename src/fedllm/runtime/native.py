@@ -23,9 +23,10 @@ from pathlib import Path
 import psutil
 from nvflare.lighter.utils import update_storage_locations
 
-from fedllm.admin import AdminError, admin_session, wait_for_sites
 from fedllm.errors import FedllmError
+from fedllm.fileio import write_text
 from fedllm.provision import Kits
+from fedllm.runtime.admin import AdminError, admin_session, wait_for_sites
 from fedllm.runtime.site_env import SERVER_ENVIRONMENT, site_environment
 
 STATE_FILE = "native.json"
@@ -74,15 +75,11 @@ def read_state(kits: Kits) -> list[Process]:
 
 
 def _write_state(kits: Kits, procs: list[Process]) -> None:
-    path = _state_path(kits)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     data = {
         "prod_dir": str(kits.prod_dir),
         "processes": [{"name": p.name, "pid": p.pid, "log": str(p.log)} for p in procs],
     }
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_text(_state_path(kits), json.dumps(data, indent=2))
 
 
 def _tail(path: Path, lines: int = 25) -> str:

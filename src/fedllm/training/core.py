@@ -4,7 +4,7 @@ A trainer only says *what* a site trains; this module says *how* a site takes pa
 
     flare.init() → build the site's task → per round: receive the global state → load it →
     evaluate it ("global_*" metrics) → train local epochs → evaluate again → send ONLY the
-    exchanged state, NUM_STEPS_CURRENT_ROUND and the metrics; every metric also goes to
+    exchanged state, the steps taken (FedAvg's weight) and the metrics; every metric also goes to
     TensorBoard under the site's workspace.
 
 The interface is deliberately small (`SiteTask`), so a backend implements four methods:
@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
-NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"  # NVFlare's FedAvg weights each site's update by this
+from nvflare.apis.dxo import MetaKey
 
 
 @dataclass
@@ -155,6 +154,6 @@ def run_site(
             metrics_log.log(metrics, current)
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
             log(f"[{site}] round {current}: {shown} ({steps} steps)")
-            flare.send(flare.FLModel(params=state, metrics=metrics, meta={NUM_STEPS_KEY: steps}))
+            flare.send(flare.FLModel(params=state, metrics=metrics, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}))
     finally:
         metrics_log.close()

@@ -1,0 +1,124 @@
+"""A whole federation on this machine for the length of a `with` block: provision → up → use → down.
+
+The demo, the NeMo GPU proof, the exchange benchmark and the federation tests all need the same
+thing: mTLS kits from a site config, the server and sites running as local processes, an admin
+session to submit jobs with, and everything stopped afterwards — also when something fails half way.
+
+    with local_federation(config, workspace / "kits", data_root=workspace) as fed:
+        result = fed.submit(job_dir, download=workspace / "results")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedllm.config.site_config import SiteConfig
+from fedllm.jobs.submit import JobResult, submit_job
+from fedllm.provision import Kits, provision
+from fedllm.runtime import native
+from fedllm.runtime.admin import admin_session
+
+
+def free_ports(n: int) -> list[int]:
+    """Loopback ports nothing listens on right now (bound together, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port_range(n: int = 4) -> str:
+    """'first-last': n consecutive ports nothing listens on now, below Linux's ephemeral range."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", port))
+            return f"{first}-{first + n - 1}"
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def loopback_config_dict(
+    project: str = "fedlocal", sites: int = 3, *, gpus: list[list[int]] | None = None, job_ports: bool = True
+) -> dict[str, Any]:
+    """A site config (as YAML would hold it) for `sites` sites on this machine, on ports free right now."""
+    fl_port, admin_port = free_ports(2)
+    return {
+        "project": project,
+        "nvflare_version": "2.9.0",
+        "server": {
+            "name": "localhost",
+            "fed_learn_port": fl_port,
+            "admin_port": admin_port,
+            "job_ports": free_port_range() if job_ports else None,
+        },
+        "admins": [{"name": "admin@nvidia.com", "org": "nvidia", "role": "project_admin"}],
+        "sites": [{"name": f"site-{i + 1}", "org": "nvidia", "gpus": (gpus[i] if gpus else [])} for i in range(sites)],
+    }
+
+
+@dataclass(frozen=True)
+class LocalFederation:
+    """A running native federation: its kits, its processes, and the admin's way in."""
+
+    kits: Kits
+    processes: list[native.Process]
+
+    @property
+    def config(self) -> SiteConfig:
+        return self.kits.config
+
+    def admin(self, timeout: float = 30.0) -> contextlib.AbstractContextManager:
+        """An admin session (NVFlare's FLARE API) logged in with the project admin's kit."""
+        return admin_session(self.kits, timeout=timeout)
+
+    def submit(self, job_dir: Path, *, download: Path | None = None, timeout: float = 3600.0, echo=print) -> JobResult:
+        """Submit a job folder, follow it to the end and download its result (fedllm.jobs.submit)."""
+        return submit_job(self.kits, job_dir, download=download, timeout=timeout, echo=echo)
+
+    def log(self, name: str) -> Path:
+        """The stdout/stderr log of one participant (server or site) of this run."""
+        return native.run_dir(self.kits) / "logs" / f"{name}.log"
+
+
+@contextlib.contextmanager
+def local_federation(
+    config: SiteConfig,
+    workspace: Path,
+    *,
+    data_root: Path | None = None,
+    source: str = "fedllm",
+    timeout: float = 120.0,
+    echo: Callable[[str], None] = print,
+) -> Iterator[LocalFederation]:
+    """Provision `config` into `workspace`, start it natively, yield it, and stop it whatever happens.
+
+    `data_root` is what sites' relative `data_dir`s resolve against (default: the current folder).
+    """
+    kits = provision(config, workspace, source=source, data_root=data_root)
+    processes = native.up(kits, timeout=timeout, echo=echo)
+    try:
+        yield LocalFederation(kits, processes)
+    finally:
+        native.down(kits, echo=echo)

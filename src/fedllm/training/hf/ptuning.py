@@ -1,0 +1,176 @@
+"""P-tuning on a Hugging Face causal LM through the federation (the seeds' NeMo p-tuning, on PEFT).
+
+PEFT's PromptEncoder (MLP reparameterization, 10 virtual tokens by default) feeds virtual tokens
+in front of "{sentence} sentiment:"; the loss scores only " {label}<eos>" (answer-only), the base
+model stays frozen, and only the prompt encoder's parameters cross the wire. Accuracy is the exact
+match of the greedily generated label. Job template: jobs/hf-ptuning.yaml.
+
+    fedllm job create hf-ptuning --mode fedavg --model /models/gpt --out runs/jobs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedllm.training.core import resolve_path, run_site
+from fedllm.training.hf.common import (
+    CausalLMTask,
+    base_parser,
+    batches,
+    load_records,
+    pick_device,
+    prompt_answer_ids,
+    quiet_transformers,
+)
+
+ADAPTER = "default"
+PROMPT = "{sentence} sentiment:"
+
+
+def load_ptuning_model(model_path: str, num_virtual_tokens: int = 10, encoder_hidden_size: int | None = None):
+    """(peft model, tokenizer): the frozen base model with a fresh MLP prompt encoder."""
+    from peft import PromptEncoderConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    token_dim = base.get_input_embeddings().embedding_dim
+    config = PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=num_virtual_tokens,
+        encoder_reparameterization_type="MLP",
+        encoder_hidden_size=encoder_hidden_size or token_dim,
+    )
+    return get_peft_model(base, config), tokenizer
+
+
+def prompt_encoder(model) -> nn.Module:
+    return model.prompt_encoder[ADAPTER]
+
+
+class PTuningTask(CausalLMTask):
+    """One site's p-tuning: the `SiteTask` the training core drives."""
+
+    def __init__(
+        self,
+        model_path: str,
+        train: list[dict[str, Any]],
+        val: list[dict[str, Any]],
+        *,
+        lr: float = 5e-3,
+        batch_size: int = 16,
+        max_length: int = 128,
+        num_virtual_tokens: int = 10,
+        encoder_hidden_size: int | None = None,
+        device: torch.device | None = None,
+    ):
+        self.device = device or torch.device("cpu")
+        self.model, self.tokenizer = load_ptuning_model(model_path, num_virtual_tokens, encoder_hidden_size)
+        self.model.to(self.device)
+        # The virtual tokens take positions too: keep prompt + answer within the model's context.
+        context = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
+        self.lr, self.batch_size, self.max_length = lr, batch_size, min(max_length, context - num_virtual_tokens)
+        self.train_examples = [self._encode(r) for r in train]
+        self.val_records = val
+        self.val_examples = [self._encode(r) for r in val]
+        self.labels = sorted({r["label"] for r in train} | {r["label"] for r in val})
+        longest = max(len(self.tokenizer(" " + label, add_special_tokens=False)["input_ids"]) for label in self.labels)
+        self.answer_tokens = longest + 1
+
+    def _encode(self, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+        prompt = PROMPT.format(sentence=record["sentence"])
+        return prompt_answer_ids(self.tokenizer, prompt, " " + record["label"], self.max_length)
+
+    # ---- SiteTask -------------------------------------------------------------------------
+    def exchanged_state(self) -> dict[str, torch.Tensor]:
+        return dict(prompt_encoder(self.model).state_dict())
+
+    def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
+        own = prompt_encoder(self.model).state_dict()
+        mismatched = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+        if mismatched or set(state) != set(own):
+            shapes = {k: tuple(v.shape) for k, v in own.items()}
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            raise ValueError(
+                f"the global prompt encoder does not fit this model: expected {shapes}, got {got}; set the job "
+                "template's initial_model args (token_dim = the model's hidden size, num_virtual_tokens, "
+                "encoder_hidden_size) to match --model"
+            )
+        prompt_encoder(self.model).load_state_dict({k: v.to(self.device) for k, v in state.items()})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        loss = self.val_loss()
+        predictions = self.predict([r["sentence"] for r in self.val_records])
+        correct = sum(p == r["label"] for p, r in zip(predictions, self.val_records, strict=True))
+        return {"val_loss": loss, "val_accuracy": correct / max(1, len(self.val_records))}
+
+    # ---- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, sentences: list[str]) -> list[str]:
+        """Greedy generation after "{sentence} sentiment:"; the first generated word is the label."""
+        self.model.eval()
+        predictions: list[str] = []
+        for idx in batches(len(sentences), self.batch_size * 4, None):
+            prompts = [self._prompt_ids(sentences[i]) for i in idx]
+            lengths = torch.tensor([len(p) for p in prompts])
+            width = int(lengths.max()) + self.answer_tokens
+            ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            for row, p in enumerate(prompts):
+                ids[row, : len(p)] = torch.tensor(p)
+            generated = []
+            # Right padding and no KV cache: position i of each row only attends to tokens before it,
+            # so appending at each row's own end is exact greedy decoding, batched.
+            for step in range(self.answer_tokens):
+                positions = lengths + step
+                mask = (torch.arange(width)[None, :] < positions[:, None]).long()
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                offset = logits.shape[1] - width  # PEFT prepends the virtual tokens' positions
+                next_ids = logits[torch.arange(len(prompts)), offset + positions - 1].argmax(-1).cpu()
+                ids[torch.arange(len(prompts)), positions] = next_ids
+                generated.append(next_ids)
+            for row in range(len(prompts)):
+                tokens = [int(g[row]) for g in generated]
+                if self.tokenizer.eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(self.tokenizer.eos_token_id)]
+                words = self.tokenizer.decode(tokens).split()
+                predictions.append(words[0] if words else "")
+        return predictions
+
+    def _prompt_ids(self, sentence: str) -> list[int]:
+        ids = self.tokenizer(PROMPT.format(sentence=sentence), add_special_tokens=False)["input_ids"]
+        return ids[-(self.max_length - self.answer_tokens) :]
+
+
+def parser():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--num-virtual-tokens", type=int, default=10)
+    p.add_argument("--encoder-hidden-size", type=int, default=0, help="prompt encoder MLP width (0: model's)")
+    return p
+
+
+def build_task(args, site: str) -> PTuningTask:
+    limit = args.max_val
+    return PTuningTask(
+        str(resolve_path(args.model, site)) if "{" in args.model else args.model,
+        load_records(resolve_path(args.train, site), ("sentence", "label")),
+        load_records(resolve_path(args.val, site), ("sentence", "label"), limit),
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        num_virtual_tokens=args.num_virtual_tokens,
+        encoder_hidden_size=args.encoder_hidden_size or None,
+        device=pick_device(args.devices, args.cpu_threads),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_site(lambda site: build_task(args, site), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)

@@ -1,0 +1,154 @@
+"""Megatron-GPT supervised fine-tuning on a site with NeMo (the seeds' 1.3B / 5B SFT), FedAvg on all weights.
+
+NeMo's MegatronGPTSFTModel trains every weight on JSONL records {"input", "output"} (loss on the
+output). Each round the site trains `--epochs` over its data and sends its full weights (float32,
+keyed as the .nemo stores them: `mp_rank_XX/<key>` per tensor-parallel shard when TP > 1); NVFlare
+streams messages of that size. The server's global model is fedllm.flare.server_models.
+NemoCheckpointWeights (the same base checkpoint, read with torch alone).
+
+NeMo sizes the SFT dataset by optimizer steps, so the trainer converts epochs into steps from the
+number of records and sizes the data for all `--rounds` at once; each round stops after its steps.
+
+    torchrun --nproc_per_node 1 fedllm_site_entry.py --model /data/gpt1.3b.nemo \\
+        --train {data_dir}/training.jsonl --val {data_dir}/validation.jsonl --epochs 1 --rounds 5 --devices 1
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedllm.checkpoint.model_spec import ModelSpec
+from fedllm.flare.server_models import shard_key, split_shard_key
+from fedllm.training.core import TrainOutcome, resolve_path
+from fedllm.training.distributed import world
+from fedllm.training.nemo.config import SftSettings, sft_config, sft_steps
+from fedllm.training.nemo.errors import NemoStateError
+from fedllm.training.nemo.site import (
+    base_parser,
+    files,
+    optim_settings,
+    run_nemo_site,
+    trainer_settings,
+    validation_metrics,
+)
+
+
+def count_records(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            total += sum(1 for line in fh if line.strip())
+    return total
+
+
+def shard_for_rank(state: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """The part of the global state TP rank `rank` holds (keys without the mp_rank_XX/ prefix)."""
+    return {inner: v for key, v in state.items() for r, inner in [split_shard_key(key)] if r == rank}
+
+
+def merge_shards(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: v for s in states for k, v in s.items()}
+
+
+def _is_weight(key: str, value: Any) -> bool:
+    # Transformer-engine metadata (_extra_state) is not a weight: never averaged, never sent.
+    return isinstance(value, torch.Tensor) and not key.endswith("_extra_state")
+
+
+def _callback_base():
+    """Lightning's Callback from whichever Lightning the installed NeMo uses (PL 2.0 for 1.23, lightning 2.x for 2.x)."""
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        from pytorch_lightning import Callback
+    return Callback
+
+
+class NemoSftTask:
+    """A SiteTask around NeMo's MegatronGPTSFTModel restored from the base .nemo (NeMo imported here, on the site)."""
+
+    def __init__(self, args: argparse.Namespace, site: str, info: ModelSpec):
+        from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+        from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
+        from omegaconf import OmegaConf
+
+        train_files, val_files = files(args.train, site), files(args.val, site)
+        self.steps_per_round = sft_steps(count_records(train_files), args.global_batch_size, args.epochs)
+        self.rank = world()[0]
+        self.tensor_parallel = info.tensor_parallel
+        settings = SftSettings(
+            train_files=train_files,
+            validation_files=val_files,
+            tensor_parallel=info.tensor_parallel,
+            global_batch_size=args.global_batch_size,
+            micro_batch_size=args.micro_batch_size,
+            max_seq_length=args.max_seq_length,
+            num_workers=args.num_workers,
+            seed=args.seed,
+            # The dataset is sized for the whole job; each round stops after steps_per_round (below).
+            trainer=trainer_settings(args, max_steps=self.steps_per_round * args.rounds),
+            optim=optim_settings(args),
+        )
+        cfg = OmegaConf.create(sft_config(settings))
+        self.trainer = MegatronLMPPTrainerBuilder(cfg).create_trainer()
+        path = str(resolve_path(args.model, site))
+        model_cfg = MegatronGPTSFTModel.merge_cfg_with(path, cfg)
+        self.model = MegatronGPTSFTModel.restore_from(path, model_cfg, trainer=self.trainer)
+        self.round_end = 0
+        self.last_steps = 0
+        task = self
+
+        class StopAtRoundEnd(_callback_base()):
+            """End this round's fit after its steps (the data loader keeps its place for the next round)."""
+
+            def on_train_batch_end(self, trainer, *_: Any) -> None:
+                if trainer.global_step >= task.round_end:
+                    trainer.should_stop = True
+
+        self.trainer.callbacks.append(StopAtRoundEnd())
+
+    def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
+        local = {k: v for k, v in self.model.state_dict().items() if _is_weight(k, v)}
+        missing, unexpected = sorted(set(local) - set(state)), sorted(set(state) - set(local))
+        if missing or unexpected:
+            raise NemoStateError(
+                f"TP rank {self.rank}: the server's weights do not match the local model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}. Fix: server and sites must use the same base .nemo checkpoint"
+            )
+        incompatible = self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+        bad = [k for k in incompatible.missing_keys if k in local] + list(incompatible.unexpected_keys)
+        if bad:
+            raise NemoStateError(f"TP rank {self.rank}: NeMo refused keys {bad[:5]} of the global weights")
+
+    def exchanged_state(self) -> dict[str, torch.Tensor]:
+        return {
+            shard_key(self.rank, k, self.tensor_parallel): v.detach().to("cpu", torch.float32)
+            for k, v in self.model.state_dict().items()
+            if _is_weight(k, v)
+        }
+
+    def train(self, epochs: int, seed: int) -> TrainOutcome:
+        start = self.trainer.global_step
+        self.round_end = start + self.steps_per_round
+        self.trainer.should_stop = False
+        self.trainer.fit(self.model)
+        loss = self.trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
+        self.last_steps = self.trainer.global_step - start
+        return TrainOutcome(steps=self.last_steps, train_loss=float(loss))
+
+    def evaluate(self) -> dict[str, float]:
+        return validation_metrics(self.trainer, self.model, self.last_steps)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = base_parser(__doc__.splitlines()[0], lr=5e-6)
+    p.set_defaults(micro_batch_size=1, max_seq_length=2048)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_nemo_site(NemoSftTask, parse_args(argv), shard=shard_for_rank, merge=merge_shards, gather=True)

@@ -1,0 +1,43 @@
+"""NeMo sources for the CPU tests: the pinned range's two ends, downloaded from PyPI as wheels.
+
+Only their Python source is parsed (tests.support.nemo_source); nothing is imported, so no CUDA,
+apex or megatron-core is needed. The wheels are cached under ~/.cache/fedllm (≈10 MB).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.nemo_source import unpacked_wheel
+
+CACHE = Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm")) / "wheels"
+
+
+@dataclass(frozen=True)
+class NemoRelease:
+    """A NeMo release at an end of the supported range and the Lightning it runs on."""
+
+    version: str
+    root: Path  # unpacked nemo_toolkit
+    lightning_root: Path
+    trainer_file: str  # Lightning's Trainer module, relative to lightning_root
+
+
+# nemo_toolkit 1.23 requires pytorch-lightning<=2.0.7; 2.4 requires lightning<=2.4.0 (their METADATA).
+RELEASES = {
+    "1.23.0": ("pytorch_lightning", "2.0.7", "pytorch_lightning/trainer/trainer.py"),
+    "2.4.0": ("lightning", "2.4.0", "lightning/pytorch/trainer/trainer.py"),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(RELEASES))
+def nemo_release(request: pytest.FixtureRequest) -> NemoRelease:
+    version = request.param
+    lightning, lightning_version, trainer_file = RELEASES[version]
+    root = unpacked_wheel("nemo_toolkit", version, CACHE, members=["nemo/core/", "nemo/collections/nlp/"])
+    lroot = unpacked_wheel(lightning, lightning_version, CACHE, members=[trainer_file.split("/")[0] + "/"])
+    return NemoRelease(version, root, lroot, trainer_file)
