@@ -10,7 +10,8 @@ import typer
 from fedllm.cli.common import console
 
 app = typer.Typer(
-    help="Megatron-GPT .nemo checkpoints: info, verify, convert (TP reshard), download, export-hf.", no_args_is_help=True
+    help="Megatron-GPT .nemo checkpoints: info, verify, convert (TP reshard), download, export-hf.",
+    no_args_is_help=True,
 )
 
 
