@@ -21,6 +21,7 @@ from fedllm.checkpoint.layout import KEY_NAMES
 
 VOCAB_ARTIFACT = "a1b2c3_vocab.json"
 MERGES_ARTIFACT = "d4e5f6_merges.txt"
+SPM_ARTIFACT = "0a1b2c_tokenizer.model"
 
 
 @dataclass
@@ -44,6 +45,10 @@ class TinyGPT:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     extra_config: dict = field(default_factory=dict)
+    # The tokenizer packed in the archive: a GPT-2 BPE vocab.json with `tokenizer_vocab` entries (default:
+    # vocab_size), or a SentencePiece model's bytes (`sentencepiece_model`), as NeMo's Llama-style .nemo has.
+    tokenizer_vocab: int | None = None
+    sentencepiece_model: bytes | None = None
 
     @property
     def groups(self) -> int:
@@ -98,7 +103,9 @@ class TinyGPT:
                 "model": None,
                 "vocab_file": f"nemo:{VOCAB_ARTIFACT}",
                 "merge_file": f"nemo:{MERGES_ARTIFACT}",
-            },
+            }
+            if self.sentencepiece_model is None
+            else {"library": "sentencepiece", "type": None, "model": f"nemo:{SPM_ARTIFACT}", "vocab_file": None},
         }
         cfg.update(self.extra_config)
         return cfg
@@ -182,12 +189,15 @@ class TinyGPT:
         """Write a .nemo the way NeMo's save_to does (torch.save per rank, then tar)."""
         path = Path(path)
         ranks = self.split(self.full_weights(), tp)
-        vocab = {f"tok{i}": i for i in range(self.vocab_size)}
         members: list[tuple[str, bytes]] = [
-            ("model_config.yaml", yaml.safe_dump(self.config(tp), sort_keys=False).encode()),
-            (VOCAB_ARTIFACT, json.dumps(vocab).encode()),
-            (MERGES_ARTIFACT, b"#version: 0.2\n" + bytes(range(256)) + b"\nt o\n"),
+            ("model_config.yaml", yaml.safe_dump(self.config(tp), sort_keys=False).encode())
         ]
+        if self.sentencepiece_model is None:
+            vocab = {f"tok{i}": i for i in range(self.tokenizer_vocab or self.vocab_size)}
+            members.append((VOCAB_ARTIFACT, json.dumps(vocab).encode()))
+            members.append((MERGES_ARTIFACT, b"#version: 0.2\n" + bytes(range(256)) + b"\nt o\n"))
+        else:
+            members.append((SPM_ARTIFACT, self.sentencepiece_model))
         for r, sd in enumerate(ranks):
             buf = io.BytesIO()
             torch.save(sd, buf)

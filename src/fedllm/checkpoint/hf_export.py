@@ -250,7 +250,7 @@ def export_hf(
         try:
             names = KEY_NAMES["mcore" if is_mcore(ranks[0].keys()) else "legacy"]
             padded = ranks[0].state[names["emb"]].shape[0] * archive.tp
-            weights = MergedWeights(spec, ranks, names, resolve_vocab_size(archive, vocab_size, padded))
+            weights = MergedWeights(spec, ranks, names, resolve_vocab_size(archive, vocab_size, padded, spec))
             write_safetensors(tmp, arch.tensors(weights), max_shard_bytes)
             arch.config(weights, archive.config).save_pretrained(tmp)
         finally:

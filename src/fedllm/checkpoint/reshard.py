@@ -214,7 +214,7 @@ def _write(
         tensors = [k for k in keys if rules[k].split is not Split.EXTRA_STATE]
         vocab_keys = [k for k in tensors if rules[k].vocab]
         src_padded = sources[0].state[vocab_keys[0]].shape[0] * n_src if vocab_keys else 0
-        vocab = resolve_vocab_size(archive, vocab_override, src_padded) if vocab_keys else 0
+        vocab = resolve_vocab_size(archive, vocab_override, src_padded, spec) if vocab_keys else 0
         tgt_padded = spec.padded_vocab_size(vocab, target_tp) if vocab_keys else 0
         for k in tensors:
             value = sources[0].state[k]
