@@ -36,10 +36,20 @@ def test_each_site_is_pinned_to_its_gpus_and_follows_a_gpu_edit(docker_engine, t
     assert "healthcheck" in services["server"]
 
     # Move site-2 to other GPUs: edit the config, re-provision, and compose follows.
+    labels = {acc: _kit_labels(rendered(kits, acc)) for acc in ("gpu", "cpu")}
     data["sites"][1]["gpus"] = [6, 7]
     kits = provision_compose(tmp_path, data)
     (device,) = rendered(kits)["services"]["site-2"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["device_ids"] == ["6", "7"]
+    # Under either overlay exactly site-2's service definition changes (its kit digest), so `up -d`
+    # recreates it and nothing else (tests/docker/test_compose_federation.py runs that).
+    for acc, before in labels.items():
+        after = _kit_labels(rendered(kits, acc))
+        assert {s for s in before if before[s] != after[s]} == {"site-2"}, acc
+
+
+def _kit_labels(config: dict) -> dict[str, str]:
+    return {n: s["labels"]["fedllm.kit-digest"] for n, s in config["services"].items() if n != "admin"}
 
 
 def test_each_container_mounts_only_its_own_kit_and_data(docker_engine, tmp_path: Path):
