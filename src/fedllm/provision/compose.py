@@ -347,8 +347,9 @@ class ComposeBuilder(Builder):
         if os.getuid() != 0:
             return
         uid, gid = self._container_ids()
-        # The containers' user reads the kits (keys are 0600) and writes into the shared folders.
-        shared = [self._shared_dir(JOBS_DIR), self._shared_dir(RESULTS_DIR)]
-        for path in [*shared, *(p for p in wip.rglob("*"))]:
+        # The containers' user reads the kits (keys are 0600) and writes into the shared folders; it owns
+        # the jobs in the jobs folder too, as NVFlare's console signs a job folder in place when submitting it.
+        jobs, results = self._shared_dir(JOBS_DIR), self._shared_dir(RESULTS_DIR)
+        for path in [jobs, *jobs.rglob("*"), results, *wip.rglob("*")]:
             os.chown(path, uid, gid, follow_symlinks=False)
         os.chown(wip, uid, gid)
