@@ -83,10 +83,13 @@ def root_compose_env(kits: Kits, image: str | None = None, accelerator: str = "c
     return env
 
 
-def root_compose(kits: Kits, *args: str, image=None, timeout: float = 600, check: bool = True, **kw):
-    """`docker compose ARGS` from the repository root, as an operator types it (CPU overlay)."""
+def root_compose(
+    kits: Kits, *args: str, image=None, accelerator: str = "cpu", timeout: float = 600, check: bool = True, **kw
+):
+    """`docker compose ARGS` from the repository root, as an operator types it (CPU overlay unless told)."""
     cmd = ["docker", "compose", "-f", str(REPO / "compose.yaml"), *args]
-    return run(cmd, timeout=timeout, check=check, cwd=REPO, env=root_compose_env(kits, image), **kw)
+    env = root_compose_env(kits, image, accelerator)
+    return run(cmd, timeout=timeout, check=check, cwd=REPO, env=env, **kw)
 
 
 def project_resources(project_name: str) -> dict[str, list[str]]:
