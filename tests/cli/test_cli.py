@@ -65,3 +65,46 @@ def test_submit_refuses_a_folder_that_is_not_a_job(local_config: Path, tmp_path:
     assert main(["provision", "-c", str(local_config), "-w", str(ws)]) == 0
     assert main(["job", "submit", str(tmp_path), "-c", str(local_config), "-w", str(ws)]) == 1
     assert "not an NVFlare job folder" in capsys.readouterr().err
+
+
+def test_job_create_names_what_to_type_in_the_admin_console(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Provisioned from tmp_path, the console's jobs folder is tmp_path/runs/jobs (FEDLLM_JOBS_DIR in .env)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEDLLM_JOBS_DIR", raising=False)
+    config = write_yaml(tmp_path / "site.yaml", local_config_dict())
+    assert main(["provision", "-c", str(config), "-w", "ws"]) == 0
+    create = ["job", "create", "demo-mlp", "--rounds", "2", "-c", str(config), "-w", "ws"]
+    capsys.readouterr()
+
+    assert main([*create, "--out", "runs/jobs"]) == 0
+    out = capsys.readouterr().out
+    assert "created runs/jobs/demo-mlp-fedavg-3sites" in out
+    assert "submit_job demo-mlp-fedavg-3sites" in out
+    assert "fedllm job submit runs/jobs/demo-mlp-fedavg-3sites --download runs/results" in out
+
+    assert main([*create, "--out", "elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "submit_job" not in out.replace("submit_job reads", "")
+    assert "cannot see it (submit_job reads runs/jobs only); to submit it there, create it with --out runs/jobs" in out
+
+    # In the admin container FEDLLM_JOBS_DIR is the console's folder there, and no site config is needed.
+    monkeypatch.setenv("FEDLLM_JOBS_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("FEDLLM_HOST_JOBS_DIR", "/srv/fl/runs/jobs")
+    assert main(["job", "create", "demo-mlp", "--out", "elsewhere", "-c", "missing.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "submit_job demo-mlp-fedavg-3sites" in out and "on the host: /srv/fl/runs/jobs/demo-mlp-fedavg-3sites" in out
+    assert "--download /fedllm/results" in out
+
+
+def test_data_demo_writes_every_sites_data_dir(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = local_config_dict()
+    data["sites"][2]["data_dir"] = str(tmp_path / "elsewhere" / "s3")
+    config = write_yaml(tmp_path / "site.yaml", data)
+    assert main(["data", "demo", "-c", str(config), "--per-site", "40"]) == 0
+    for site_dir in (tmp_path / "data" / "site-1", tmp_path / "data" / "site-2", tmp_path / "elsewhere" / "s3"):
+        import numpy as np
+
+        with np.load(site_dir / "train.npz") as train, np.load(site_dir / "val.npz") as val:
+            assert len(train["y"]) == 40 and len(val["y"]) > 0
+    assert "wrote data/site-1/train.npz" in capsys.readouterr().out

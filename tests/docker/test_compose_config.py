@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support.compose import GPUS, REPO, compose_config_dict, provision_compose, rendered, run
+from tests.support.compose import GPUS, REPO, compose_config_dict, provision_compose, rendered, root_compose, run
 
 # The image build pip-installs NVFlare and fedllm's dependencies from PyPI.
 pytestmark = [pytest.mark.docker, pytest.mark.network]
@@ -36,10 +37,20 @@ def test_each_site_is_pinned_to_its_gpus_and_follows_a_gpu_edit(docker_engine, t
     assert "healthcheck" in services["server"]
 
     # Move site-2 to other GPUs: edit the config, re-provision, and compose follows.
+    labels = {acc: _kit_labels(rendered(kits, acc)) for acc in ("gpu", "cpu")}
     data["sites"][1]["gpus"] = [6, 7]
     kits = provision_compose(tmp_path, data)
     (device,) = rendered(kits)["services"]["site-2"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["device_ids"] == ["6", "7"]
+    # Under either overlay exactly site-2's service definition changes (its kit digest), so `up -d`
+    # recreates it and nothing else (tests/docker/test_compose_federation.py runs that).
+    for acc, before in labels.items():
+        after = _kit_labels(rendered(kits, acc))
+        assert {s for s in before if before[s] != after[s]} == {"site-2"}, acc
+
+
+def _kit_labels(config: dict) -> dict[str, str]:
+    return {n: s["labels"]["fedllm.kit-digest"] for n, s in config["services"].items() if n != "admin"}
 
 
 def test_each_container_mounts_only_its_own_kit_and_data(docker_engine, tmp_path: Path):
@@ -103,3 +114,18 @@ def test_multi_host_federation_gets_one_compose_bundle_per_host(docker_engine, t
         assert device["device_ids"] == gpus
         assert "depends_on" not in node[name]  # the server is on another machine
         assert Path(_binds(node[name])["/fedllm/kit"][0]).resolve() == (kits.prod_dir / name).resolve()
+
+
+def test_under_the_gpu_overlay_up_recreates_only_the_moved_site(fedllm_image, tmp_path: Path):
+    """What compose plans for existing GPU-overlay containers after a GPU edit (`create` needs no GPU)."""
+    data = compose_config_dict(gpus=[[0], [1], [2]])
+    kits = provision_compose(tmp_path, data, with_demo_data=True)
+    root_compose(kits, "create", image=fedllm_image, accelerator="gpu")
+    try:
+        data["sites"][1]["gpus"] = [5]
+        kits = provision_compose(tmp_path, data)
+        plan = root_compose(kits, "up", "-d", "--dry-run", image=fedllm_image, accelerator="gpu", check=False)
+        recreated = set(re.findall(r"Container (\S+)\s+Recreate\b", plan.stdout + plan.stderr))
+        assert recreated == {f"fedllm-{data['project']}-site-2-1"}, plan.stdout + plan.stderr
+    finally:
+        root_compose(kits, "down", "-v", accelerator="gpu", check=False)

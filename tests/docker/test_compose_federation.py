@@ -1,60 +1,133 @@
-"""CI proof: the federation as containers — `docker compose up` (CPU overlay), a real demo job
-submitted from the admin container, its result downloaded, `docker compose down -v`."""
+"""CI proof: the operator's container workflow, as the README writes it, on one stack (CPU overlay).
+
+From the repository root's compose.yaml: a site whose data dir is missing refuses to start; `fedllm data
+demo` writes the data; `docker compose up -d --wait` returns once every site is registered; NVFlare's admin
+console, driven in a pseudo-terminal, logs in without a prompt, submits a job created on the host, follows it
+with `list_jobs` and downloads it into the host's runs/results; `job submit` from the admin container lands
+there too; a GPU edit + re-provision + `up -d` recreates exactly that site, on its new kit; `docker compose
+down -v` leaves no container, volume or network.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import re
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 
+from fedllm.cli.main import main
 from fedllm.results.metrics import read_round_metrics
-from tests.support.compose import HEAVY_LOCK, compose, compose_config_dict, provision_compose, run
+from tests.support.compose import (
+    HEAVY_LOCK,
+    REPO,
+    compose_config_dict,
+    project_resources,
+    provision_compose,
+    root_compose,
+    root_compose_env,
+    run,
+)
 
 # The image build pip-installs NVFlare and fedllm's dependencies from PyPI.
 pytestmark = [pytest.mark.docker, pytest.mark.network]
 
 ROUNDS = 2
+JOB = "demo-mlp-fedavg-3sites"
+PROMPT = r"\n> "
 
 
-def _wait_registered(kits, sites: list[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        logs = compose(kits, "logs", "--no-color", *sites, accelerator="cpu").stdout
-        done = [s for s in sites if "Successfully registered client" in _service_log(logs, s)]
-        if len(done) == len(sites):
-            return
-        if time.monotonic() > deadline:
-            ps = compose(kits, "ps", "-a", accelerator="cpu", check=False).stdout
-            pytest.fail(f"sites not registered after {timeout}s (registered: {done})\n{ps}\n{logs[-6000:]}")
-        time.sleep(2)
+def _container_ids(kits, services: list[str]) -> dict[str, str]:
+    return {s: root_compose(kits, "ps", "-q", s).stdout.strip() for s in services}
 
 
-def _service_log(logs: str, service: str) -> str:
-    return "\n".join(
-        line for line in logs.splitlines() if line.startswith(f"{service} ") or line.startswith(f"{service}-")
+def _check_result(result_dir: Path, sites: list[str]) -> None:
+    """A downloaded job on the host: every round aggregated from all sites, and the global model."""
+    rounds = read_round_metrics(result_dir)
+    assert [r["round"] for r in rounds] == list(range(ROUNDS))
+    assert all(set(r["sites"]) == set(sites) for r in rounds)
+    assert (result_dir / "workspace" / "app_server" / "FL_global_model.pt").stat().st_size > 0
+
+
+def _console_session(kits, image: str, transcript: Path) -> str:
+    """`docker compose run --rm admin` in a pseudo-terminal: the console as an operator types into it."""
+    console = pexpect.spawn(
+        "docker",
+        ["compose", "-f", str(REPO / "compose.yaml"), "run", "--rm", "admin"],
+        cwd=str(REPO),
+        env=root_compose_env(kits, image),
+        encoding="utf-8",
+        timeout=90,
+        dimensions=(50, 220),
     )
+    with open(transcript, "w") as log:
+        console.logfile_read = log
+        try:
+            # Logged in as the kit's admin: no "User Name:" prompt before NVFlare's own.
+            assert console.expect([r"User Name:", PROMPT]) == 1, "the console asked for a user name"
+            assert "admin console as admin@nvidia.com" in console.before
+
+            console.sendline("check_status server")
+            console.expect(PROMPT)
+            # `up --wait` has returned, so every site is healthy: each must be registered already.
+            assert "Registered clients: 3" in console.before, console.before
+
+            console.sendline(f"submit_job {JOB}")  # the name `fedllm job create` printed on the host
+            console.expect(r"Submitted job: ([0-9a-f-]{36})")
+            job_id = console.match.group(1)
+            console.expect(PROMPT)
+
+            deadline = time.monotonic() + 600
+            while True:
+                console.sendline("list_jobs")
+                console.expect(PROMPT)
+                status = re.search(rf"{job_id}\s*\|[^|]*\|\s*(\S+)", console.before)
+                if status and status.group(1).startswith("FINISHED"):
+                    assert status.group(1) == "FINISHED:COMPLETED", console.before
+                    break
+                assert time.monotonic() < deadline, f"job {job_id} not finished after 600 s"
+                time.sleep(2)
+
+            console.sendline(f"download_job {job_id}")
+            console.expect(PROMPT, timeout=180)
+            assert f"content downloaded to /fedllm/results/{job_id}" in console.before, console.before
+            console.sendline("bye")
+            console.expect(pexpect.EOF)
+        finally:
+            console.close(force=True)
+    assert console.exitstatus == 0, transcript.read_text()[-4000:]
+    return job_id
 
 
-def test_compose_federation_runs_the_demo_job_from_the_admin_container(fedllm_image, tmp_path: Path):
+def test_operator_workflow_from_the_repository_root(fedllm_image, tmp_path: Path, monkeypatch, capsys):
     # Three sites "on GPUs" 0..2; the CPU overlay runs the same services without them.
-    kits = provision_compose(tmp_path, compose_config_dict(gpus=[[0], [1], [2]]), with_demo_data=True)
+    data = compose_config_dict(gpus=[[0], [1], [2]])
+    kits = provision_compose(tmp_path, data)
     sites = kits.config.site_names
+    project_name = f"fedllm-{kits.config.project}"
+    results = tmp_path / "runs" / "results"
+    monkeypatch.chdir(tmp_path)  # the operator's folder: site.yaml, data/, runs/ and workspace/ live here
     t0 = time.monotonic()
     try:
         with open(HEAVY_LOCK, "w") as lock:
-            import fcntl
-
             fcntl.flock(lock, fcntl.LOCK_EX)  # three site containers + one job process each: take turns
-            compose(kits, "up", "-d", "--wait", "server", accelerator="cpu", image=fedllm_image, timeout=180)
-            compose(kits, "up", "-d", accelerator="cpu", image=fedllm_image, timeout=180)
-            _wait_registered(kits, sites)
+
+            # No data yet: the site refuses to start and names the folder; Docker does not create it.
+            refused = root_compose(kits, "up", "-d", "--no-deps", "site-1", image=fedllm_image, check=False)
+            assert refused.returncode != 0
+            assert f"bind source path does not exist: {tmp_path / 'data' / 'site-1'}" in refused.stderr
+            assert not (tmp_path / "data").exists()
+
+            assert main(["data", "demo", "-c", "site.yaml"]) == 0
+            root_compose(kits, "up", "-d", "--wait", "--wait-timeout", "240", image=fedllm_image, timeout=300)
             t_up = time.monotonic() - t0
 
             # Every site container mounts its own kit and data, read-only, and nothing of another participant.
             for site in sites:
-                cid = compose(kits, "ps", "-q", site, accelerator="cpu").stdout.strip()
+                cid = root_compose(kits, "ps", "-q", site).stdout.strip()
                 mounts = json.loads(run(["docker", "inspect", "-f", "{{json .Mounts}}", cid]).stdout)
                 binds = {m["Destination"]: m for m in mounts if m["Type"] == "bind"}
                 assert set(binds) == {"/fedllm/kit", "/fedllm/data"}
@@ -64,29 +137,48 @@ def test_compose_federation_runs_the_demo_job_from_the_admin_container(fedllm_im
                 user = run(["docker", "exec", cid, "id", "-u"]).stdout.strip()
                 assert user != "0", f"{site} runs as root"
 
-            # The admin container, non-interactively: create the job from the image's template, submit, download.
-            admin = ["run", "--rm", "-T", "admin"]
-            compose(kits, *admin, "job", "create", "demo-mlp", "--mode", "fedavg", "--rounds", str(ROUNDS),
-                    "--out", "/fedllm/workspace/jobs", accelerator="cpu", image=fedllm_image)  # fmt: skip
+            # A job created on the host, in the folder the console reads; create prints what to type.
+            job_args = ["job", "create", "demo-mlp", "--rounds", str(ROUNDS), "-c", "site.yaml", "-w", "workspace"]
+            capsys.readouterr()
+            assert main([*job_args, "--out", "runs/jobs"]) == 0
+            assert f"submit_job {JOB}" in capsys.readouterr().out
             t_job = time.monotonic()
-            submitted = compose(
-                kits, *admin, "job", "submit", "/fedllm/workspace/jobs/demo-mlp-fedavg-3sites",
-                "--download", "/fedllm/results", "--timeout", "600",
-                accelerator="cpu", image=fedllm_image, timeout=700,
-            )  # fmt: skip
+            job_id = _console_session(kits, fedllm_image, tmp_path / "console.txt")
             t_job = time.monotonic() - t_job
-            assert "FINISHED:COMPLETED" in submitted.stdout, submitted.stdout
+            _check_result(results / job_id, sites)  # download_job landed on the host
 
-            # The downloaded result on the host: every round aggregated from all three sites, and the global model.
-            results = kits.prod_dir.parent / "results"
-            (result_dir,) = [p for p in results.iterdir() if p.is_dir()]
-            rounds = read_round_metrics(result_dir)
-            assert [r["round"] for r in rounds] == list(range(ROUNDS))
-            assert all(set(r["sites"]) == set(sites) for r in rounds)
-            assert (result_dir / "workspace" / "app_server" / "FL_global_model.pt").stat().st_size > 0
-            print(f"compose up + 3 sites registered: {t_up:.1f}s; job (submit → downloaded): {t_job:.1f}s")
+            # A wrong admin name: one clear line, no traceback, non-zero exit.
+            wrong = root_compose(kits, "run", "--rm", "-T", "-e", "FEDLLM_ADMIN_USER=lead@other.org", "admin",
+                                 image=fedllm_image, check=False)  # fmt: skip
+            assert wrong.returncode == 1
+            assert "FEDLLM_ADMIN_USER is 'lead@other.org' but the admin kit" in wrong.stdout + wrong.stderr
+            assert "Traceback" not in wrong.stdout + wrong.stderr
+
+            # Non-interactively, the admin container's `job submit --download` lands in the same host folder.
+            admin = ["run", "--rm", "-T", "admin"]
+            created = root_compose(kits, *admin, "job", "create", "demo-mlp", "--rounds", str(ROUNDS),
+                                   "--name", "from-admin", "--out", "/fedllm/jobs", image=fedllm_image)  # fmt: skip
+            assert "submit_job from-admin" in created.stdout
+            assert f"on the host: {tmp_path / 'runs' / 'jobs'}/from-admin" in created.stdout
+            submitted = root_compose(kits, *admin, "job", "submit", "/fedllm/jobs/from-admin", "--download",
+                                     "/fedllm/results", "--timeout", "600", image=fedllm_image, timeout=700)  # fmt: skip
+            assert "FINISHED:COMPLETED" in submitted.stdout, submitted.stdout
+            (second,) = [p for p in results.iterdir() if p.name != job_id]
+            _check_result(second, sites)
+
+            # Move site-2 to another GPU: re-provision, `up -d`, and exactly site-2 is recreated, on its new kit.
+            before = _container_ids(kits, ["server", *sites])
+            data["sites"][1]["gpus"] = [5]
+            kits = provision_compose(tmp_path, data)
+            root_compose(kits, "up", "-d", "--wait", "--wait-timeout", "240", image=fedllm_image, timeout=300)
+            after = _container_ids(kits, ["server", *sites])
+            assert {s for s in before if before[s] != after[s]} == {"site-2"}
+            kit_facts = json.loads(
+                run(["docker", "exec", after["site-2"], "cat", "/fedllm/kit/local/fedllm_site.json"]).stdout
+            )
+            assert kit_facts["gpus"] == [5]
+            print(f"up --wait (3 sites registered): {t_up:.1f}s; console job (submit → downloaded): {t_job:.1f}s")
     finally:
-        down = compose(kits, "--profile", "admin", "down", "-v", "--timeout", "20", accelerator="cpu", check=False)
+        down = root_compose(kits, "down", "-v", "--timeout", "20", check=False)  # as the README writes it
     assert down.returncode == 0, down.stderr
-    left = compose(kits, "ps", "-a", "-q", accelerator="cpu").stdout.strip()
-    assert left == "", "containers survived `docker compose down -v`"
+    assert project_resources(project_name) == {"containers": [], "volumes": [], "networks": []}

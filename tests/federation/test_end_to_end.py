@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from fedllm.flare.registration import MARKER_NAME
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, JobFailed, submit_job
 from fedllm.jobs.template import load_template
+from fedllm.provision.compose import REGISTRATION_MAX_AGE_S
 from fedllm.results.metrics import load_global_state, read_round_metrics
 from fedllm.runtime.admin import admin_session, connected_sites
 from fedllm.training.toy import demo_mlp
@@ -20,6 +23,12 @@ pytestmark = pytest.mark.federation
 def test_all_sites_are_registered(federation) -> None:
     with admin_session(federation) as session:
         assert connected_sites(session) >= {"site-1", "site-2", "site-3"}
+    # Each site process keeps its registration marker fresh (what the site containers' healthcheck reads);
+    # native sites run in their kit folder, their NVFlare workspace.
+    for site in ("site-1", "site-2", "site-3"):
+        marker = federation.site(site) / MARKER_NAME
+        assert marker.is_file(), f"{site} wrote no registration marker"
+        assert time.time() - marker.stat().st_mtime < REGISTRATION_MAX_AGE_S
 
 
 def test_fedavg_job_trains_and_returns_its_result(federation, data_root: Path, tmp_path: Path) -> None:

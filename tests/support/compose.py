@@ -67,3 +67,35 @@ def compose(kits: Kits, *args: str, accelerator: str = "gpu", timeout: float = 6
 
 def rendered(kits: Kits, accelerator: str = "gpu") -> dict:
     return json.loads(compose(kits, "--profile", "admin", "config", "--format", "json", accelerator=accelerator).stdout)
+
+
+def root_compose_env(kits: Kits, image: str | None = None, accelerator: str = "cpu") -> dict[str, str]:
+    """The environment under which the repository's root compose.yaml runs these kits (the README's commands)."""
+    env = {
+        **os.environ,
+        "FEDLLM_WORKSPACE": str(kits.prod_dir.parent.parent),
+        "FEDLLM_PROJECT": kits.config.project,
+        "FEDLLM_ACCELERATOR": accelerator,
+    }
+    env.pop("COMPOSE_FILE", None)
+    if image:
+        env["FEDLLM_IMAGE"] = image
+    return env
+
+
+def root_compose(
+    kits: Kits, *args: str, image=None, accelerator: str = "cpu", timeout: float = 600, check: bool = True, **kw
+):
+    """`docker compose ARGS` from the repository root, as an operator types it (CPU overlay unless told)."""
+    cmd = ["docker", "compose", "-f", str(REPO / "compose.yaml"), *args]
+    env = root_compose_env(kits, image, accelerator)
+    return run(cmd, timeout=timeout, check=check, cwd=REPO, env=env, **kw)
+
+
+def project_resources(project_name: str) -> dict[str, list[str]]:
+    """Containers, volumes and networks Docker still holds for a compose project."""
+    label = f"label=com.docker.compose.project={project_name}"
+    return {
+        kind: run(["docker", *cmd, "--filter", label, "-q"]).stdout.split()
+        for kind, cmd in (("containers", ["ps", "-a"]), ("volumes", ["volume", "ls"]), ("networks", ["network", "ls"]))
+    }

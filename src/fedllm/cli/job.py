@@ -34,8 +34,9 @@ def create(
         str, typer.Option(help="Message compression: none, fp16, bf16, blockwise8, float4, normfloat4.")
     ] = "none",
     config: ConfigOpt = DEFAULT_CONFIG,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
-    """Render a job folder for local-only, centralized or FedAvg training."""
+    """Render a job folder for local-only, centralized or FedAvg training; print how to submit it."""
     from fedllm.jobs.create import create_job, resolve_spec
     from fedllm.jobs.template import load_template
 
@@ -61,6 +62,25 @@ def create(
         f"[green]created[/] {display_path(job_dir)}: {spec.mode}, {spec.num_clients} site(s), "
         f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s), {spec.devices} device(s) per site"
     )
+    _print_submit_hints(job_dir, config, workspace)
+
+
+def _print_submit_hints(job_dir: Path, config: Path, workspace: Path) -> None:
+    """The two ways to submit the job: the admin console's `submit_job` (if it sees the folder) and `job submit`."""
+    import contextlib
+    import os
+
+    from fedllm.errors import FedllmError
+    from fedllm.jobs.create import submit_hints
+    from fedllm.provision.compose import JOBS_ENV, console_jobs_dir
+
+    project = ""
+    if not os.environ.get(JOBS_ENV) and config.is_file():
+        with contextlib.suppress(FedllmError):  # the hint needs only the project; `fedllm validate` reports the rest
+            project = load_site_config(config).project
+    jobs_dir = console_jobs_dir(workspace, project) if project or os.environ.get(JOBS_ENV) else None
+    for line in submit_hints(job_dir, jobs_dir):
+        console.print(f"  {line}")
 
 
 @app.command()

@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import console
+from fedllm.cli.common import DEFAULT_CONFIG, ConfigOpt, console
 from fedllm.config.problems import display_path
 
-data_app = typer.Typer(help="Prepare datasets: Financial PhraseBank, SFT sets, site splits.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Prepare datasets: Financial PhraseBank, SFT sets, site splits, the demo job's data.", no_args_is_help=True
+)
 model_app = typer.Typer(help="Base models built locally (no hub downloads).", no_args_is_help=True)
 
 # The seeds' five example sentences (NeMo p-tuning inference).
@@ -112,6 +114,23 @@ def data_synthetic(
             }
         )
     )
+
+
+@data_app.command("demo")
+def data_demo(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    per_site: Annotated[int, typer.Option(min=1, help="Training examples per site.")] = 300,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """The demo-mlp job's data (train.npz, val.npz) into every site's data dir, as the site config names it."""
+    from fedllm.config import load_site_config
+    from fedllm.training.toy.demo_mlp import write_demo_data
+
+    cfg = load_site_config(config)
+    # Relative data dirs resolve against this folder, as `fedllm provision` resolves them.
+    site_dirs = [site.data_path(Path.cwd()) for site in cfg.sites]
+    for path in write_demo_data(site_dirs, seed=seed, per_site=per_site):
+        console.print(f"[green]wrote[/] {display_path(path)}")
 
 
 @model_app.command("tiny-gpt")

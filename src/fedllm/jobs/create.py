@@ -220,8 +220,57 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         # so a job carries only its entry script and runs the reviewed install.
         for copied in (staging / spec.name).glob("*/custom/fedllm"):
             shutil.rmtree(copied)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _adopt_owner(staging / spec.name, out_dir)
         if job_dir.exists():
             shutil.rmtree(job_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging / spec.name), job_dir)
     return job_dir
+
+
+def _adopt_owner(tree: Path, folder: Path) -> None:
+    """As root, give a new job the owner of the folder it goes into.
+
+    The shared jobs folder belongs to the containers' user (provisioning hands it over); NVFlare's
+    console signs a job folder in place before uploading it, so that user must own the job as well.
+    """
+    owner = folder.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return
+    for path in [tree, *tree.rglob("*")]:
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+
+
+def console_submit_name(job_dir: Path, jobs_dir: Path | None) -> str | None:
+    """What to type after `submit_job` in the admin console for `job_dir`; None if the console cannot see it."""
+    if jobs_dir is None:
+        return None
+    try:
+        return str(job_dir.resolve().relative_to(jobs_dir.resolve()))
+    except ValueError:
+        return None
+
+
+def submit_hints(job_dir: Path, jobs_dir: Path | None) -> list[str]:
+    """How to submit `job_dir`: in the admin console (when its jobs folder holds the job) and with `job submit`.
+
+    `jobs_dir` is the console's jobs folder as seen here (the host folder, or /fedllm/jobs in the admin
+    container, where FEDLLM_HOST_JOBS_DIR names the host folder).
+    """
+    from fedllm.config.problems import display_path
+    from fedllm.provision.compose import HOST_JOBS_ENV, RESULTS_MOUNT
+
+    name = console_submit_name(job_dir, jobs_dir)
+    host = os.environ.get(HOST_JOBS_ENV)
+    lines = []
+    if name is not None:
+        lines.append(f"admin console (docker compose run --rm admin):  submit_job {name}")
+        if host:
+            lines.append(f"on the host: {host}/{name}")
+    elif jobs_dir is not None:
+        lines.append(
+            f"admin console: cannot see it (submit_job reads {display_path(jobs_dir)} only); "
+            f"to submit it there, create it with --out {display_path(jobs_dir)}"
+        )
+    lines.append(f"fedllm job submit {display_path(job_dir)} --download {RESULTS_MOUNT if host else 'runs/results'}")
+    return lines

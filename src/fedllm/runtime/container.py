@@ -8,10 +8,14 @@ restart policy takes the place of NVFlare's restart loop.
 
 Sites first run GPU preflight on the GPUs the container sees (FEDLLM_SKIP_GPU_PREFLIGHT=1 skips it
 for CPU runs). The admin role opens NVFlare's admin console, or runs `fedllm ARGS` with the admin kit.
+The console is configured through its own fed_admin.json (in the staged copy): logged in as the kit's
+certificate name (NVFlare's `uid_source: cert`, no `User Name:` prompt), uploading jobs from the
+shared jobs folder and downloading results into the shared results folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,6 +24,10 @@ from pathlib import Path
 from nvflare.lighter.utils import update_storage_locations
 
 from fedllm.errors import FedllmError
+from fedllm.fileio import write_text
+from fedllm.flare.registration import MARKER_NAME
+from fedllm.provision.compose import HOST_JOBS_ENV, HOST_RESULTS_ENV, JOBS_MOUNT, RESULTS_MOUNT
+from fedllm.runtime.admin import AdminError, AdminKit
 from fedllm.runtime.site_env import SERVER_ENVIRONMENT, read_site_file
 
 ROLES = ("server", "site", "admin")
@@ -98,22 +106,79 @@ def run_site(kit: Path, workspace: Path, echo=print) -> None:
     os.environ.setdefault("FEDLLM_SITE_NAME", facts["name"])
     os.environ.setdefault("FEDLLM_DATA_DIR", "/fedllm/data")
     ws = stage_workspace(kit, workspace)
+    # A marker left by the previous start would make the healthcheck pass before this one registers.
+    (ws / MARKER_NAME).unlink(missing_ok=True)
     _exec_nvflare(ws)
+
+
+def configure_console(kit: Path, jobs: Path, results: Path) -> dict:
+    """Point the staged admin kit's console at the shared folders and log it in by certificate.
+
+    NVFlare's console asks for a user name unless `uid_source` is `cert`; the server accepts only the
+    certificate's name anyway, so the prompt could only be answered wrongly. Folders that are not
+    mounted stay the kit's own `transfer/`.
+    """
+    path = kit / "startup" / "fed_admin.json"
+    config = json.loads(path.read_text())
+    admin = config["admin"]
+    admin["uid_source"] = "cert"
+    if jobs.is_dir():
+        admin["upload_dir"] = str(jobs)
+    if results.is_dir():
+        admin["download_dir"] = str(results)
+    write_text(path, json.dumps(config, indent=2) + "\n")
+    return admin
+
+
+def check_admin_user(kit: Path) -> str:
+    """The kit's admin name; FEDLLM_ADMIN_USER, when set, must be that name (the server checks it)."""
+    try:
+        cert_name = AdminKit.open(kit).username
+    except AdminError as exc:
+        raise ContainerEntryError(str(exc)) from None
+    wanted = os.environ.get("FEDLLM_ADMIN_USER")
+    if wanted and wanted != cert_name:
+        raise ContainerEntryError(
+            f"FEDLLM_ADMIN_USER is '{wanted}' but the admin kit mounted at /fedllm/kit belongs to '{cert_name}' "
+            "(its certificate's name, the only one the server accepts); unset FEDLLM_ADMIN_USER or mount that "
+            "admin's kit"
+        )
+    return cert_name
+
+
+def _writable_or_warn(folder: Path, what: str, echo=print) -> None:
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        echo(
+            f"[fedllm] warning: {folder} is not writable by uid {os.getuid()}: {what}; "
+            f"give the host folder mounted there to uid {os.getuid()} (fedllm provision does, for the folders it creates)"
+        )
 
 
 def run_admin(kit: Path, workspace: Path, args: list[str]) -> None:
     """No args: NVFlare's interactive admin console. Otherwise: `fedllm ARGS` with this admin kit."""
     if not (kit / "startup" / "fed_admin.json").is_file():
         raise ContainerEntryError(f"no admin kit at {kit} (no startup/fed_admin.json); mount the admin's kit there")
-    # The console uploads and downloads through <kit>/transfer: use a writable copy of the read-only kit.
+    name = check_admin_user(kit)
+    # The console writes its history and transfers into its kit folder: use a writable copy of the read-only kit.
     ws = stage_workspace(kit, workspace / "admin-kit")
     os.environ["FEDLLM_ADMIN_KIT"] = str(ws)
-    sys.stdout.flush()
     if not args:
+        jobs, results = Path(JOBS_MOUNT), Path(RESULTS_MOUNT)
+        configure_console(ws, jobs, results)
+        _writable_or_warn(jobs, "submit_job signs a job folder in place before it uploads it")
+        _writable_or_warn(results, "download_job writes there")
+        on_host = {k: os.environ.get(k, "?") for k in (HOST_JOBS_ENV, HOST_RESULTS_ENV)}
+        print(
+            f"[fedllm] admin console as {name}: `submit_job NAME` submits {jobs}/NAME "
+            f"(host: {on_host[HOST_JOBS_ENV]}/NAME); `download_job ID` writes {results}/ID "
+            f"(host: {on_host[HOST_RESULTS_ENV]}/ID)"
+        )
+        sys.stdout.flush()
         os.execvp(
             sys.executable,
             [sys.executable, "-m", "nvflare.fuel.hci.tools.admin", "-m", str(ws), "-s", "fed_admin.json"],
         )
+    sys.stdout.flush()
     os.execvp("fedllm", ["fedllm", *args])
 
 

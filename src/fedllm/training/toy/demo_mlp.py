@@ -30,12 +30,15 @@ def _sample(rng: np.random.Generator, centers: np.ndarray, labels: np.ndarray) -
     return (centers[labels] + rng.normal(scale=1.6, size=(len(labels), centers.shape[1]))).astype(np.float32)
 
 
-def write_demo_data(site_dirs: list[Path], val_path: Path, seed: int = 0, per_site: int = 300) -> None:
-    """Write train.npz into every site dir and one balanced validation set shared by all.
+def write_demo_data(
+    site_dirs: list[Path], val_path: Path | None = None, seed: int = 0, per_site: int = 300
+) -> list[Path]:
+    """Write train.npz into every site dir and one balanced validation set shared by all; return the files.
 
     Site i gets mostly class i mod 3 (70%), the rest spread over the other classes: the
     label skew that makes local-only training worse than FedAvg. Every site gets its own
-    copy of the validation set (val.npz), as a site sees only its own data directory.
+    copy of the validation set (val.npz), as a site sees only its own data directory;
+    `val_path`, if given, gets one more copy.
     """
     rng = np.random.default_rng(seed)
     centers = rng.normal(scale=2.0, size=(CLASSES, FEATURES))
@@ -47,8 +50,10 @@ def write_demo_data(site_dirs: list[Path], val_path: Path, seed: int = 0, per_si
         _save(site_dir / "train.npz", _sample(rng, centers, y), y)
     y = np.repeat(np.arange(CLASSES), 200)
     vx = _sample(rng, centers, y)
-    for path in (val_path, *(d / "val.npz" for d in site_dirs)):
+    val_paths = [*([val_path] if val_path else []), *(d / "val.npz" for d in site_dirs)]
+    for path in val_paths:
         _save(path, vx, y)
+    return [*(d / "train.npz" for d in site_dirs), *val_paths]
 
 
 def _save(path: Path, x: np.ndarray, y: np.ndarray) -> None:
@@ -60,7 +65,7 @@ def load_split(path: Path, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise DataError(
             f"{what} file {path} not found (the site's data dir is {os.environ.get('FEDLLM_DATA_DIR') or 'unset'}). "
-            "Fix: write the demo data there (`fedllm demo` or fedllm.training.toy.demo_mlp.write_demo_data), "
+            "Fix: write the demo data into every site's data dir (`fedllm data demo -c <site config>`), "
             "or pass --data/--validation to `fedllm job create`"
         )
     with np.load(path) as data:
