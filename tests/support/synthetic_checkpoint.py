@@ -220,3 +220,61 @@ def _layer_num(key: str) -> int:
     if ".layers." in key:
         return int(key.split(".layers.")[1].split(".")[0])
     return 0
+
+
+def write_distributed(model: TinyGPT, path: str | Path, saved_tp: int = 1) -> Path:
+    """A .nemo holding `model` the way NeMo 2's save_to writes a Megatron-core model: a model_weights/
+    torch-distributed checkpoint, layers stacked along dim 0, transformer-engine names, per-layer extra state.
+
+    Written with torch.distributed.checkpoint itself (no NeMo needed); `saved_tp` only sets the config's TP
+    and the vocabulary padding, as a TP-agnostic checkpoint saved from that many ranks has.
+    """
+    import tempfile
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    if model.layout != "mcore":
+        raise ValueError("distributed checkpoints hold Megatron-core models")
+    (rank,) = model.split(model.full_weights(), 1)
+    padded = model.padded_vocab(saved_tp)
+    flat: dict[str, object] = {}
+    stacked: dict[str, list[torch.Tensor]] = {}
+    for key, value in rank.items():
+        if key.endswith("_extra_state"):
+            continue
+        if ".layers." in key:
+            base = "model.decoder.layers." + key.split(".layers.", 1)[1].split(".", 1)[1]
+            stacked.setdefault(base, []).append(value)
+        elif key.endswith(("word_embeddings.weight", "output_layer.weight")):
+            rows = torch.zeros(padded, value.shape[1], dtype=value.dtype)
+            rows[: model.vocab_size] = value[: model.vocab_size]
+            flat[key] = rows
+        else:
+            flat[key] = value
+    flat |= {key: torch.stack(values) for key, values in stacked.items()}
+    for i in range(model.num_layers):
+        for part in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            flat[f"model.decoder.layers.{part}._extra_state/shard_{i}_{model.num_layers}"] = io.BytesIO(b"")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model_weights"
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(flat, storage_writer=dcp.FileSystemWriter(str(weights)), no_dist=True)
+        (weights / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
+        torch.save({}, weights / "common.pt")
+        cfg = model.config(saved_tp)
+        cfg["tokenizer"]["vocab_file"] = f"nemo:{VOCAB_ARTIFACT}"
+        vocab = {f"tok{i}": i for i in range(model.tokenizer_vocab or model.vocab_size)}
+        with tarfile.open(path, "w:") as tar:
+            for name, data in (
+                ("./model_config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode()),
+                (f"./{VOCAB_ARTIFACT}", json.dumps(vocab).encode()),
+                (f"./{MERGES_ARTIFACT}", b"#version: 0.2\n"),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            tar.add(weights, arcname="./model_weights")
+    return path

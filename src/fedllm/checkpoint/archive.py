@@ -1,9 +1,9 @@
 """Reading and writing `.nemo` archives (tar, plain or gzip) without unpacking the weights into memory.
 
 Layout (NeMo's save_to): model_config.yaml; model_weights.ckpt (TP=PP=1), mp_rank_XX/model_weights.ckpt
-(TP>1, PP=1) or tp_rank_XX_pp_rank_YYY/model_weights.ckpt (PP>1); tokenizer and other artifacts, which
-fedllm carries over byte for byte. Member names may start with "./". A `model_weights/` directory means a
-torch-distributed checkpoint, which is TP-agnostic. Plain tars are read in place (each weight file is a
+(TP>1, PP=1) or tp_rank_XX_pp_rank_YYY/model_weights.ckpt (PP>1), or — NeMo 2 with Megatron-core models —
+a `model_weights/` torch-distributed checkpoint (read as one merged shard, fedllm.checkpoint.distributed);
+tokenizer and other artifacts, which fedllm carries over byte for byte. Member names may start with "./". Plain tars are read in place (each weight file is a
 window of the tar); gzip tars are streamed once into a scratch directory next to the output.
 """
 
@@ -22,11 +22,14 @@ from typing import Any, BinaryIO
 
 import yaml
 
+from fedllm.checkpoint.distributed import DIST_DIR, METADATA, DistributedWeights, DistTensor
 from fedllm.checkpoint.errors import CheckpointError, DistributedCheckpointError
-from fedllm.checkpoint.torch_zip import FileWindow, LazyStateDict
+from fedllm.checkpoint.torch_zip import FileWindow, LazyStateDict, LazyTensor
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_NAME = "model_weights.ckpt"
+# What `open_rank(...).state` holds for a tensor: read on demand, per-rank file or distributed checkpoint.
+LAZY_TENSORS = (LazyTensor, DistTensor)
 _MP_RANK = re.compile(r"^mp_rank_(\d+)/" + re.escape(WEIGHTS_NAME) + "$")
 _TP_PP_RANK = re.compile(r"^tp_rank_(\d+)_pp_rank_(\d+)/" + re.escape(WEIGHTS_NAME) + "$")
 
@@ -183,11 +186,11 @@ class NemoArchive:
             raise tarfile.ReadError("empty archive")
 
     def _check_layout(self) -> None:
-        if any(name.startswith("model_weights/") for name in self.members):
+        self.distributed = any(name.startswith(DIST_DIR + "/") for name in self.members)
+        if self.distributed and f"{DIST_DIR}/{METADATA}" not in self.members:
             raise DistributedCheckpointError(
-                f"{self.path}: this .nemo holds a torch-distributed checkpoint (a model_weights/ directory); "
-                "it is TP-agnostic: NeMo reshards it on load, so set tensor_model_parallel_size in the training "
-                "config instead of converting the file"
+                f"{self.path}: the distributed checkpoint in {DIST_DIR}/ has no {METADATA} index; the file is "
+                "truncated or was not written by NeMo — re-save it with NeMo (model.save_to)"
             )
         if CONFIG_NAME not in self.members:
             raise CheckpointError(
@@ -199,7 +202,12 @@ class NemoArchive:
         return _parse_config(self.read_member(CONFIG_NAME), self.path)
 
     def _find_ranks(self) -> dict[tuple[int, int], str]:
-        """(tp_rank, pp_rank) → member name, checked against the config's TP and PP sizes."""
+        """(tp_rank, pp_rank) → member name, checked against the config's TP and PP sizes.
+
+        A distributed checkpoint is one merged shard whatever TP it was saved at (fedllm.checkpoint.distributed).
+        """
+        if self.distributed:
+            return {(0, 0): f"{DIST_DIR}/{METADATA}"}
         ranks: dict[tuple[int, int], str] = {}
         for name in self.members:
             if name == WEIGHTS_NAME:
@@ -235,10 +243,21 @@ class NemoArchive:
     def pp(self) -> int:
         return int(self.config.get("pipeline_model_parallel_size") or 1)
 
+    @property
+    def shards(self) -> int:
+        """How many tensor-parallel weight shards `open_rank` gives: the TP, or 1 for a distributed checkpoint."""
+        return 1 if self.distributed else self.tp
+
+    def weights_bytes(self) -> int:
+        """Bytes of the weights in the archive (all rank files, or the distributed checkpoint's folder)."""
+        if self.distributed:
+            return sum(m.size for n, m in self.members.items() if n.startswith(DIST_DIR + "/"))
+        return sum(self.members[n].size for n in self.ranks.values())
+
     def artifact_names(self) -> list[str]:
         """Members that are neither the config nor weights: tokenizer files and the like."""
         weights = set(self.ranks.values())
-        return [n for n in self.members if n != CONFIG_NAME and n not in weights]
+        return [n for n in self.members if n != CONFIG_NAME and n not in weights and not n.startswith(DIST_DIR + "/")]
 
     def read_member(self, name: str) -> bytes:
         with self.open_member(name) as f:
@@ -253,8 +272,13 @@ class NemoArchive:
         finally:
             window.close()
 
-    def open_rank(self, tp_rank: int, pp_rank: int = 0) -> LazyStateDict:
+    def open_rank(self, tp_rank: int, pp_rank: int = 0) -> LazyStateDict | DistributedWeights:
         name = self.ranks[(tp_rank, pp_rank)]
+        if self.distributed:
+            layers = int(self.config.get("num_layers") or 0)
+            return DistributedWeights(
+                self.read_member(name), self.open_member, set(self.members), f"{self.path}:{DIST_DIR}", layers
+            )
         m = self.members[name]
         window = FileWindow(m.extracted, 0, m.size) if m.extracted else FileWindow(self.path, m.offset, m.size)
         return LazyStateDict(window, f"{self.path}:{name}")

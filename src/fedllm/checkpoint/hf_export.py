@@ -246,10 +246,10 @@ def export_hf(
         if archive.pp != 1:
             raise CheckpointError(f"{archive.path}: pipeline_model_parallel_size={archive.pp}; export needs PP=1")
         arch = architecture_for(spec, archive.config)
-        ranks = [archive.open_rank(r) for r in range(archive.tp)]
+        ranks = [archive.open_rank(r) for r in range(archive.shards)]
         try:
             names = KEY_NAMES["mcore" if is_mcore(ranks[0].keys()) else "legacy"]
-            padded = ranks[0].state[names["emb"]].shape[0] * archive.tp
+            padded = ranks[0].state[names["emb"]].shape[0] * archive.shards
             weights = MergedWeights(spec, ranks, names, resolve_vocab_size(archive, vocab_size, padded, spec))
             write_safetensors(tmp, arch.tensors(weights), max_shard_bytes)
             arch.config(weights, archive.config).save_pretrained(tmp)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedllm.checkpoint.archive import CONFIG_NAME, NemoArchive, NemoArchiveWriter, rank_member_name
+from fedllm.checkpoint.archive import CONFIG_NAME, LAZY_TENSORS, NemoArchive, NemoArchiveWriter, rank_member_name
 from fedllm.checkpoint.errors import CheckpointError
 from fedllm.checkpoint.layout import Rule, Split, layer_index, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
@@ -177,7 +177,7 @@ def convert(
             )
         spec.check_tp(spec.tensor_parallel, "source")
         spec.check_tp(target_tp)
-        weights_bytes = sum(archive.members[n].size for n in archive.ranks.values())
+        weights_bytes = archive.weights_bytes()
         free = shutil.disk_usage(target.parent).free
         if free < weights_bytes * 1.05:
             raise CheckpointError(
@@ -200,7 +200,7 @@ def _write(
     vocab_override: int | None,
     progress: bool,
 ) -> ConvertResult:
-    n_src = archive.tp
+    n_src = archive.shards
     sources: list[LazyStateDict] = [archive.open_rank(r) for r in range(n_src)]
     try:
         keys = sources[0].keys()
@@ -218,7 +218,7 @@ def _write(
         tgt_padded = spec.padded_vocab_size(vocab, target_tp) if vocab_keys else 0
         for k in tensors:
             value = sources[0].state[k]
-            if not isinstance(value, LazyTensor):
+            if not isinstance(value, LAZY_TENSORS):
                 raise CheckpointError(f"{sources[0].name}: {k} is a {type(value).__name__}, expected a tensor")
             _check_split_sizes(k, rules[k], value.shape, n_src, target_tp, str(archive.path))
         _check_replicas(sources, [k for k in tensors if "position_embeddings" in k])
@@ -239,7 +239,7 @@ def _write(
                 rule = rules[k]
                 if rule.split is Split.EXTRA_STATE:
                     value = sources[0].state[k]
-                    return value.load() if isinstance(value, LazyTensor) else value
+                    return value.load() if isinstance(value, LAZY_TENSORS) else value
                 return target_shard(k, rule, [sd.state[k] for sd in sources], rank, target_tp, tgt_padded)
 
             # One tensor is read and assembled on a worker thread while the previous one is written (file I/O
@@ -266,7 +266,7 @@ def _write(
     finally:
         for sd in sources:
             sd.close()
-    return ConvertResult(target, n_src, target_tp, src_padded, tgt_padded, vocab, len(tensors))
+    return ConvertResult(target, archive.tp, target_tp, src_padded, tgt_padded, vocab, len(tensors))
 
 
 def _check_replicas(sources: list[LazyStateDict], keys: list[str]) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from fedllm.checkpoint.archive import NemoArchive
+from fedllm.checkpoint.archive import LAZY_TENSORS, NemoArchive
 from fedllm.checkpoint.errors import CheckpointError
 from fedllm.checkpoint.layout import Split, expected_full_shape, is_mcore, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.checkpoint.reshard import merged_tensor
-from fedllm.checkpoint.torch_zip import LazyStateDict, LazyTensor
+from fedllm.checkpoint.torch_zip import LazyStateDict
 
 
 @dataclass
@@ -64,14 +64,14 @@ def summarize(path: str | os.PathLike[str], *, check_records: bool = False) -> C
                 if rule.split is Split.EXTRA_STATE:
                     continue
                 shards = [sd.state[key] for sd in ranks]
-                if not all(isinstance(s, LazyTensor) for s in shards):
+                if not all(isinstance(s, LAZY_TENSORS) for s in shards):
                     raise CheckpointError(f"{ranks[0].name}: {key} is not a tensor on every rank")
                 if len({s.shape for s in shards}) != 1:
                     raise CheckpointError(
                         f"{archive.path}: {key} has different shapes across ranks: {[s.shape for s in shards]}"
                     )
                 shard = shards[0]
-                full = _full_shape(rule.split, shard.shape, archive.tp)
+                full = _full_shape(rule.split, shard.shape, archive.shards)
                 if rule.vocab:
                     padded_vocab = full[0]
                     if padded_vocab % (spec.make_vocab_size_divisible_by * archive.tp):
@@ -100,7 +100,8 @@ def summarize(path: str | os.PathLike[str], *, check_records: bool = False) -> C
                 sd.close()
         return CheckpointSummary(
             path=archive.path,
-            layout="mcore" if is_mcore(keys) else "legacy",
+            layout=("mcore" if is_mcore(keys) else "legacy")
+            + (" (distributed checkpoint)" if archive.distributed else ""),
             tp=archive.tp,
             pp=archive.pp,
             dtype=dtypes.most_common(1)[0][0] if dtypes else "?",

@@ -1,0 +1,269 @@
+"""NeMo 2's distributed checkpoints read tensor by tensor, without NeMo or megatron-core.
+
+NeMo 2's `save_to` writes a Megatron-core model's weights as a torch-distributed checkpoint: a
+`model_weights/` folder in the .nemo with `.metadata` (torch.distributed.checkpoint's pickled index: every
+tensor's global shape, dtype and chunks, and where each chunk's bytes lie), `__R_S.distcp` files holding the
+chunks (one torch.save blob each), `common.pt` and `metadata.json`. Layers are stacked: the tensor
+`model.decoder.layers.self_attention.linear_qkv.weight` has shape [num_layers, ...], and names follow
+transformer-engine's fused layer norms (`linear_qkv.layer_norm_weight`). Transformer-engine's per-layer
+`_extra_state` objects are byte items (read at once: a few hundred bytes each, BytesIO as in per-rank files).
+
+`DistributedWeights` shows such a checkpoint as one merged (TP1) per-layer state dict — the keys a
+per-rank mcore checkpoint has — so inspecting, verifying, converting and exporting work on it as on any
+other .nemo. A tensor is read only when asked for, chunk by chunk, into its own buffer.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+
+from fedllm.checkpoint.errors import CheckpointError
+
+DIST_DIR = "model_weights"
+METADATA = ".metadata"
+STACKED_PREFIX = "model.decoder.layers."
+_SHARD_SUFFIX = re.compile(r"^(?P<key>.+)/shard_(?P<numbers>[\d_]+)$")
+# Modules whose classes may appear in torch.distributed.checkpoint's metadata pickle.
+_TORCH_DCP = ("torch.distributed.checkpoint.",)
+# megatron-core's save plan rides along in the pickle; it is not needed to read the weights.
+_IGNORABLE = ("megatron.core.",)
+
+OpenMember = Callable[[str], AbstractContextManager[BinaryIO]]
+
+
+class _Ignored:
+    """Stands for a class of megatron-core in the metadata pickle: its state is kept, never used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's Metadata, refusing anything but its own building blocks."""
+
+    def __init__(self, data: BinaryIO, source: str) -> None:
+        super().__init__(data)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_TORCH_DCP) or (module, name) in {
+            ("torch", "Size"),
+            ("torch.serialization", "_get_layout"),
+            ("collections", "OrderedDict"),
+            ("builtins", "set"),
+            ("builtins", "frozenset"),
+            ("builtins", "getattr"),
+            # where the checkpoint was written (StorageMeta.checkpoint_id)
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+            ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath"),
+        }:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith(_IGNORABLE):
+            return type(name, (_Ignored,), {})
+        raise CheckpointError(
+            f"{self.source}: unexpected object {module}.{name} in the distributed checkpoint's index (.metadata); "
+            "only torch.distributed.checkpoint's metadata is read from it"
+        )
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str  # member name inside the archive
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DistTensor:
+    """One per-layer (or unstacked) tensor of the merged view; its bytes are read on `load()`."""
+
+    source: DistributedWeights
+    key: str  # the global tensor's key in the checkpoint
+    layer: int | None  # index along the stacked layer dimension, None for unstacked tensors
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def load(self) -> torch.Tensor:
+        return self.load_rows(0, self.shape[0]) if self.shape else self.source.read(self, None, None)
+
+    def load_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, reading only the chunks that hold them, into `out` if given."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows {(start, stop)} out of range for shape {self.shape}")
+        return self.source.read(self, (start, stop), out)
+
+
+class DistributedWeights:
+    """A distributed checkpoint as one merged per-layer state dict (the LazyStateDict interface)."""
+
+    def __init__(self, metadata: bytes, open_member: OpenMember, members: set[str], name: str, num_layers: int) -> None:
+        self.name = name
+        self._open = open_member
+        self._members = members
+        try:
+            md = _MetadataUnpickler(io.BytesIO(metadata), name).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise CheckpointError(
+                f"{name}/{METADATA}: the distributed checkpoint's index is unreadable ({exc})"
+            ) from exc
+        storage = {
+            (idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
+            for idx, info in md.storage_data.items()
+        }
+        self._chunks: dict[str, list[_Chunk]] = {}
+        self._global: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        byte_items: dict[str, list[tuple[tuple[int, ...], _Chunk]]] = {}
+        for key, item in md.state_dict_metadata.items():
+            if hasattr(item, "chunks"):  # TensorStorageMetadata
+                self._global[key] = (tuple(item.size), item.properties.dtype)
+                self._chunks[key] = [self._chunk(storage, key, tuple(c.offsets), tuple(c.sizes)) for c in item.chunks]
+            elif (m := _SHARD_SUFFIX.match(key)) is not None:  # BytesStorageMetadata of a sharded object
+                numbers = tuple(int(n) for n in m.group("numbers").split("_"))
+                byte_items.setdefault(m.group("key"), []).append((numbers, self._chunk(storage, key, None, ())))
+        stacked = [key for key in self._global if key.startswith(STACKED_PREFIX)]
+        for key in stacked:
+            shape = self._global[key][0]
+            if not shape or shape[0] != num_layers:
+                raise CheckpointError(
+                    f"{name}: {key} has shape {list(shape)}, but model_config.yaml says num_layers={num_layers}; "
+                    "the checkpoint and its config disagree"
+                )
+        extra: dict[tuple[str, int], _Chunk] = {}
+        for key, items in byte_items.items():
+            for numbers, chunk in sorted(items, key=lambda entry: entry[0]):
+                extra.setdefault((key, numbers[0]), chunk)  # offsets lead, the layer first; TP rank 0's copy
+        # The model's own order: embeddings, then layer by layer, then the final norm and output layer.
+        self.state: OrderedDict[str, Any] = OrderedDict()
+        for key, (shape, dtype) in self._global.items():
+            if key.startswith("model.embedding."):
+                self.state[key] = DistTensor(self, key, None, shape, dtype)
+        for i in range(num_layers):
+            for key in stacked:
+                shape, dtype = self._global[key]
+                self.state[_layer_key(key, i)] = DistTensor(self, key, i, shape[1:], dtype)
+                part = key.rsplit(".", 1)[0] + "._extra_state"
+                if (part, i) in extra and _layer_key(part, i) not in self.state:
+                    self.state[_layer_key(part, i)] = io.BytesIO(self._read_bytes(extra[(part, i)]))
+        for key, (shape, dtype) in self._global.items():
+            if key not in stacked and key not in self.state:
+                self.state[key] = DistTensor(self, key, None, shape, dtype)
+        self._check_coverage()
+
+    def _chunk(self, storage: dict, key: str, offsets: tuple[int, ...] | None, sizes: tuple[int, ...]) -> _Chunk:
+        info = storage.get((key, offsets))
+        if info is None:
+            raise CheckpointError(f"{self.name}: the index names no file for {key} at {offsets}; it is damaged")
+        file = f"{DIST_DIR}/{info.relative_path}"
+        if file not in self._members:
+            raise CheckpointError(
+                f"{self.name}: {file}, which holds {key}, is not in the archive; the distributed checkpoint is "
+                "incomplete — re-save or re-download it"
+            )
+        return _Chunk(offsets or (), sizes, file, int(info.offset), int(info.length))
+
+    def _check_coverage(self) -> None:
+        """Every element of every global tensor is in exactly one chunk (missing shards are an error)."""
+        for key, (shape, _) in self._global.items():
+            covered = sum(_volume(c.sizes) for c in self._chunks[key])
+            if covered != _volume(shape):
+                raise CheckpointError(
+                    f"{self.name}: {key} {list(shape)} is covered by {covered} of {_volume(shape)} elements in its "
+                    "chunks; a shard of the distributed checkpoint is missing or damaged"
+                )
+
+    # -- the LazyStateDict interface -------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def tensors(self) -> Iterator[tuple[str, DistTensor]]:
+        for key, value in self.state.items():
+            if isinstance(value, DistTensor):
+                yield key, value
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> DistributedWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_crcs(self) -> None:
+        """Read every chunk through torch.load, which checks each blob's zip CRCs."""
+        for chunks in self._chunks.values():
+            for chunk in chunks:
+                self._load_chunk(chunk)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _read_bytes(self, chunk: _Chunk) -> bytes:
+        with self._open(chunk.file) as member:
+            member.seek(chunk.start)
+            blob = member.read(chunk.length)
+        if len(blob) != chunk.length:
+            raise CheckpointError(f"{self.name}: {chunk.file} is shorter than its index says; the file is truncated")
+        return blob
+
+    def _load_chunk(self, chunk: _Chunk) -> torch.Tensor:
+        blob = self._read_bytes(chunk)
+        try:
+            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{self.name}: a chunk of {chunk.file} is corrupted ({exc})") from exc
+
+    def read(self, t: DistTensor, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
+        """The rows of one view tensor: the intersection of each chunk with the asked box, copied into `out`."""
+        shape = self._global[t.key][0]
+        lead = () if t.layer is None else (t.layer,)
+        lo = [*lead, rows[0] if rows else 0, *([0] * (len(t.shape) - 1))][: len(shape)]
+        hi = [*(i + 1 for i in lead), rows[1] if rows else (t.shape[0] if t.shape else 0), *t.shape[1:]][: len(shape)]
+        box_shape = [h - low for low, h in zip(lo, hi, strict=True)][len(lead) :]
+        if out is None:
+            out = torch.empty(box_shape, dtype=t.dtype)
+        view = out.view(*([1] * len(lead)), *box_shape) if lead else out
+        for chunk in self._chunks[t.key]:
+            c_lo, c_hi = chunk.offsets, [o + s for o, s in zip(chunk.offsets, chunk.sizes, strict=True)]
+            i_lo = [max(a, b) for a, b in zip(lo, c_lo, strict=True)]
+            i_hi = [min(a, b) for a, b in zip(hi, c_hi, strict=True)]
+            if any(a >= b for a, b in zip(i_lo, i_hi, strict=True)) and shape:
+                continue
+            data = self._load_chunk(chunk)
+            src = tuple(slice(a - o, b - o) for a, b, o in zip(i_lo, i_hi, c_lo, strict=True))
+            dst = tuple(slice(a - low, b - low) for a, b, low in zip(i_lo, i_hi, lo, strict=True))
+            view[dst] = data[src]
+        return out
+
+
+def _layer_key(key: str, layer: int) -> str:
+    return f"{STACKED_PREFIX}{layer}.{key[len(STACKED_PREFIX) :]}"
+
+
+def _volume(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
