@@ -1,13 +1,17 @@
-"""Make a Megatron-GPT `.nemo` with random weights and the 345M shapes, for the GPU proof (no downloads).
+"""Make a Megatron-GPT `.nemo` with random weights, built and saved by NeMo itself (no downloads).
 
-The GPU machines cannot reach NGC or the HF Hub, so the proof's base model is built where it runs:
-a SentencePiece tokenizer trained on the site's own text (the FPB sentences), a MegatronGPTModel
-with 345M's transformer (24 layers, hidden 1024, 16 heads, ffn 4096; its vocabulary is the small
-tokenizer's, not GPT-2's 50257) initialised at random and saved with NeMo's own `save_to`. It
-checks that p-tuning runs through a real server and site — not what a pretrained model would learn.
-Needs NeMo (the fedllm NeMo image) and a GPU:
+Machines that run fedllm's NeMo checks cannot reach NGC or the HF Hub, so their base model is built where
+it runs: a SentencePiece tokenizer trained on the site's own text (the FPB sentences) and NeMo's
+MegatronGPTModel initialised at random and saved with NeMo's own `save_to`. The GPU proof uses the 345M
+shapes (24 layers, hidden 1024, 16 heads, ffn 4096; the vocabulary is the small tokenizer's, not GPT-2's);
+CI uses a tiny model on CPU (`--shape tiny`). It shows that training runs through a real server and site —
+not what a pretrained model would learn.
+
+`--layout legacy` (the default) is the layout of NVIDIA's public nemo-megatron-gpt checkpoints (per-rank
+`model_weights.ckpt`); `--layout mcore` is a Megatron-core GPT, which NeMo 2 saves as a distributed checkpoint.
 
     python -m fedllm.apps.random_checkpoint --text data/site-1/train.jsonl --out /models/gpt345m_random.nemo
+    python -m fedllm.apps.random_checkpoint --text train.jsonl --out tiny.nemo --shape tiny    # CPU, seconds
 """
 
 from __future__ import annotations
@@ -20,15 +24,25 @@ from typing import Any
 
 from fedllm.training.nemo.config import TrainerSettings, trainer_config
 
-# Megatron-GPT 345M (nvidia/megatron_gpt_345m): 24 layers, hidden 1024, 16 heads, ffn 4 × hidden.
-GPT_345M = {"num_layers": 24, "hidden_size": 1024, "ffn_hidden_size": 4096, "num_attention_heads": 16}
+SHAPES = {
+    # Megatron-GPT 345M (nvidia/megatron_gpt_345m): 24 layers, hidden 1024, 16 heads, ffn 4 × hidden.
+    "345m": {"num_layers": 24, "hidden_size": 1024, "ffn_hidden_size": 4096, "num_attention_heads": 16},
+    # Small enough that a CPU trains it in a second per round (CI).
+    "tiny": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 256, "num_attention_heads": 4},
+}
 
 
 def gpt_model_config(
-    tokenizer_model: str, *, tensor_parallel: int = 1, seq_length: int = 1024, **shape: int
+    tokenizer_model: str,
+    *,
+    tensor_parallel: int = 1,
+    seq_length: int = 1024,
+    mcore: bool = False,
+    gpu: bool = True,
+    **shape: int,
 ) -> dict[str, Any]:
-    """MegatronGPTModel's config for a fresh model (legacy, non-mcore layout as the public checkpoints)."""
-    dims = {**GPT_345M, **shape}
+    """MegatronGPTModel's config for a fresh model; without a GPU, fp32 and the local (non-TE) layer spec."""
+    dims = {**SHAPES["345m"], **shape}
     return {
         "micro_batch_size": 4,
         "global_batch_size": 8,
@@ -41,27 +55,31 @@ def gpt_model_config(
         "hidden_dropout": 0.1,
         "attention_dropout": 0.1,
         "kv_channels": None,
-        "apply_query_key_layer_scaling": True,
+        "apply_query_key_layer_scaling": gpu,
         "layernorm_epsilon": 1e-5,
-        "make_vocab_size_divisible_by": 128,
-        "persist_layer_norm": True,
+        "make_vocab_size_divisible_by": 128 if gpu else 64,
+        "persist_layer_norm": gpu,
         "bias": True,
         "activation": "gelu",
         "normalization": "layernorm",
         "position_embedding_type": "learned_absolute",
         "share_embeddings_and_output_weights": True,
-        "mcore_gpt": False,
+        "mcore_gpt": mcore,
         "transformer_engine": False,
-        "precision": "bf16-mixed",
+        "precision": "bf16-mixed" if gpu else 32,
         "megatron_amp_O2": False,
         "gradient_as_bucket_view": True,
         "sequence_parallel": False,
+        "masked_softmax_fusion": gpu,
+        "bias_activation_fusion": gpu,
+        "bias_dropout_add_fusion": gpu,
+        "gradient_accumulation_fusion": False,
         "activations_checkpoint_granularity": None,
         "activations_checkpoint_method": None,
         "activations_checkpoint_num_layers": None,
         "activations_checkpoint_layers_per_pipeline": None,
         "seed": 1234,
-        "use_cpu_initialization": False,
+        "use_cpu_initialization": not gpu,
         "tokenizer": {
             "library": "sentencepiece",
             "type": None,
@@ -80,7 +98,7 @@ def gpt_model_config(
             "seq_length": seq_length,
             "splits_string": "900,50,50",
         },
-        "optim": {"name": "fused_adam", "lr": 1e-4, "sched": {"name": "CosineAnnealing", "warmup_steps": 10}},
+        "optim": {"name": "fused_adam" if gpu else "adam", "lr": 1e-4},
     }
 
 
@@ -111,6 +129,7 @@ def train_tokenizer(text_jsonl: Path, out_dir: Path, vocab_size: int = 4000) -> 
         pad_id=3,
         unk_id=0,
         hard_vocab_limit=False,
+        minloglevel=2,
     )
     return prefix.with_suffix(".model")
 
@@ -119,35 +138,45 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--text", type=Path, required=True, help="JSONL records to train the tokenizer on")
     p.add_argument("--out", type=Path, required=True, help="the .nemo to write")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel (run under torchrun with as many GPUs)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel (run under torchrun with as many processes)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="345m")
+    p.add_argument("--layout", choices=("legacy", "mcore"), default="legacy")
+    p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
 
-    from fedllm.training.nemo.compat import require_nemo_nlp
+    import torch
 
-    require_nemo_nlp()
+    from fedllm.training.nemo.site import start_nemo
+
+    start_nemo()
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
     from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
     from omegaconf import OmegaConf
 
+    gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tokenizer(args.text, Path(tmp), args.vocab_size)
-        cfg = OmegaConf.create(
-            {
-                "trainer": trainer_config(TrainerSettings(devices=args.tp, max_steps=1)),
-                "model": gpt_model_config(str(tokenizer), tensor_parallel=args.tp),
-            }
+        model_cfg = gpt_model_config(
+            str(tokenizer), tensor_parallel=args.tp, seq_length=args.seq_length, mcore=args.layout == "mcore",
+            gpu=gpu, **SHAPES[args.shape],
+        )  # fmt: skip
+        model_cfg["seed"] = args.seed
+        settings = TrainerSettings(
+            devices=args.tp, accelerator="gpu" if gpu else "cpu", precision="bf16-mixed" if gpu else 32, max_steps=1
         )
+        cfg = OmegaConf.create({"trainer": trainer_config(settings), "model": model_cfg})
         trainer = MegatronTrainerBuilder(cfg).create_trainer()
         model = MegatronGPTModel(cfg.model, trainer=trainer)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
+        partial = args.out.with_name(f".{args.out.name}.partial")
         model.save_to(str(partial))  # NeMo packs config, weights and the tokenizer model
         if trainer.global_rank == 0:
             partial.replace(args.out)
             n = sum(p.numel() for p in model.parameters())
-            print(f"wrote {args.out}: {n / 1e6:.0f} M parameters, TP {args.tp}")
+            print(f"wrote {args.out}: {n / 1e6:.2f} M parameters, {args.layout} layout, TP {args.tp}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # save_to of a distributed checkpoint starts processes that re-import this module
     main()

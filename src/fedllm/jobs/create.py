@@ -62,8 +62,13 @@ def resolve_spec(
     name: str | None = None,
     extra_args: dict[str, Any] | None = None,
     compression: str = "none",
+    site_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> JobSpec:
-    """Apply the mode's rules to the template defaults and the caller's options."""
+    """Apply the mode's rules to the template defaults and the caller's options.
+
+    `site_overrides` sets trainer arguments for single sites, e.g. {"site-3": {"devices": 2, "model": ...}}
+    for a site that trains a TP-2 copy of the model on its GPU pair (its torchrun starts that many processes).
+    """
     d = template.defaults
     if mode == "fedavg":
         n, r, e = num_clients or d.num_clients, rounds or d.rounds, local_epochs or d.local_epochs
@@ -97,10 +102,34 @@ def resolve_spec(
         if not sites or len(sites) < n:
             raise JobSpecError("per-site --data needs the site names: pass -c <site config> with enough sites")
         site_args = {site: {"train": path} for site, path in zip(sites[:n], data, strict=True)}
+    if site_overrides:
+        named = sites or sorted(site_overrides)
+        if len(named) < n or not set(site_overrides) <= set(named):
+            raise JobSpecError(
+                f"per-site arguments for {sorted(site_overrides)} need every site's name: pass -c <site config> "
+                f"whose sites include them ({n} site(s) train)"
+            )
+        site_args = {site: {**site_args.get(site, {}), **site_overrides.get(site, {})} for site in named[:n]}
     if template.launch == "torchrun":
         _check_local_checkpoint(args, dev)
+        for overrides in site_args.values():
+            if "devices" in overrides or "model" in overrides:
+                _check_local_checkpoint({**args, **overrides}, int(overrides.get("devices", dev)))
     job_name = name or f"{template.name}-{mode}-{n}sites"
     return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression)
+
+
+def _torchrun(devices: int) -> str:
+    # --standalone picks a free rendezvous port, so sites sharing a host do not collide.
+    return f"torchrun --standalone --nproc_per_node={devices}"
+
+
+def _site_config(spec: JobSpec, overrides: dict[str, Any], torchrun: bool) -> dict[str, Any]:
+    """NVFlare's per-site recipe config: the site's trainer arguments, and its own process count."""
+    config: dict[str, Any] = {"train_args": _cli_args({**spec.train_args, **overrides})}
+    if torchrun and "devices" in overrides:
+        config["command"] = _torchrun(int(overrides["devices"]))
+    return config
 
 
 def _check_local_checkpoint(args: dict[str, Any], devices: int) -> None:
@@ -194,18 +223,14 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
             key_metric=spec.template.key_metric,
             # Losses are better when lower; NVFlare's model selector assumes higher is better unless told.
             key_metric_mode="min" if "loss" in spec.template.key_metric else "max",
-            # torchrun: one trainer process per GPU of the site, started once for the whole job;
-            # --standalone picks a free rendezvous port, so sites sharing a host do not collide.
+            # torchrun: one trainer process per GPU of the site, started once for the whole job.
             launch_external_process=torchrun,
-            command=f"torchrun --standalone --nproc_per_node={spec.devices}" if torchrun else "python3 -u",
+            command=_torchrun(spec.devices) if torchrun else "python3 -u",
             **recipe_kwargs(spec.template.exchange),
         )
         # NVFlare takes per-site config only right after construction, before any config or filter.
         if spec.site_args:
-            set_per_site_config(
-                recipe,
-                {site: {"train_args": _cli_args({**spec.train_args, **a})} for site, a in spec.site_args.items()},
-            )
+            set_per_site_config(recipe, {site: _site_config(spec, a, torchrun) for site, a in spec.site_args.items()})
         apply_exchange_settings(recipe, spec.template.exchange)
         # --compress wins over the template's exchange.wire_dtype; both use the same filters.
         compression = spec.compression if spec.compression != "none" else wire_compression(spec.template.exchange)

@@ -191,6 +191,23 @@ def _apex_only_names() -> bool:
     return changed
 
 
+def _l2norm(_noop_flag: Any, tensor_lists: list[list[Any]], per_tensor: bool) -> tuple[Any, Any]:
+    """apex's amp_C.multi_tensor_l2norm in torch: the L2 norm over all tensors (and per tensor)."""
+    import torch
+
+    norms = torch.stack([torch.linalg.vector_norm(t.float()) for t in tensor_lists[0]])
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
+
+
+def _clip_grads_without_apex() -> bool:
+    clip = _module(_MEGATRON + "clip_grads")
+    if clip.HAVE_APEX or hasattr(clip, "multi_tensor_applier"):
+        return False
+    clip.amp_C = types.SimpleNamespace(multi_tensor_l2norm=_l2norm)
+    clip.multi_tensor_applier = lambda op, noop_flag, tensor_lists, *args: op(noop_flag, tensor_lists, *args)
+    return True
+
+
 def _eager_layer_specs() -> bool:
     gpt = _module(_LM + "megatron_gpt_model")
     if getattr(gpt.get_specs, "_fedllm", False) or not _source_has(gpt.get_specs, "name_spec_dict = {"):
@@ -246,16 +263,16 @@ def _prompt_learning_batches() -> bool:
         model.fwd_bwd_step, "batch, _, _ = next(dataloader_iter)"
     ):
         return False
-    step, split, forward_only = model.fwd_bwd_step, pl.get_iterator_k_split, model.get_forward_output_only_func
+    step, split, output_only = model.fwd_bwd_step, pl.get_iterator_k_split, model.get_forward_output_only_func
 
-    def fwd_bwd_step(self, dataloader_iter, batch_idx, forward_only_):
-        return step(self, _as_triples(dataloader_iter), batch_idx, forward_only_)
+    def fwd_bwd_step(self, dataloader_iter, batch_idx, forward_only):
+        return step(self, _as_triples(dataloader_iter), batch_idx, forward_only)
 
     def get_iterator_k_split(*args, **kwargs):
         return _as_triples(split(*args, **kwargs))
 
     def get_forward_output_only_func(self):
-        func = forward_only(self)
+        func = output_only(self)
         return lambda dataloader_iter, module: func(_as_triples(dataloader_iter), module)
 
     fwd_bwd_step._fedllm = True
@@ -482,6 +499,12 @@ NEMO_FIXES: tuple[NemoFix, ...] = (
         "NameError for apex-only names megatron-core also has (set_defaults_if_not_set_tensor_model_parallel_"
         "attributes, listify_model, FusedLayerNorm in the weight-decay grouping)",
         _apex_only_names,
+    ),
+    NemoFix(
+        "clip_grads_without_apex",
+        "modules/common/megatron/clip_grads.py:26,138 clip_grad_norm_fp32",
+        "NameError: multi_tensor_applier: gradient clipping computes the norm with apex's kernels only",
+        _clip_grads_without_apex,
     ),
     NemoFix(
         "eager_layer_specs",

@@ -2,8 +2,9 @@
 
 NeMo's Megatron scripts take a Hydra YAML (`trainer:` + `model:`); its wheels do not ship those
 YAMLs, so fedllm builds the config itself from the seeds' settings. Every key set here is one the
-pinned NeMo model classes read (checked by tests/nemo against the nemo_toolkit 1.23 and 2.4 sources),
-so a typo or a key NeMo dropped fails in CI, not on a GPU.
+pinned NeMo model classes read (checked by tests/training/nemo/test_config.py against NeMo's source),
+and CI trains with these configs for real (on CPU, tests/training/nemo/), so a typo, a key NeMo dropped
+or a value it refuses fails in CI, not on a GPU.
 
 p-tuning (the seeds' prompt learning): MegatronGPTPromptLearningModel keeps the GPT frozen
 (`language_model_path`) and trains a prompt encoder that emits 10 virtual tokens in front of each
@@ -35,8 +36,10 @@ class TrainerSettings:
     """What the Lightning trainer of one site process needs."""
 
     devices: int = 1
-    # bf16 needs Ampere or later (the seeds ran on A100); "16-mixed" for older GPUs.
-    precision: str = "bf16-mixed"
+    # "gpu" on a GPU site; "cpu" where torch sees no CUDA device (CI, with fedllm.training.nemo.cpu_layer).
+    accelerator: str = "gpu"
+    # bf16 needs Ampere or later (the seeds ran on A100); "16-mixed" for older GPUs; 32 on CPU.
+    precision: str | int = "bf16-mixed"
     max_epochs: int = 1
     max_steps: int = -1
     val_check_interval: float = 1.0
@@ -46,6 +49,8 @@ class TrainerSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
+    # apex's fused Adam where apex is installed (NVIDIA's containers), torch's Adam otherwise (same update rule).
+    name: str = "fused_adam"
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 50
@@ -62,8 +67,9 @@ class PtuningSettings:
     tensor_parallel: int = 1
     global_batch_size: int = 8
     micro_batch_size: int = 4
-    # The seeds' p-tuning encoder: 2-layer MLP, hidden 2048.
+    # The seeds' p-tuning encoder: 2-layer MLP, hidden 2048, 10 virtual tokens.
     encoder_hidden: int = 2048
+    virtual_tokens: int = VIRTUAL_TOKENS
     max_seq_length: int = 1024
     num_workers: int = 2
     seed: int = 1234
@@ -90,7 +96,7 @@ def trainer_config(t: TrainerSettings) -> dict[str, Any]:
     return {
         "devices": t.devices,
         "num_nodes": 1,
-        "accelerator": "gpu",
+        "accelerator": t.accelerator,
         # Sites log per round (fedllm.training.core); a per-step bar only floods the site's log.
         "enable_progress_bar": False,
         "precision": t.precision,
@@ -102,6 +108,7 @@ def trainer_config(t: TrainerSettings) -> dict[str, Any]:
         "max_epochs": t.max_epochs,
         "max_steps": t.max_steps,
         "log_every_n_steps": t.log_every_n_steps,
+        "num_sanity_val_steps": 0,  # fedllm validates the global model itself, before each round
         "val_check_interval": t.val_check_interval,
         "accumulate_grad_batches": 1,  # Megatron accumulates via global/micro batch size
         "gradient_clip_val": t.gradient_clip_val,
@@ -110,7 +117,7 @@ def trainer_config(t: TrainerSettings) -> dict[str, Any]:
 
 def optim_config(o: OptimSettings) -> dict[str, Any]:
     return {
-        "name": "fused_adam",
+        "name": o.name,
         "lr": o.lr,
         "weight_decay": o.weight_decay,
         "betas": list(o.betas),
@@ -145,8 +152,8 @@ def ptuning_config(s: PtuningSettings) -> dict[str, Any]:
                 {
                     "taskname": PTUNING_TASK,
                     "prompt_template": PTUNING_TEMPLATE,
-                    "total_virtual_tokens": VIRTUAL_TOKENS,
-                    "virtual_token_splits": [VIRTUAL_TOKENS],
+                    "total_virtual_tokens": s.virtual_tokens,
+                    "virtual_token_splits": [s.virtual_tokens],
                     "truncate_field": None,
                     # Loss on "sentiment:{label}"'s answer only, not on the sentence (NeMo's default is False).
                     "answer_only_loss": True,

@@ -13,6 +13,7 @@ torch.distributed (gloo) are NeMo's and torch's own; only where a tensor lives c
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 from fedllm.training.nemo.compat import placeholder_module
@@ -53,6 +54,11 @@ def _cuda_to_cpu_mode():
     mode = CudaToCpu()
     mode.__enter__()  # for the life of the process: Lightning trains in the main thread
     return mode
+
+
+class _TrackerStreamAdvanced(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 class _CpuStream:
@@ -137,6 +143,9 @@ def activate() -> dict[str, str]:
 
         _set_random_seed._fedllm = True
         megatron_init._set_random_seed = _set_random_seed
+    # fork() swaps the tracker's state into the (device = CPU) generator and back, and warns that the CPU
+    # state moved inside the context: here that is the tracker's own stream advancing, as it should.
+    logging.getLogger(megatron_random.__name__).addFilter(_TrackerStreamAdvanced())
     APPLIED["rng_tracker"] = "megatron-core's CUDA RNG tracker, seeded and forked on the CPU generator"
 
     # Generation imports the Griffin model for an isinstance() check; it needs triton, which only CUDA torch has.

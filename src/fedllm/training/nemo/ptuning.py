@@ -25,42 +25,53 @@ from fedllm.training.nemo.config import PtuningSettings, ptuning_config
 from fedllm.training.nemo.prompt_encoder import load_prompt_encoder_state, prompt_encoder_state
 from fedllm.training.nemo.site import (
     base_parser,
+    build_trainer,
+    count_records,
     files,
     optim_settings,
     output_dir,
     run_nemo_site,
+    steps_per_epoch,
     trainer_settings,
     validation_metrics,
 )
 
 
 class NemoPtuningTask:
-    """A SiteTask around NeMo's MegatronGPTPromptLearningModel (import happens here, on the site)."""
+    """A SiteTask around NeMo's MegatronGPTPromptLearningModel (import happens here, on the site).
+
+    One Lightning trainer for the whole job: each round raises its step limit by the round's steps and
+    calls fit() again, which continues where the last round stopped (the data loader too). fit() builds
+    the optimizer and LR schedule anew each time, so Adam's moments and the warmup start over every round
+    — what FedAvg expects of a site that receives new global weights.
+    """
 
     def __init__(self, args: argparse.Namespace, site: str, info: ModelSpec):
         from nemo.collections.nlp.models.language_modeling.megatron_gpt_prompt_learning_model import (
             MegatronGPTPromptLearningModel,
         )
-        from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
         from omegaconf import OmegaConf
 
+        train_files = files(args.train, site)
+        self.steps_per_epoch = steps_per_epoch(count_records(train_files), args.global_batch_size)
         settings = PtuningSettings(
             language_model_path=str(resolve_path(args.model, site)),
-            train_files=files(args.train, site),
+            train_files=train_files,
             validation_files=files(args.val, site),
             nemo_path=str(output_dir() / "ptuned.nemo"),
             tensor_parallel=info.tensor_parallel,
             global_batch_size=args.global_batch_size,
             micro_batch_size=args.micro_batch_size,
             encoder_hidden=args.encoder_hidden,
+            virtual_tokens=args.virtual_tokens,
             max_seq_length=args.max_seq_length,
             num_workers=args.num_workers,
             seed=args.seed,
-            trainer=trainer_settings(args),
+            trainer=trainer_settings(args, max_steps=self.steps_per_epoch * args.epochs),
             optim=optim_settings(args),
         )
         cfg = OmegaConf.create(ptuning_config(settings))
-        self.trainer = MegatronTrainerBuilder(cfg).create_trainer()
+        self.trainer = build_trainer(cfg, info.tensor_parallel)
         self.model = MegatronGPTPromptLearningModel(cfg.model, trainer=self.trainer)
         # The prompt encoder is created in setup(); create it now so round 0 can load the global one.
         if self.model.prompt_encoder is None:
@@ -76,8 +87,7 @@ class NemoPtuningTask:
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
         start = self.trainer.global_step
-        # Lightning continues its fit loop when max_epochs grows: one call per round, same trainer.
-        self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + epochs
+        self.trainer.fit_loop.epoch_loop.max_steps = start + epochs * self.steps_per_epoch
         self.trainer.fit(self.model)
         loss = self.trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
         self.last_steps = self.trainer.global_step - start
@@ -90,6 +100,7 @@ class NemoPtuningTask:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.splitlines()[0], lr=1e-4)
     p.add_argument("--encoder-hidden", type=int, default=2048, help="prompt-encoder MLP width (the seeds': 2048)")
+    p.add_argument("--virtual-tokens", type=int, default=10, help="virtual prompt tokens (the seeds': 10)")
     return p.parse_args(argv)
 
 

@@ -9,6 +9,8 @@ the task builder), so NVFlare reports the failure to the server and the job ends
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from fedllm.checkpoint.model_spec import ModelSpec, read_model_spec
 from fedllm.data.io import DataError
 from fedllm.training.core import resolve_path, run_site
 from fedllm.training.distributed import run_distributed_site, world
-from fedllm.training.nemo.compat import require_nemo_nlp
+from fedllm.training.nemo import cpu_layer
+from fedllm.training.nemo.compat import apply_nemo_fixes, require_nemo_nlp
 from fedllm.training.nemo.config import OptimSettings, TrainerSettings
 from fedllm.training.nemo.errors import NemoLaunchError
 
@@ -69,16 +72,43 @@ def preflight(args: argparse.Namespace, site: str) -> ModelSpec:
             f"{world_size} trainer process(es) run for --devices {args.devices}. Fix: the job must launch the "
             f"trainer with `torchrun --nproc_per_node {args.devices}` (fedllm job create does for NeMo templates)"
         )
-    require_nemo_nlp()
+    start_nemo()
     return spec
 
 
+def start_nemo(log=print) -> dict[str, str]:
+    """Import NeMo's Megatron-GPT models and repair them: the fixes this NeMo needs, and without a GPU the CPU layer.
+
+    Every process of a site calls it before it builds a model (torchrun ranks included); the site log
+    says what was applied, so a run on a GPU shows that the CPU layer stayed off.
+    """
+    require_nemo_nlp()
+    importlib.import_module("nemo.collections.nlp.models.language_modeling.megatron_gpt_prompt_learning_model")
+    importlib.import_module("nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model")
+    fixes = apply_nemo_fixes()
+    cpu = cpu_layer.activate()
+    if world()[0] == 0:
+        log(f"[fedllm] NeMo fixes applied: {', '.join(sorted(fixes)) or 'none needed'}")
+        log(f"[fedllm] CPU layer: {'on (no CUDA device): ' + ', '.join(sorted(cpu)) if cpu else 'off'}")
+    return {**fixes, **cpu}
+
+
 def trainer_settings(args: argparse.Namespace, max_steps: int = -1) -> TrainerSettings:
-    return TrainerSettings(devices=args.devices, precision=args.precision, max_epochs=args.epochs, max_steps=max_steps)
+    """On a GPU the job's precision; on a CPU fp32 (CPU autocast of Megatron's kernels is not what GPUs run)."""
+    gpu = torch.cuda.is_available()
+    return TrainerSettings(
+        devices=args.devices,
+        accelerator="gpu" if gpu else "cpu",
+        precision=args.precision if gpu else 32,
+        # A step budget (p-tuning, SFT) decides when a round ends; the epoch count is then unbounded.
+        max_epochs=-1 if max_steps > 0 else args.epochs,
+        max_steps=max_steps,
+    )
 
 
 def optim_settings(args: argparse.Namespace) -> OptimSettings:
-    return OptimSettings(lr=args.lr)
+    fused = importlib.util.find_spec("apex") is not None
+    return OptimSettings(name="fused_adam" if fused else "adam", lr=args.lr)
 
 
 def output_dir() -> Path:
@@ -86,11 +116,63 @@ def output_dir() -> Path:
     return Path.cwd()
 
 
+def count_records(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            total += sum(1 for line in fh if line.strip())
+    return total
+
+
+def steps_per_epoch(num_records: int, global_batch_size: int) -> int:
+    """Optimizer steps of one pass over the records (Megatron's samplers drop the last partial batch)."""
+    if num_records < global_batch_size:
+        raise DataError(
+            f"{num_records} training records are fewer than one global batch ({global_batch_size}). Fix: lower "
+            "--global-batch-size in the job (fedllm job create ... --set global_batch_size=N) or add data"
+        )
+    return num_records // global_batch_size
+
+
+def build_trainer(cfg: Any, tensor_parallel: int, builder: str = "MegatronTrainerBuilder") -> Any:
+    """NeMo's own Megatron trainer for `cfg` (gloo on CPU, NCCL on GPUs).
+
+    With tensor parallelism it also fills NeMo's AppState with this process's model-parallel rank, as
+    NeMo's own scripts do before they restore a model-parallel .nemo, so each rank loads its own shard.
+    """
+    from nemo.collections.nlp.parts import megatron_trainer_builder
+
+    trainer = getattr(megatron_trainer_builder, builder)(cfg).create_trainer()
+    if tensor_parallel > 1:
+        from nemo.collections.nlp.modules.common.megatron.megatron_init import fake_initialize_model_parallel
+        from nemo.utils import AppState
+
+        app = AppState()
+        app.model_parallel_size = app.tensor_model_parallel_size = tensor_parallel
+        app.pipeline_model_parallel_size = 1
+        (
+            app.tensor_model_parallel_rank,
+            app.pipeline_model_parallel_rank,
+            app.expert_model_parallel_rank,
+            app.model_parallel_size,
+            app.data_parallel_size,
+            app.pipeline_model_parallel_split_rank,
+            app.virtual_pipeline_model_parallel_rank,
+        ) = fake_initialize_model_parallel(
+            world_size=trainer.world_size,
+            rank=trainer.global_rank,
+            tensor_model_parallel_size_=tensor_parallel,
+            pipeline_model_parallel_size_=1,
+        )
+    return trainer
+
+
 def validation_metrics(trainer: Any, model: Any, last_steps: int) -> dict[str, float]:
     """val_loss from NeMo's validation, plus this round's steps and the GPU memory peak (for the GPU proof)."""
     results = trainer.validate(model, verbose=False)
     metrics = {"val_loss": float(results[0]["val_loss"])} if results else {}
     metrics["train_steps"] = float(last_steps)
+    metrics["ranks"] = float(world()[1])  # processes the site's model spans (its tensor parallelism)
     if torch.cuda.is_available():
         metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics

@@ -1,0 +1,132 @@
+"""NeMo's own Megatron-GPT p-tuning and SFT through a real NVFlare federation, on CPU (runs in .venv-nemo).
+
+Three sites train a tiny Megatron-GPT that NeMo itself built and saved; site-3 runs it at tensor
+parallelism 2 (two torchrun processes on a fedllm-converted TP-2 copy). Nothing here is a stand-in:
+the models, their training and validation are NeMo's, the federation is NVFlare's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedllm.apps.local_federation import local_federation
+from fedllm.checkpoint import convert
+from fedllm.config import load_site_config
+from fedllm.flare.server_models import NemoCheckpointWeights, PromptEncoderWeights
+from fedllm.jobs.create import create_job, resolve_spec
+from fedllm.jobs.submit import COMPLETED
+from fedllm.jobs.template import InitialModel, load_template
+from fedllm.results.metrics import load_global_state, read_round_metrics
+from tests.support.nemo_runs import SEQ_LENGTH, sentiment_data, sft_data, tiny_gpt
+from tests.support.sites import local_config_dict, write_yaml
+
+pytest.importorskip("nemo", reason="NeMo runs in its own environment: make test-nemo (.venv-nemo)")
+pytestmark = [pytest.mark.nemo, pytest.mark.federation]
+
+SITES = ["site-1", "site-2", "site-3"]
+VIRTUAL_TOKENS, ENCODER_HIDDEN, HIDDEN = 4, 32, 64
+COMMON = {"global_batch_size": 8, "micro_batch_size": 4, "max_seq_length": SEQ_LENGTH, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def nemo_world(tmp_path_factory):
+    """Data, the tiny GPT (TP1, and TP2 for site-3) and a running 3-site federation."""
+    root = tmp_path_factory.mktemp("nemo-fed")
+    val = sentiment_data(root / "data", SITES)
+    sft_data(root / "data", SITES)
+    base = tiny_gpt(root / "models" / "tiny.nemo", val)
+    tp2 = convert(base, root / "models" / "tiny_tp2.nemo", 2, progress=False).target
+    cfg = load_site_config(write_yaml(root / "site.yaml", local_config_dict(project="nemofed")))
+    with local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed:
+        yield {"fed": fed, "root": root, "base": base, "tp2": tp2}
+
+
+def _ptuning_spec(world, mode: str, **kw):
+    template = load_template("nemo-ptuning-345m").model_copy(
+        update={
+            "initial_model": InitialModel(
+                class_path="fedllm.flare.server_models.PromptEncoderWeights",
+                args={"total_virtual_tokens": VIRTUAL_TOKENS, "token_dim": HIDDEN, "encoder_hidden": ENCODER_HIDDEN},
+            )
+        }
+    )
+    extra = {**COMMON, "encoder_hidden": ENCODER_HIDDEN, "virtual_tokens": VIRTUAL_TOKENS, "lr": 0.02}
+    return resolve_spec(template, mode, model=str(world["base"]), extra_args=extra, **kw)
+
+
+def _encoder_bytes() -> int:
+    return sum(t.numel() * 4 for t in PromptEncoderWeights(VIRTUAL_TOKENS, HIDDEN, ENCODER_HIDDEN).state_dict().values())
+
+
+def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder(nemo_world, tmp_path):
+    spec = _ptuning_spec(
+        nemo_world,
+        "fedavg",
+        rounds=3,
+        num_clients=3,
+        sites=SITES,
+        site_overrides={"site-3": {"devices": 2, "model": str(nemo_world["tp2"])}},
+    )
+    result = nemo_world["fed"].submit(
+        create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=1200, echo=lambda _m: None
+    )
+    assert result.status == COMPLETED
+    rounds = read_round_metrics(result.result_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds:
+        assert set(r["sites"]) == set(SITES)
+        for site, m in r["sites"].items():
+            assert m["bytes_sent"] == _encoder_bytes(), site  # the prompt encoder, nothing of the GPT
+            assert m["ranks"] == (2.0 if site == "site-3" else 1.0)
+            assert m["train_steps"] > 0
+    losses = [r["aggregated"]["global_val_loss"] for r in rounds]
+    assert losses[-1] < losses[0], f"the global prompt encoder's validation loss did not fall: {losses}"
+    expected = PromptEncoderWeights(VIRTUAL_TOKENS, HIDDEN, ENCODER_HIDDEN).state_dict()
+    global_state = load_global_state(result.result_dir)
+    assert {k: tuple(v.shape) for k, v in global_state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    nemo_world["ptuning_result"] = result.result_dir
+
+
+def test_sft_exchanges_full_weights_and_sites_start_from_the_aggregate(nemo_world, tmp_path):
+    template = load_template("nemo-sft-1.3b")
+    spec = resolve_spec(
+        template,
+        "fedavg",
+        rounds=2,
+        num_clients=3,
+        model=str(nemo_world["base"]),
+        extra_args={**COMMON, "lr": 0.001},
+        data=["{data_dir}/training.jsonl"],
+        validation="{data_dir}/validation.jsonl",
+    )
+    result = nemo_world["fed"].submit(
+        create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=1200, echo=lambda _m: None
+    )
+    assert result.status == COMPLETED
+    base = NemoCheckpointWeights(str(nemo_world["base"])).state_dict()
+    weights_bytes = sum(t.numel() * 4 for t in base.values())
+    first, second = read_round_metrics(result.result_dir)
+    assert {m["bytes_sent"] for m in first["sites"].values()} == {float(weights_bytes)}  # every weight crosses
+    # Every site evaluates the same aggregate it received before round 1: one number, not its own model's.
+    received = {round(m["global_val_loss"], 5) for m in second["sites"].values()}
+    assert len(received) == 1
+    assert all(round(m["val_loss"], 5) not in received for m in first["sites"].values())
+    assert second["aggregated"]["global_val_loss"] < first["aggregated"]["global_val_loss"]
+    final = load_global_state(result.result_dir)
+    assert set(final) == set(base)
+    assert any(not torch.equal(final[k], base[k]) for k in base), "the server's global model did not change"
+    nemo_world["sft_result"] = result.result_dir
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_local_only_and_centralized_modes(nemo_world, tmp_path, mode):
+    kw = {"num_clients": 3} if mode == "local" else {}
+    spec = _ptuning_spec(nemo_world, mode, local_epochs=1, **kw)
+    result = nemo_world["fed"].submit(
+        create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=900, echo=lambda _m: None
+    )
+    assert result.status == COMPLETED
+    (only,) = read_round_metrics(result.result_dir)
+    assert len(only["sites"]) == (3 if mode == "local" else 1)
+    assert all(m["val_loss"] < m["global_val_loss"] for m in only["sites"].values())
