@@ -8,6 +8,11 @@ Layout (Flower-style layering: a base file plus overlays):
     prod_NN/compose/.env              image, uid, and COMPOSE_FILE = base + GPU overlay
     prod_NN/hosts/<host>/...          the same three files for sites on other hosts (multi-host only)
 
+A kit made the distributed way (fedllm.provision.distributed: each participant packages its own kit)
+carries its own bundle, `prod_NN/<participant>/compose/`, with that one participant: the server alone,
+a site that dials the server by name, or one admin's console. It lives inside the kit because NVFlare's
+`nvflare package` adds each newly packaged kit to prod_NN without touching what is already beside it.
+
 Every service mounts only its own kit (read-only) and its own data dir (read-only), and writes into its
 own named volume. Paths to kits are relative (`../<participant>`), so a prod dir can be copied whole.
 """
@@ -15,6 +20,7 @@ own named volume. Paths to kits are relative (`../<participant>`), so a prod dir
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +70,12 @@ def _write_env(path: Path, values: dict[str, str]) -> None:
 class ComposeBuilder(Builder):
     """Writes compose files for the validated site config into every provisioned prod dir."""
 
-    def __init__(self, site_config: dict[str, Any], source: str, data_root: str):
+    def __init__(self, site_config: dict[str, Any], source: str, data_root: str, participant: str | None = None):
         self.config = SiteConfig.model_validate(site_config)
         self.source = source
         self.data_root = Path(data_root)
+        # Set when one participant packages its own kit: its bundle holds that participant only.
+        self.participant = participant
 
     # ---- services -------------------------------------------------------------------------------
     def _common(self, name: str, kit_rel: str) -> dict[str, Any]:
@@ -120,8 +128,10 @@ class ComposeBuilder(Builder):
             svc["depends_on"] = {self._server_service(): {"condition": "service_healthy"}}
         return svc
 
-    def _admin(self, kit_rel: str) -> dict[str, Any]:
-        admin = self.config.admin
+    def _admin(
+        self, kit_rel: str, name: str | None = None, with_server: bool = True, results_rel: str = "../../results"
+    ) -> dict[str, Any]:
+        admin = next((a for a in self.config.admins if a.name == name), self.config.admin)
         svc = self._common(ADMIN_SERVICE, kit_rel)
         svc["restart"] = "no"
         svc["profiles"] = [ADMIN_PROFILE]
@@ -130,8 +140,9 @@ class ComposeBuilder(Builder):
         svc["stdin_open"] = True
         svc["tty"] = True
         svc["environment"] = {"FEDLLM_ADMIN_USER": admin.name}
-        svc["volumes"].append("${FEDLLM_RESULTS_DIR:-../../results}:" + RESULTS_MOUNT)
-        svc["depends_on"] = {self._server_service(): {"condition": "service_healthy"}}
+        svc["volumes"].append("${FEDLLM_RESULTS_DIR:-" + results_rel + "}:" + RESULTS_MOUNT)
+        if with_server:
+            svc["depends_on"] = {self._server_service(): {"condition": "service_healthy"}}
         return svc
 
     def _server_service(self) -> str:
@@ -204,8 +215,36 @@ class ComposeBuilder(Builder):
             return self.config.container.uid, self.config.container.uid
         return os.getuid(), os.getgid()
 
+    def _write_participant_bundle(self, out: Path, name: str) -> None:
+        """One participant's own bundle (distributed kits): nothing else of the federation is on this machine."""
+        sites = [s for s in self.config.sites if s.name == name]
+        # `out` is <kit>/compose: the kit is its parent, results go beside prod_NN like a central bundle's.
+        if name == self.config.server.name:
+            services = {self._server_service(): self._server("..")}
+        elif sites:
+            services = {name: self._site(sites[0], "..", with_server=False)}
+        else:
+            services = {ADMIN_SERVICE: self._admin("..", name, with_server=False, results_rel="../../../results")}
+        volumes = {
+            v.split(":")[0]: {}
+            for svc in services.values()
+            for v in svc["volumes"]
+            if v.endswith(f":{WORKSPACE_MOUNT}")
+        }
+        compose_project = f"fedllm-{self.config.project}-" + re.sub(r"[^a-z0-9_-]+", "-", name.lower())
+        _dump(out / "compose.yaml", {"name": compose_project, "services": services, "volumes": volumes}, self.source)
+        _dump(out / "compose.gpu.yaml", self._gpu_overlay(sites), self.source)
+        _dump(out / "compose.cpu.yaml", self._cpu_overlay(sites), self.source)
+        _write_env(out / ".env", self._env_values())
+
     def build(self, project: Project, ctx: ProvisionContext) -> None:
         wip = Path(ctx.get_wip_dir())
+        if self.participant is not None:
+            # NVFlare packages this participant beside a placeholder server: only this one gets a bundle.
+            entity = next(p for p in project.get_all_participants() if p.name == self.participant)
+            self._write_participant_bundle(Path(ctx.get_ws_dir(entity)) / COMPOSE_DIR, self.participant)
+            (wip.parent / "results").mkdir(exist_ok=True)
+            return
         for host, sites in sites_by_host(self.config).items():
             if host == server_host(self.config):
                 self._write_bundle(wip / COMPOSE_DIR, sites, on_server_host=True, prefix="../")
