@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
-from nvflare.fuel.flare_api.api_spec import AuthorizationError
+from nvflare.fuel.flare_api.api_spec import AuthorizationError, InvalidTarget
 
 from fedllm.apps.local_federation import LocalFederation, running_federation
 from fedllm.config import load_site_config
@@ -212,6 +213,29 @@ def test_a_site_cannot_register_under_another_sites_name(trust: Trust) -> None:
     assert "Successfully registered client:site-2" not in log.read_text(errors="replace")
     with admin_session(trust.kits) as session:
         assert connected_sites(session) >= {"site-1", "site-2", "site-3"}
+
+
+def test_a_sites_certificate_opens_no_admin_rights(trust: Trust, tmp_path: Path) -> None:
+    # site-1 dresses its own certificate and key as an admin kit (in its own folder) and logs in as itself.
+    fake = trust.home("site-1") / "as-admin"
+    shutil.copytree(trust.kit(LEAD_A), fake, ignore=shutil.ignore_patterns("client.*"))
+    for name in ("client.crt", "client.key"):
+        shutil.copy(trust.kit("site-1") / "startup" / name, fake / "startup" / name)
+    with admin_session(AdminKit(fake, "site-1")) as session:
+        for command in (session.list_jobs, session.get_connected_client_list, lambda: session.ls_target("site-1")):
+            with pytest.raises((AuthorizationError, InvalidTarget)):
+                command()
+        with pytest.raises(AuthorizationError, match="not authorized for 'submit_job'"):
+            session.submit_job(str(_echo_job(tmp_path, "echo-by-a-site")))
+
+
+def test_sites_listen_on_loopback_only(trust: Trust) -> None:
+    """A site dials the server; what it listens on is NVFlare's internal port for its own job processes."""
+    for proc in native.read_state(trust.kits):
+        tree = {proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))}
+        sockets = [c.laddr for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in tree]
+        if proc.name in trust.config.site_names:
+            assert sockets and all(addr.ip == "127.0.0.1" for addr in sockets), (proc.name, sockets)
 
 
 def test_member_can_neither_submit_nor_abort_and_a_lead_acts_for_its_own_jobs_and_org(
