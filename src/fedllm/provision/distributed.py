@@ -138,6 +138,8 @@ def participant_definition(config: SiteConfig, name: str, source: str, data_root
                 "single-operator federation"
             )
         entry |= {"type": "admin", "role": who.role}
+    # NVFlare's Builders as provision/templates/project.yml.j2 lists them, less SignatureBuilder: a kit
+    # made from a signed zip carries no signature.json; its certificate and the root CA are the anchor.
     nvflare_builders = [
         {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
         {
@@ -296,7 +298,8 @@ def sign_request(
     data = _nvflare(args, f"signing the request of '{who.name}'")
     if data.get("rootca_fingerprint_sha256") != fingerprint:  # NVFlare signed with the CA it found in ca_dir
         raise DistributedProvisionError(f"{ca_dir}: ca.json does not match rootCA.pem; restore the CA folder")
-    valid_until = json.loads(zipfile.ZipFile(signed_zip).read("signed.json"))["certificate"]["valid_until"]
+    with zipfile.ZipFile(signed_zip) as zf:
+        valid_until = json.loads(zf.read("signed.json"))["certificate"]["valid_until"]
     return Signed(who.name, signed_zip, fingerprint, valid_until)
 
 
