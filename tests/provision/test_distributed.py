@@ -8,7 +8,7 @@ import shutil
 import stat
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ import yaml
 
 from fedllm.config import load_site_config
 from fedllm.config.site_config import SiteConfig
+from fedllm.provision import ProvisionError, latest_kits
 from fedllm.provision.certificates import CertificateError, check_kit_certificate, read_certificate
 from fedllm.provision.distributed import (
     CertificateAuthority,
@@ -44,6 +45,7 @@ class Made:
     root: Path
     config: SiteConfig
     ca: CertificateAuthority
+    kits: dict[str, Path] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,15 @@ def made(tmp_path_factory) -> Iterator[Made]:
         yield Made(root, config, init_ca(config, root / "admin" / "ca"))
 
 
-def _round_trip(made: Made, name: str, config: SiteConfig | None = None) -> Path:
-    home = made.root / name
-    req = request_certificate(config or made.config, name, home / "request", source="site.yaml", data_root=made.root)
-    signed = sign_request(made.config, req.request_zip, made.ca.ca_dir, out=made.root / "admin" / f"{name}.signed.zip")
-    return package_kit(signed.signed_zip, req.request_dir, home / "ws", made.ca.fingerprint)
+def _round_trip(made: Made, name: str) -> Path:
+    """`name`'s kit, made once: request at its home, signature at the admin, packaging at its home."""
+    if name not in made.kits:
+        home = made.root / name
+        req = request_certificate(made.config, name, home / "request", source="site.yaml", data_root=made.root)
+        out = made.root / "admin" / f"{name}.signed.zip"
+        signed = sign_request(made.config, req.request_zip, made.ca.ca_dir, out=out)
+        made.kits[name] = package_kit(signed.signed_zip, req.request_dir, home / "ws", made.ca.fingerprint)
+    return made.kits[name]
 
 
 def test_ca_folder_is_private_and_its_fingerprint_is_the_root_certificates(made: Made) -> None:
@@ -201,3 +207,20 @@ def test_an_expired_or_foreign_certificate_is_refused_before_anything_starts(mad
     (kit / "startup" / "client.crt").write_bytes(pem)
     with pytest.raises(CertificateError, match="is not signed by the kit's root CA"):
         check_kit_certificate(kit)
+
+
+def test_a_packaged_kit_stays_good_when_others_join_and_not_when_its_own_entry_changes(made: Made) -> None:
+    _round_trip(made, "site-2")
+    workspace = made.root / "site-2" / "ws"
+    assert latest_kits(workspace, made.config).site("site-2") == made.kits["site-2"]
+
+    def edited(edit, name: str) -> SiteConfig:
+        data = made.config.model_dump(mode="json")
+        edit(data)
+        return load_site_config(write_yaml(made.root / name, data))
+
+    grown = edited(lambda d: d["sites"].append({"name": "site-4", "org": "orgb"}), "grown.yaml")
+    assert latest_kits(workspace, grown).site("site-2") == made.kits["site-2"]
+    moved = edited(lambda d: d["sites"][1].update(gpus=[3]), "moved.yaml")
+    with pytest.raises(ProvisionError, match=r"kit of 'site-2' .* packaged from a different site config.*--force"):
+        latest_kits(workspace, moved)

@@ -24,6 +24,7 @@ from nvflare.lighter.provisioner import Provisioner
 
 from fedllm.config.site_config import SiteConfig
 from fedllm.errors import FedllmError
+from fedllm.provision.builders import MANIFEST_NAME
 from fedllm.resources import resource_dir
 
 PROD_RE = re.compile(r"^prod_(\d{2})$")
@@ -74,6 +75,27 @@ def config_digest(config: SiteConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def participant_digest(config: SiteConfig, name: str) -> str:
+    """A fingerprint of what one participant's kit is made from: the project, the server, its own entry.
+
+    A kit made the distributed way holds only its participant's facts, so another site joining the
+    config leaves it as good as it was; a change to its own entry, the server or the containers does not.
+    """
+    own = [e.model_dump(mode="json") for e in (*config.sites, *config.admins) if e.name == name]
+    canonical = json.dumps(
+        {
+            "project": config.project,
+            "nvflare_version": config.nvflare_version,
+            "server": config.server.model_dump(mode="json"),
+            "container": config.container.model_dump(mode="json"),
+            "participant": name,
+            "own": own,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def fedllm_builders(
     config: SiteConfig, source: str, data_root: Path, participant: str | None = None
 ) -> list[dict[str, Any]]:
@@ -93,6 +115,11 @@ def fedllm_builders(
                 "config_digest": config_digest(config),
                 "source": source,
                 "data_root": str(data_root),
+                **(
+                    {"participant": participant, "participant_digest": participant_digest(config, participant)}
+                    if participant is not None
+                    else {}
+                ),
             },
         },
         {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
@@ -150,7 +177,10 @@ def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
             f"run `fedllm provision -c <site config> -w {workspace}` first"
         )
     kits = Kits(dirs[-1], config)
-    manifest = dirs[-1] / "fedllm.json"
+    manifest = dirs[-1] / MANIFEST_NAME
+    if not manifest.is_file() and (packaged := sorted(dirs[-1].glob(f"*/{MANIFEST_NAME}"))):
+        _check_packaged_kits(packaged, config)  # distributed kits: each records its own participant
+        return kits
     recorded = json.loads(manifest.read_text()).get("config_digest") if manifest.is_file() else None
     if recorded != config_digest(config):
         raise ProvisionError(
@@ -158,6 +188,21 @@ def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
             "re-run `fedllm provision` so that kits, GPUs and sites match the config"
         )
     return kits
+
+
+def _check_packaged_kits(manifests: list[Path], config: SiteConfig) -> None:
+    for manifest in manifests:
+        name = json.loads(manifest.read_text()).get("participant", manifest.parent.name)
+        recorded = json.loads(manifest.read_text()).get("participant_digest")
+        known = name == config.server.name or name in config.site_names or name in {a.name for a in config.admins}
+        if not known or recorded != participant_digest(config, name):
+            raise ProvisionError(
+                f"the kit of '{name}' ({manifest.parent}) was packaged from a different site config "
+                "(its own entry, the server's or the container settings differ"
+                + ("" if known else f"; '{name}' is not in this config")
+                + f"). Fix: `fedllm cert request --name {name} --force` with this config, have it signed, "
+                "`fedllm package --force`; or pass the config the kit was made with"
+            )
 
 
 def _make_room(workspace: Path, config: SiteConfig) -> None:
