@@ -244,6 +244,7 @@ def test_member_can_neither_submit_nor_abort_and_a_lead_acts_for_its_own_jobs_an
     """NVFlare's default policy (each kit's local/authorization.json.default), through the FLARE API."""
     job = _echo_job(tmp_path, "echo-attempt")
     with admin_session(trust.admin_kit(MEMBER_B)) as member:
+        assert running_job in {j["job_id"] for j in member.list_jobs()}  # view: any
         with pytest.raises(AuthorizationError, match="not authorized for 'submit_job'"):
             member.submit_job(str(job))
         with pytest.raises(AuthorizationError, match="not authorized for 'abort_job'"):
