@@ -6,8 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from fedllm.jobs.template import InitialModel, JobTemplate
 from fedllm.provision import provision
 from fedllm.runtime.admin import admin_session, connected_sites
 from tests.support.sites import write_yaml
+from tests.support.trust import tls_outcome
 
 pytestmark = pytest.mark.federation
 
@@ -67,27 +66,14 @@ def test_site_with_foreign_certificate_is_refused(federation, tmp_path: Path) ->
 
 
 def _tls_outcome(kits, cert_dir: Path | None, port: int | None = None) -> str:
-    """Connect to a server port (NVFlare's tcp driver behind TLS) with a client certificate, or none.
-
-    The server speaks only after a framed request, so an accepted client sees silence: "open".
-    TLS 1.3 checks the client certificate after the client's side of the handshake, so a refused
-    client learns it on its first read, as an alert ("refused: <reason>") or a closed connection.
-    """
-    ctx = ssl.create_default_context(cafile=str(kits.server() / "startup" / "rootCA.pem"))
-    if cert_dir is not None:
-        ctx.load_cert_chain(str(cert_dir / "client.crt"), str(cert_dir / "client.key"))
-    with socket.create_connection(("localhost", port or kits.config.server.fed_learn_port), timeout=10) as raw:
-        try:
-            with ctx.wrap_socket(raw, server_hostname=kits.config.server.name) as tls:
-                tls.settimeout(5)
-                data = tls.recv(200)
-        except TimeoutError:
-            return "open"
-        except ssl.SSLError as exc:
-            return f"refused: {exc.reason}"
-        except ConnectionError as exc:
-            return f"refused: {exc!r}"
-        return "refused: connection closed" if data == b"" else f"answered: {data!r}"
+    """A TLS connection to a server port with `cert_dir`'s client certificate, or none (tests.support.trust)."""
+    return tls_outcome(
+        kits.server() / "startup" / "rootCA.pem",
+        cert_dir / "client.crt" if cert_dir else None,
+        cert_dir / "client.key" if cert_dir else None,
+        kits.config.server.name,
+        port or kits.config.server.fed_learn_port,
+    )
 
 
 def test_server_refuses_tls_with_a_foreign_client_certificate(federation, tmp_path: Path) -> None:

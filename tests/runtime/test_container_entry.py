@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from nvflare.lighter.constants import CtxKey
 
 from fedllm.config import load_site_config
 from fedllm.provision import provision
@@ -74,3 +75,38 @@ def test_a_wrong_admin_name_is_one_clear_error(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("FEDLLM_ADMIN_USER", "someone@else.org")
     with pytest.raises(ContainerEntryError, match=r"FEDLLM_ADMIN_USER is 'someone@else.org' but the admin kit"):
         check_admin_user(kits.admin())
+
+
+def test_stage_workspace_refuses_a_kit_whose_certificate_expired(tmp_path: Path):
+    import datetime as dt
+
+    from fedllm.provision.certificates import CertificateError
+    from tests.support.trust import sign_with_validity
+
+    cfg = load_site_config(write_yaml(tmp_path / "site.yaml", local_config_dict()))
+    kit = provision(cfg, tmp_path / "ws", source="site.yaml", data_root=tmp_path).site("site-2")
+    # The project's own CA (central provisioning keeps it in the state dir), a validity that ended an hour ago.
+    ca = tmp_path / "ca"
+    ca.mkdir()
+    state = json.loads((tmp_path / "ws" / cfg.project / "state" / "cert.json").read_text())
+    (ca / "rootCA.key").write_text(state[CtxKey.ROOT_PRI_KEY])
+    (ca / "rootCA.pem").write_text(state[CtxKey.ROOT_CERT])
+    csr = _csr_for(kit / "startup" / "client.key", "site-2", tmp_path / "site-2.csr")
+    now = dt.datetime.now(dt.timezone.utc)
+    pem = sign_with_validity(ca, csr, "nvidia", "client", now - dt.timedelta(days=2), now - dt.timedelta(hours=1))
+    (kit / "startup" / "client.crt").write_bytes(pem)
+    with pytest.raises(CertificateError, match=r"certificate of 'site-2' .* expired at .* Fix:"):
+        stage_workspace(kit, tmp_path / "run")
+
+
+def _csr_for(key_path: Path, name: str, out: Path) -> Path:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    )
+    out.write_bytes(csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return out

@@ -58,3 +58,28 @@ def test_render_lint_and_template_carry_each_sites_gpu_count(helm, tmp_path: Pat
     )
     services = [d for d in yaml.safe_load_all(server_docs.stdout) if d and d["kind"] == "Service"]
     assert "server" in {s["metadata"]["name"] for s in services}
+
+
+def test_a_distributed_kit_renders_its_own_chart_only(helm, tmp_path: Path, monkeypatch):
+    """A site's workspace from `fedllm package` holds its kit alone: its chart, and the others named as absent."""
+    from fedllm.provision import latest_kits
+    from fedllm.provision.distributed import init_ca, package_kit, request_certificate, sign_request
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # NVFlare's audit records
+    data = local_config_dict(gpus=[[0], [1, 2], []])
+    data["server"]["name"] = "server"
+    cfg = load_site_config(write_yaml(tmp_path / "site.yaml", data))
+    ca = init_ca(cfg, tmp_path / "admin" / "ca")
+    req = request_certificate(cfg, "site-2", tmp_path / "site-2" / "request", source="site.yaml", data_root=tmp_path)
+    signed = sign_request(cfg, req.request_zip, ca.ca_dir)
+    package_kit(signed.signed_zip, req.request_dir, tmp_path / "site-2" / "ws", ca.fingerprint)
+
+    said: list[str] = []
+    charts = render(latest_kits(tmp_path / "site-2" / "ws", cfg), image="fedllm:1.0", namespace="fl", echo=said.append)
+    assert [c.name for c in charts] == ["site-2"] and charts[0].gpus == 2
+    assert "server, site-1, site-3" in said[0]
+    assert (charts[0].prepared_kit / "startup" / "client.key").read_bytes() == (
+        req.request_dir / "site-2.key"
+    ).read_bytes()
+    lint = subprocess.run([helm, "lint", str(charts[0].helm_chart)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr

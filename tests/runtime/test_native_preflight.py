@@ -41,3 +41,15 @@ def test_down_when_nothing_runs(tmp_path: Path) -> None:
     messages: list[str] = []
     native.down(_kits(tmp_path), echo=messages.append)
     assert messages == ["no native federation is running"]
+
+
+def test_a_site_whose_certificate_another_ca_signed_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from fedllm.provision.certificates import CertificateError
+
+    kits = _kits(tmp_path / "here")
+    foreign = _kits(tmp_path / "elsewhere")  # the same names, another root CA
+    for name in ("client.crt", "client.key"):
+        (kits.site("site-2") / "startup" / name).write_bytes((foreign.site("site-2") / "startup" / name).read_bytes())
+    with pytest.raises(CertificateError, match=r"certificate of 'site-2' .* is not signed by the kit's root CA"):
+        native.up(kits, echo=lambda _m: None)
+    assert native.read_state(kits) == []

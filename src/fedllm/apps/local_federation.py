@@ -3,6 +3,8 @@
 The demo, the NeMo GPU proof, the exchange benchmark and the federation tests all need the same
 thing: mTLS kits from a site config, the server and sites running as local processes, an admin
 session to submit jobs with, and everything stopped afterwards — also when something fails half way.
+`running_federation` does the same for kits made beforehand, e.g. the distributed way, each in its
+participant's own folder.
 
     with local_federation(config, workspace / "kits", data_root=workspace) as fed:
         result = fed.submit(job_dir, download=workspace / "results")
@@ -117,6 +119,16 @@ def local_federation(
     `data_root` is what sites' relative `data_dir`s resolve against (default: the current folder).
     """
     kits = provision(config, workspace, source=source, data_root=data_root)
+    with running_federation(kits, timeout=timeout, echo=echo) as fed:
+        yield fed
+
+
+@contextlib.contextmanager
+def running_federation(
+    kits: Kits, *, timeout: float = 120.0, echo: Callable[[str], None] = print
+) -> Iterator[LocalFederation]:
+    """Start kits that already exist (central or distributed, fedllm.provision.distributed.assemble_kits)
+    natively, yield the federation, and stop it whatever happens."""
     processes = native.up(kits, timeout=timeout, echo=echo)
     try:
         yield LocalFederation(kits, processes)

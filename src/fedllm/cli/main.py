@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from fedllm.cli import ckpt, containers, federation, job, workloads
+from fedllm.cli import cert, ckpt, containers, federation, job, workloads
 from fedllm.cli.common import console, err_console
 from fedllm.errors import FedllmError
 
@@ -19,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 federation.register(app)
+cert.register(app)
 app.add_typer(job.app, name="job")
 app.add_typer(ckpt.app, name="ckpt")
 containers.register(app)

@@ -30,14 +30,26 @@ class SiteRuntimeBuilder(Builder):
     `local/fedllm_site.json` tells a site process (native or in its container) which GPUs
     and data directory are its own, without giving it the whole federation's config.
     `prod_NN/fedllm.json` records which site config produced the kits, so the runtime can
-    refuse kits that no longer match the config.
+    refuse kits that no longer match the config; a kit packaged by its own participant records
+    that participant's part of the config in `<kit>/fedllm.json` instead.
     """
 
-    def __init__(self, site_config: dict[str, Any], config_digest: str, source: str, data_root: str):
+    def __init__(
+        self,
+        site_config: dict[str, Any],
+        config_digest: str,
+        source: str,
+        data_root: str,
+        participant: str | None = None,
+        participant_digest: str | None = None,
+    ):
         self.config = SiteConfig.model_validate(site_config)
         self.config_digest = config_digest
         self.source = source
         self.data_root = Path(data_root)
+        # Set when one participant packages its own kit (distributed provisioning).
+        self.participant = participant
+        self.participant_digest = participant_digest
 
     def build(self, project: Project, ctx: ProvisionContext) -> None:
         for client in project.get_clients():
@@ -52,6 +64,19 @@ class SiteRuntimeBuilder(Builder):
                     "workload": site.workload,
                 },
             )
+        if self.participant is not None:
+            # In the kit itself: `nvflare package` replaces a re-packaged kit but keeps what lies beside it.
+            entity = next(p for p in project.get_all_participants() if p.name == self.participant)
+            _write_json(
+                Path(ctx.get_ws_dir(entity)) / MANIFEST_NAME,
+                {
+                    "project": self.config.project,
+                    "source": self.source,
+                    "participant": self.participant,
+                    "participant_digest": self.participant_digest,
+                },
+            )
+            return
         _write_json(
             Path(ctx.get_wip_dir()) / MANIFEST_NAME,
             {

@@ -26,6 +26,11 @@ service definition exactly where a kit changed, so `docker compose up -d` recrea
 server": fedllm.flare.registration.RegistrationMarker, added to every site kit's resources, keeps a
 file fresh while the site is registered, so `docker compose up -d --wait` returns when the federation
 is ready.
+
+A kit made the distributed way (fedllm.provision.distributed: each participant packages its own kit)
+carries its own bundle, `prod_NN/<participant>/compose/`, with that one participant: the server alone,
+a site that dials the server by name, or one admin's console. It lives inside the kit because NVFlare's
+`nvflare package` adds each newly packaged kit to prod_NN without touching what is already beside it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +136,13 @@ def console_jobs_dir(workspace: Path, project: str) -> Path | None:
 
 
 def kit_digest(kit: Path) -> str:
-    """A fingerprint of every file of a kit (names and bytes): it changes exactly when the kit does."""
+    """A fingerprint of every file of a kit (names and bytes): it changes exactly when the kit does.
+
+    A distributed kit's own compose bundle (`<kit>/compose/`) is not part of what it fingerprints.
+    """
     digest = hashlib.sha256()
-    for path in sorted(p for p in kit.rglob("*") if p.is_file()):
+    files = (p for p in kit.rglob("*") if p.is_file() and p.relative_to(kit).parts[0] != COMPOSE_DIR)
+    for path in sorted(files):
         digest.update(str(path.relative_to(kit)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -154,10 +164,12 @@ def _volume(name: str) -> dict[str, Any]:
 class ComposeBuilder(Builder):
     """Writes compose files for the validated site config into every provisioned prod dir."""
 
-    def __init__(self, site_config: dict[str, Any], source: str, data_root: str):
+    def __init__(self, site_config: dict[str, Any], source: str, data_root: str, participant: str | None = None):
         self.config = SiteConfig.model_validate(site_config)
         self.source = source
         self.data_root = Path(data_root)
+        # Set when one participant packages its own kit: its bundle holds that participant only.
+        self.participant = participant
 
     # ---- services -------------------------------------------------------------------------------
     def _common(self, kit_rel: str) -> dict[str, Any]:
@@ -221,8 +233,8 @@ class ComposeBuilder(Builder):
             svc["depends_on"] = {self._server_service(): {"condition": "service_healthy"}}
         return svc
 
-    def _admin(self, kit_rel: str) -> dict[str, Any]:
-        admin = self.config.admin
+    def _admin(self, kit_rel: str, name: str | None = None, with_server: bool = True) -> dict[str, Any]:
+        admin = next((a for a in self.config.admins if a.name == name), self.config.admin)
         uid, gid = (
             "${FEDLLM_UID:-" + str(self.config.container.uid) + "}",
             "${FEDLLM_GID:-" + str(self.config.container.uid) + "}",
@@ -244,7 +256,8 @@ class ComposeBuilder(Builder):
         # No named volume: the staged kit lives in memory and goes with the container.
         svc["tmpfs"] = [f"{WORKSPACE_MOUNT}:uid={uid},gid={gid},mode=0700"]
         svc["volumes"] += [_bind(jobs, JOBS_MOUNT, read_only=False), _bind(results, RESULTS_MOUNT, read_only=False)]
-        svc["depends_on"] = {self._server_service(): {"condition": "service_healthy"}}
+        if with_server:
+            svc["depends_on"] = {self._server_service(): {"condition": "service_healthy"}}
         return svc
 
     def _server_service(self) -> str:
@@ -301,7 +314,7 @@ class ComposeBuilder(Builder):
         _dump(out / "compose.cpu.yaml", self._cpu_overlay(sites), self.source)
         _write_env(out / ".env", self._env_values(on_server_host))
 
-    def _env_values(self, on_server_host: bool) -> dict[str, str]:
+    def _env_values(self, with_admin: bool) -> dict[str, str]:
         uid, gid = self._container_ids()
         values = {
             "FEDLLM_IMAGE": self.config.container.image,
@@ -310,7 +323,7 @@ class ComposeBuilder(Builder):
             # `docker compose up` in this folder: base + GPU overlay. CPU: COMPOSE_FILE=compose.yaml:compose.cpu.yaml
             "COMPOSE_FILE": "compose.yaml:compose.gpu.yaml",
         }
-        if on_server_host:  # the admin's shared folders (a shell variable of the same name wins)
+        if with_admin:  # the admin's shared folders (a shell variable of the same name wins)
             values[JOBS_ENV] = str(self._shared_dir(JOBS_DIR))
             values[RESULTS_ENV] = str(self._shared_dir(RESULTS_DIR))
         return values
@@ -335,11 +348,35 @@ class ComposeBuilder(Builder):
         for relative in (JOBS_DIR, RESULTS_DIR):
             self._shared_dir(relative).mkdir(parents=True, exist_ok=True)
 
+    def _write_participant_bundle(self, kit: Path, name: str) -> None:
+        """One participant's own bundle (distributed kits): nothing else of the federation is on this machine."""
+        out = kit / COMPOSE_DIR
+        sites = [s for s in self.config.sites if s.name == name]
+        digest = kit_digest(kit)
+        if name == self.config.server.name:
+            services = {self._server_service(): self._server("..", digest)}
+        elif sites:
+            services = {name: self._site(sites[0], "..", digest, with_server=False)}
+        else:
+            services = {ADMIN_SERVICE: self._admin("..", name, with_server=False)}
+        volumes = {
+            v["source"]: {} for svc in services.values() for v in svc["volumes"] if v["target"] == WORKSPACE_MOUNT
+        }
+        compose_project = f"fedllm-{self.config.project}-" + re.sub(r"[^a-z0-9_-]+", "-", name.lower())
+        _dump(out / "compose.yaml", {"name": compose_project, "services": services, "volumes": volumes}, self.source)
+        _dump(out / "compose.gpu.yaml", self._gpu_overlay(sites), self.source)
+        _dump(out / "compose.cpu.yaml", self._cpu_overlay(sites), self.source)
+        _write_env(out / ".env", self._env_values(with_admin=ADMIN_SERVICE in services))
+
     def finalize(self, project: Project, ctx: ProvisionContext) -> None:
         # Runs after every Builder's build() (so the kits are complete and their digests final) and before
         # NVFlare's WorkspaceBuilder moves wip → prod_NN (finalize goes in reverse order).
         wip = Path(ctx.get_wip_dir())
-        for host, sites in sites_by_host(self.config).items():
+        if self.participant is not None:
+            # NVFlare packages this participant beside a placeholder server: only this one gets a bundle.
+            entity = next(p for p in project.get_all_participants() if p.name == self.participant)
+            self._write_participant_bundle(Path(ctx.get_ws_dir(entity)), self.participant)
+        for host, sites in [] if self.participant is not None else sites_by_host(self.config).items():
             if host == server_host(self.config):
                 self._write_bundle(wip, wip / COMPOSE_DIR, sites, on_server_host=True, prefix="../")
             else:

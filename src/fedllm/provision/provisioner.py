@@ -10,8 +10,10 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import yaml
@@ -22,6 +24,7 @@ from nvflare.lighter.provisioner import Provisioner
 
 from fedllm.config.site_config import SiteConfig
 from fedllm.errors import FedllmError
+from fedllm.provision.builders import MANIFEST_NAME
 from fedllm.resources import resource_dir
 
 PROD_RE = re.compile(r"^prod_(\d{2})$")
@@ -35,19 +38,29 @@ class ProvisionError(FedllmError):
 
 @dataclass(frozen=True)
 class Kits:
-    """Where one provisioning run put every participant's startup kit."""
+    """Where every participant's startup kit is: one provisioning run's prod dir, or each kit's own folder.
+
+    Central provisioning puts all kits side by side in `prod_dir`. Kits made the distributed way
+    (fedllm.provision.distributed) each stay in their participant's own workspace; `elsewhere` names
+    those folders when one machine runs them together (tests, demos), and `prod_dir` is then the
+    server's prod dir, where the run's state is kept.
+    """
 
     prod_dir: Path
     config: SiteConfig
+    elsewhere: Mapping[str, Path] = field(default_factory=dict)
+
+    def kit(self, name: str) -> Path:
+        return self.elsewhere.get(name) or self.prod_dir / name
 
     def server(self) -> Path:
-        return self.prod_dir / self.config.server.name
+        return self.kit(self.config.server.name)
 
     def site(self, name: str) -> Path:
-        return self.prod_dir / name
+        return self.kit(name)
 
     def admin(self, name: str | None = None) -> Path:
-        return self.prod_dir / (name or self.config.admin.name)
+        return self.kit(name or self.config.admin.name)
 
     def participants(self) -> list[Path]:
         return [self.server(), *(self.site(s) for s in self.config.site_names), *map(self.admin, self._admins())]
@@ -62,6 +75,76 @@ def config_digest(config: SiteConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def participant_digest(config: SiteConfig, name: str) -> str:
+    """A fingerprint of what one participant's kit is made from: the project, the server, its own entry.
+
+    A kit made the distributed way holds only its participant's facts, so another site joining the
+    config leaves it as good as it was; a change to its own entry, the server or the containers does not.
+    """
+    own = [e.model_dump(mode="json") for e in (*config.sites, *config.admins) if e.name == name]
+    canonical = json.dumps(
+        {
+            "project": config.project,
+            "nvflare_version": config.nvflare_version,
+            "server": config.server.model_dump(mode="json"),
+            "container": config.container.model_dump(mode="json"),
+            "participant": name,
+            "own": own,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def fedllm_builders(
+    config: SiteConfig, source: str, data_root: Path, participant: str | None = None
+) -> list[dict[str, Any]]:
+    """fedllm's Builders (path + args, as project.yml lists them) for the whole federation or one participant.
+
+    `participant` is set when one participant packages its own kit (distributed provisioning): the
+    server-only Builders are left out of other participants' kits, and the compose bundle holds that
+    participant alone.
+    """
+    for_server = participant is None or participant == config.server.name
+    site_config = config.model_dump(mode="json")
+    builders: list[dict[str, Any]] = [
+        {
+            "path": "fedllm.provision.builders.SiteRuntimeBuilder",
+            "args": {
+                "site_config": site_config,
+                "config_digest": config_digest(config),
+                "source": source,
+                "data_root": str(data_root),
+                **(
+                    {"participant": participant, "participant_digest": participant_digest(config, participant)}
+                    if participant is not None
+                    else {}
+                ),
+            },
+        },
+        {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
+    ]
+    if for_server:
+        builders.append(
+            {
+                "path": "fedllm.provision.builders.ServerLivenessBuilder",
+                "args": {"heartbeat_timeout": config.server.heartbeat_timeout_s},
+            }
+        )
+        if config.server.job_ports:
+            builders.append(
+                {
+                    "path": "fedllm.provision.builders.JobConnectionsBuilder",
+                    "args": {"server_name": config.server.name, "ports": config.server.job_ports},
+                }
+            )
+    compose_args: dict[str, Any] = {"site_config": site_config, "source": source, "data_root": str(data_root)}
+    if participant is not None:
+        compose_args["participant"] = participant
+    builders.append({"path": "fedllm.provision.compose.ComposeBuilder", "args": compose_args})
+    return builders
+
+
 def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_builders=()) -> str:
     """Render NVFlare's project.yml from the validated site config."""
     env = jinja2.Environment(
@@ -69,37 +152,7 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
-    builders = [
-        {
-            "path": "fedllm.provision.builders.SiteRuntimeBuilder",
-            "args": {
-                "site_config": config.model_dump(mode="json"),
-                "config_digest": config_digest(config),
-                "source": source,
-                "data_root": str(data_root),
-            },
-        },
-        {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
-        {
-            "path": "fedllm.provision.builders.ServerLivenessBuilder",
-            "args": {"heartbeat_timeout": config.server.heartbeat_timeout_s},
-        },
-        *(
-            [
-                {
-                    "path": "fedllm.provision.builders.JobConnectionsBuilder",
-                    "args": {"server_name": config.server.name, "ports": config.server.job_ports},
-                }
-            ]
-            if config.server.job_ports
-            else []
-        ),
-        {
-            "path": "fedllm.provision.compose.ComposeBuilder",
-            "args": {"site_config": config.model_dump(mode="json"), "source": source, "data_root": str(data_root)},
-        },
-        *extra_builders,
-    ]
+    builders = [*fedllm_builders(config, source, data_root), *extra_builders]
     return env.get_template("project.yml.j2").render(cfg=config, source=source, fedllm_builders=builders)
 
 
@@ -124,7 +177,10 @@ def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
             f"run `fedllm provision -c <site config> -w {workspace}` first"
         )
     kits = Kits(dirs[-1], config)
-    manifest = dirs[-1] / "fedllm.json"
+    manifest = dirs[-1] / MANIFEST_NAME
+    if not manifest.is_file() and (packaged := sorted(dirs[-1].glob(f"*/{MANIFEST_NAME}"))):
+        _check_packaged_kits(packaged, config)  # distributed kits: each records its own participant
+        return kits
     recorded = json.loads(manifest.read_text()).get("config_digest") if manifest.is_file() else None
     if recorded != config_digest(config):
         raise ProvisionError(
@@ -132,6 +188,21 @@ def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
             "re-run `fedllm provision` so that kits, GPUs and sites match the config"
         )
     return kits
+
+
+def _check_packaged_kits(manifests: list[Path], config: SiteConfig) -> None:
+    for manifest in manifests:
+        name = json.loads(manifest.read_text()).get("participant", manifest.parent.name)
+        recorded = json.loads(manifest.read_text()).get("participant_digest")
+        known = name == config.server.name or name in config.site_names or name in {a.name for a in config.admins}
+        if not known or recorded != participant_digest(config, name):
+            raise ProvisionError(
+                f"the kit of '{name}' ({manifest.parent}) was packaged from a different site config "
+                "(its own entry, the server's or the container settings differ"
+                + ("" if known else f"; '{name}' is not in this config")
+                + f"). Fix: `fedllm cert request --name {name} --force` with this config, have it signed, "
+                "`fedllm package --force`; or pass the config the kit was made with"
+            )
 
 
 def _make_room(workspace: Path, config: SiteConfig) -> None:

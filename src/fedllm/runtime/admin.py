@@ -18,6 +18,7 @@ from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
 
 from fedllm.errors import FedllmError
 from fedllm.provision import Kits
+from fedllm.provision.certificates import check_kit_certificate
 
 # How long to keep trying to reach the admin port before declaring the server unreachable.
 CONNECT_TIMEOUT_S = 30.0
@@ -73,6 +74,7 @@ def admin_session(kits: Kits | AdminKit, timeout: float = CONNECT_TIMEOUT_S) -> 
     admin = kit.username
     if not (kit.path / "startup" / "fed_admin.json").is_file():
         raise AdminError(f"admin kit {kit.path} is incomplete (no startup/fed_admin.json); re-run `fedllm provision`")
+    check_kit_certificate(kit.path)  # an expired one fails the login with no reason given
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # FLARE prints "Connecting to FLARE ..."
             session = new_secure_session(admin, str(kit.path), timeout=timeout)

@@ -26,6 +26,7 @@ from nvflare.lighter.utils import update_storage_locations
 from fedllm.errors import FedllmError
 from fedllm.fileio import write_text
 from fedllm.flare.registration import MARKER_NAME
+from fedllm.provision.certificates import check_kit_certificate
 from fedllm.provision.compose import HOST_JOBS_ENV, HOST_RESULTS_ENV, JOBS_MOUNT, RESULTS_MOUNT
 from fedllm.runtime.admin import AdminError, AdminKit
 from fedllm.runtime.site_env import SERVER_ENVIRONMENT, read_site_file
@@ -48,6 +49,8 @@ def stage_workspace(kit: Path, workspace: Path) -> Path:
             f"no startup kit at {kit} (expected {kit}/startup); mount the participant's kit folder there, "
             "e.g. `-v workspace/<project>/prod_NN/site-1:/fedllm/kit:ro` (compose does this)"
         )
+    # An expired certificate makes NVFlare retry its connection without a word: say it, with the fix.
+    check_kit_certificate(kit)
     workspace.mkdir(parents=True, exist_ok=True)
     for part in ("startup", "local"):
         target = workspace / part

@@ -73,16 +73,30 @@ def _without_job_ports(comm_config: Path) -> None:
 
 
 def render(kits: Kits, image: str, namespace: str = "fedllm", out: Path | None = None, echo=print) -> list[Rendered]:
+    """A Helm chart for the server and every site whose kit is in `kits`.
+
+    Central kits hold every participant; a workspace of distributed kits (fedllm.provision.distributed)
+    holds only its own participant's, so only that one is rendered, and the others are named as absent.
+    """
     out = (out or kits.prod_dir / K8S_DIR).resolve()
     participants: list[tuple[str, Site | None]] = [(kits.config.server.name, None)]
     participants += [(s.name, s) for s in kits.config.sites]
+    absent = [name for name, _ in participants if not (kits.kit(name) / "startup").is_dir()]
+    if len(absent) == len(participants):
+        raise K8sRenderError(
+            f"no server or site kit in {kits.prod_dir}; run `fedllm provision`, or `fedllm package` at the participant"
+        )
+    if absent:
+        echo(f"not here (each distributed kit stays with its participant, who renders its own): {', '.join(absent)}")
     rendered = []
     for name, site in participants:
+        if name in absent:
+            continue
         target = out / name
         config_path = out / f"{name}.deploy.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(deploy_config(kits, image, namespace, site), sort_keys=False))
-        cmd = [sys.executable, "-m", "nvflare.cli", "deploy", "prepare", str(kits.prod_dir / name)]
+        cmd = [sys.executable, "-m", "nvflare.cli", "deploy", "prepare", str(kits.kit(name))]
         cmd += ["--config", str(config_path), "--output", str(target)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         chart = target / "helm_chart"

@@ -26,6 +26,7 @@ from nvflare.lighter.utils import update_storage_locations
 from fedllm.errors import FedllmError
 from fedllm.fileio import write_text
 from fedllm.provision import Kits
+from fedllm.provision.certificates import check_kit_certificate
 from fedllm.runtime.admin import AdminError, admin_session, wait_for_sites
 from fedllm.runtime.site_env import SERVER_ENVIRONMENT, site_environment
 
@@ -89,6 +90,9 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def _preflight(kits: Kits) -> None:
+    # An expired or foreign certificate makes NVFlare retry its connection without a word: say it first.
+    for kit in (kits.server(), *(kits.site(s) for s in kits.config.site_names)):
+        check_kit_certificate(kit)
     server = kits.config.server
     try:
         socket.getaddrinfo(server.name, server.fed_learn_port)
@@ -178,6 +182,37 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
     return procs
 
 
+REGISTERED = "Successfully registered client:{name}"
+
+
+def restart_site(kits: Kits, name: str, timeout: float = 120.0, echo=print) -> Process:
+    """Stop one running site and start it again from its kit (e.g. after its key was rotated); the rest keep running.
+
+    The server forgets a stopped site only after its heartbeat timeout, so the new process counts as
+    registered when its own log says so, not when the server lists the name.
+    """
+    procs = read_state(kits)
+    old = next((p for p in procs if p.name == name and _alive(p.pid)), None)
+    if old is None or name not in kits.config.site_names:
+        raise NativeRuntimeError(
+            f"site '{name}' is not running natively from {kits.prod_dir.parent}; start the federation with `fedllm up`"
+        )
+    check_kit_certificate(kits.site(name))
+    _terminate([old], grace=5.0, job_pids=_descendants([old]))
+    before = old.log.read_text(errors="replace").count(REGISTERED.format(name=name)) if old.log.is_file() else 0
+    new = _spawn(name, kits.site(name), {**_base_env(), **site_environment(kits.site(name))}, run_dir(kits) / "logs")
+    _write_state(kits, [new if p.name == name else p for p in procs])
+    deadline = time.monotonic() + timeout
+    while new.log.read_text(errors="replace").count(REGISTERED.format(name=name)) <= before:
+        if not _alive(new.pid):
+            raise NativeRuntimeError(f"'{name}' exited during start-up; last lines of {new.log}:\n{_tail(new.log)}")
+        if time.monotonic() > deadline:
+            raise NativeRuntimeError(f"'{name}' did not register within {timeout:.0f}s; see {new.log}")
+        time.sleep(0.3)
+    echo(f"restarted site '{name}' (pid {new.pid}) from {kits.site(name)}")
+    return new
+
+
 def _descendants(procs: list[Process]) -> list[int]:
     """Pids of everything the processes started, found while the parents still live.
 
@@ -213,14 +248,16 @@ def down(kits: Kits, timeout: float = 60.0, echo=print) -> None:
         _state_path(kits).unlink(missing_ok=True)
         return
     job_pids = _descendants(alive)
+    grace = timeout
     try:
         # FLARE prints connection chatter while it waits for the server to go away.
         with admin_session(kits, timeout=10.0) as session, _quiet():
             session.shutdown("all", wait=True, timeout=timeout)
         echo("server and sites acknowledged shutdown")
-    except Exception as exc:  # the server may already be gone; fall through to signals
+    except Exception as exc:  # the server may be gone, or the admin may not operate every site (its role)
         echo(f"admin shutdown failed ({exc}); stopping processes directly")
-    deadline = time.monotonic() + timeout
+        grace = 5.0  # for those the command did reach
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p.pid) for p in alive):
         time.sleep(0.3)
     _terminate([p for p in alive if _alive(p.pid)], grace=5.0, job_pids=job_pids)

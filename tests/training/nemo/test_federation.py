@@ -56,7 +56,9 @@ def _ptuning_spec(world, mode: str, **kw):
 
 
 def _encoder_bytes() -> int:
-    return sum(t.numel() * 4 for t in PromptEncoderWeights(VIRTUAL_TOKENS, HIDDEN, ENCODER_HIDDEN).state_dict().values())
+    return sum(
+        t.numel() * 4 for t in PromptEncoderWeights(VIRTUAL_TOKENS, HIDDEN, ENCODER_HIDDEN).state_dict().values()
+    )
 
 
 def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder(nemo_world, tmp_path):
