@@ -90,15 +90,15 @@ def test_distributed_kits_run_the_demo_job_from_their_own_compose_bundles(fedllm
                 "--rounds",
                 "2",
                 "--out",
-                "/fedllm/workspace/jobs",
+                "/fedllm/jobs",  # the jobs folder the admin container shares with the host (runs/jobs)
             )
             submitted = compose(
-                *admin, "job", "submit", "/fedllm/workspace/jobs/demo-mlp-fedavg-3sites", "--download", "/fedllm/results",
+                *admin, "job", "submit", "/fedllm/jobs/demo-mlp-fedavg-3sites", "--download", "/fedllm/results",
                 "--timeout", "600", timeout=700,
             )  # fmt: skip
             assert "FINISHED:COMPLETED" in submitted.stdout, submitted.stdout
-        # The lead's results land beside its own prod dir, like a central bundle's.
-        results = kits[LEAD].parent.parent / "results"
+        # The lead's results land on the host in runs/results of the folder its kit was packaged from.
+        results = tmp_path / "runs" / "results"
         (result_dir,) = [p for p in results.iterdir() if p.is_dir()]
         rounds = read_round_metrics(result_dir)
         assert [r["round"] for r in rounds] == [0, 1] and all(len(r["sites"]) == 3 for r in rounds)

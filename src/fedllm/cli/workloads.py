@@ -26,6 +26,13 @@ EXAMPLE_SENTENCES = [
 ]
 
 
+# Questions in the seeds' SFT format ("{input} {output}").
+EXAMPLE_PROMPTS = [
+    "The agreement is valid for four years . sentiment:",
+    "Profit before taxes decreased by 9 % in the first nine months . sentiment:",
+]
+
+
 def _written(counts: dict[Path, int]) -> None:
     for path, n in counts.items():
         console.print(f"[green]wrote[/] {display_path(path)} ({n} records)")
@@ -160,17 +167,27 @@ def report(
 
 
 def infer(
-    model: Annotated[str, typer.Option(help="The base model folder the job tuned.")],
+    model: Annotated[str, typer.Option(help="The base model the job tuned: a Hugging Face folder or a .nemo file.")],
     prompt_encoder: Annotated[
         Path | None, typer.Option(help="FL_global_model.pt of a p-tuning job (or a job result folder).")
     ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="An SFT job's result folder (or FL_global_model.pt): generate answers.")
+    ] = None,
     sentence: Annotated[list[str] | None, typer.Option(help="Sentences (default: the seeds' five examples).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompts to answer (with --weights).")] = None,
     num_virtual_tokens: Annotated[int, typer.Option()] = 10,
+    encoder_hidden: Annotated[int | None, typer.Option(help="Prompt-encoder MLP width (the job's).")] = None,
 ) -> None:
-    """Run a tuned model: print "sentence sentiment: label" for each sentence."""
-    from fedllm.results.infer import predict_sentiment
+    """Run a tuned model: "sentence sentiment: label" per sentence (p-tuning), or the answer per prompt (SFT)."""
+    from fedllm.results.infer import generate_answers, predict_sentiment
 
-    for text, label in predict_sentiment(model, prompt_encoder, sentence or EXAMPLE_SENTENCES, num_virtual_tokens):
+    if weights is not None:
+        for text, answer in generate_answers(model, weights, prompt or EXAMPLE_PROMPTS):
+            console.print(f"{text} → {answer}")
+        return
+    sentences = sentence or EXAMPLE_SENTENCES
+    for text, label in predict_sentiment(model, prompt_encoder, sentences, num_virtual_tokens, encoder_hidden):
         console.print(f"{text} sentiment: {label}")
 
 

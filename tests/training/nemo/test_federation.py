@@ -7,6 +7,9 @@ the models, their training and validation are NeMo's, the federation is NVFlare'
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -61,7 +64,10 @@ def _encoder_bytes() -> int:
     )
 
 
-def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder(nemo_world, tmp_path):
+@pytest.fixture(scope="module")
+def ptuning_fedavg(nemo_world, tmp_path_factory):
+    """A 3-round FedAvg p-tuning job; site-3 trains the TP-2 copy with two processes."""
+    out = tmp_path_factory.mktemp("ptuning")
     spec = _ptuning_spec(
         nemo_world,
         "fedavg",
@@ -70,9 +76,32 @@ def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder
         sites=SITES,
         site_overrides={"site-3": {"devices": 2, "model": str(nemo_world["tp2"])}},
     )
-    result = nemo_world["fed"].submit(
-        create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=1200, echo=lambda _m: None
+    return nemo_world["fed"].submit(
+        create_job(spec, out / "jobs"), download=out / "results", timeout=1200, echo=lambda _m: None
     )
+
+
+@pytest.fixture(scope="module")
+def sft_fedavg(nemo_world, tmp_path_factory):
+    """A 2-round FedAvg SFT job on 3 sites: every weight crosses."""
+    out = tmp_path_factory.mktemp("sft")
+    spec = resolve_spec(
+        load_template("nemo-sft-1.3b"),
+        "fedavg",
+        rounds=2,
+        num_clients=3,
+        model=str(nemo_world["base"]),
+        extra_args={**COMMON, "lr": 0.001},
+        data=["{data_dir}/training.jsonl"],
+        validation="{data_dir}/validation.jsonl",
+    )
+    return nemo_world["fed"].submit(
+        create_job(spec, out / "jobs"), download=out / "results", timeout=1200, echo=lambda _m: None
+    )
+
+
+def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder(ptuning_fedavg):
+    result = ptuning_fedavg
     assert result.status == COMPLETED
     rounds = read_round_metrics(result.result_dir)
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -87,24 +116,10 @@ def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder
     expected = PromptEncoderWeights(VIRTUAL_TOKENS, HIDDEN, ENCODER_HIDDEN).state_dict()
     global_state = load_global_state(result.result_dir)
     assert {k: tuple(v.shape) for k, v in global_state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
-    nemo_world["ptuning_result"] = result.result_dir
 
 
-def test_sft_exchanges_full_weights_and_sites_start_from_the_aggregate(nemo_world, tmp_path):
-    template = load_template("nemo-sft-1.3b")
-    spec = resolve_spec(
-        template,
-        "fedavg",
-        rounds=2,
-        num_clients=3,
-        model=str(nemo_world["base"]),
-        extra_args={**COMMON, "lr": 0.001},
-        data=["{data_dir}/training.jsonl"],
-        validation="{data_dir}/validation.jsonl",
-    )
-    result = nemo_world["fed"].submit(
-        create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=1200, echo=lambda _m: None
-    )
+def test_sft_exchanges_full_weights_and_sites_start_from_the_aggregate(nemo_world, sft_fedavg):
+    result = sft_fedavg
     assert result.status == COMPLETED
     base = NemoCheckpointWeights(str(nemo_world["base"])).state_dict()
     weights_bytes = sum(t.numel() * 4 for t in base.values())
@@ -118,7 +133,6 @@ def test_sft_exchanges_full_weights_and_sites_start_from_the_aggregate(nemo_worl
     final = load_global_state(result.result_dir)
     assert set(final) == set(base)
     assert any(not torch.equal(final[k], base[k]) for k in base), "the server's global model did not change"
-    nemo_world["sft_result"] = result.result_dir
 
 
 @pytest.mark.parametrize("mode", ["local", "central"])
@@ -132,3 +146,33 @@ def test_local_only_and_centralized_modes(nemo_world, tmp_path, mode):
     (only,) = read_round_metrics(result.result_dir)
     assert len(only["sites"]) == (3 if mode == "local" else 1)
     assert all(m["val_loss"] < m["global_val_loss"] for m in only["sites"].values())
+
+
+def _fedllm(*args: str) -> subprocess.CompletedProcess:
+    """The `fedllm` command as a user runs it (its own process: NeMo and its fixes stay out of this one)."""
+    return subprocess.run([sys.executable, "-m", "fedllm.cli.main", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_inference_with_the_global_prompt_encoder_through_nemo(nemo_world, ptuning_fedavg):
+    """The seeds' notebook: the frozen GPT with the job's global prompt encoder labels the five example sentences."""
+    from fedllm.cli.workloads import EXAMPLE_SENTENCES
+
+    args = ["infer", "--model", str(nemo_world["base"]), "--prompt-encoder", str(ptuning_fedavg.result_dir)]
+    args += ["--num-virtual-tokens", str(VIRTUAL_TOKENS), "--encoder-hidden", str(ENCODER_HIDDEN)]
+    done = _fedllm(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if " sentiment: " in line]
+    assert [line.split(" sentiment: ")[0] for line in lines] == EXAMPLE_SENTENCES
+    # A prompt encoder of another shape is refused, not silently skipped.
+    wrong = _fedllm(*args[:-1], "64")
+    assert wrong.returncode == 1 and "does not match this site's" in wrong.stderr
+
+
+def test_generation_from_the_sft_jobs_global_model(nemo_world, sft_fedavg):
+    prompt = "Profit rose to EUR 13.5 mn . sentiment:"
+    done = _fedllm(
+        "infer", "--model", str(nemo_world["base"]), "--weights", str(sft_fedavg.result_dir), "--prompt", prompt
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith(prompt)]
+    assert line.split(" → ", 1)[1].strip(), "the SFT model generated nothing"
