@@ -82,35 +82,48 @@ def resolve_path(template: str, site: str) -> Path:
     return Path(template.format(data_dir=data_dir, site=site)).expanduser()
 
 
+def job_folder(site: str, job_id: str = "") -> Path:
+    """The site's folder of this job: <site workspace>/<job id>, beside the job's log.txt."""
+    job_dir = Path.cwd() / job_id if job_id else Path.cwd()
+    return job_dir if job_dir.is_dir() else Path.cwd() / "fedllm-jobs" / (job_id or site)
+
+
 def tensorboard_dir(tb_dir: str | None, site: str, job_id: str = "") -> Path:
-    """Default: <site workspace>/<job id>/tb, beside the job's log.txt (one folder per job and site)."""
+    """Default: <site workspace>/<job id>/tb (one folder per job and site)."""
     if tb_dir:
         return resolve_path(tb_dir, site)
-    job_dir = Path.cwd() / job_id if job_id else Path.cwd()
-    return job_dir / "tb" if job_dir.is_dir() else Path.cwd() / "tb" / (job_id or site)
+    return job_folder(site, job_id) / "tb"
 
 
 class MetricsLog:
-    """Per-site TensorBoard scalars (tensorboard is optional: without it, metrics go to stdout only)."""
+    """Every metric twice: the site's own TensorBoard, and the server's through NVFlare's experiment tracking.
 
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover - the hf extra installs tensorboard
-            self._writer = None
-        else:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(log_dir))
+    `nvflare.client.tracking.SummaryWriter` sends each scalar to the server while the job runs
+    (the job's TBAnalyticsReceiver writes it under the site's name, fedllm.jobs.create adds it), so
+    the server's TensorBoard shows every site's curves live and they come back with the result.
+    The step is the round.
+    """
+
+    def __init__(self, log_dir: Path, stream: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(str(log_dir))
+        self._stream = None
+        if stream:
+            from nvflare.client.tracking import SummaryWriter as FlareSummaryWriter
+
+            self._stream = FlareSummaryWriter()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self._writer is not None:
-            for name, value in metrics.items():
-                self._writer.add_scalar(name, value, step)
-            self._writer.flush()
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, value, step)
+            if self._stream is not None:
+                self._stream.add_scalar(name, float(value), global_step=step)
+        self._writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._writer.close()
 
 
 def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, seed: int) -> tuple[dict, dict, int]:
@@ -129,6 +142,12 @@ def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, s
         "round_seconds": time.monotonic() - started,
     }
     return state, metrics, outcome.steps
+
+
+def evaluate_received(task: SiteTask, incoming_params: Mapping[str, Any]) -> dict[str, float]:
+    """Load a global model and evaluate it without training: its metrics are named global_*."""
+    task.load_exchanged_state(as_tensors(incoming_params))
+    return {f"global_{k}": v for k, v in task.evaluate().items()}
 
 
 def run_site(
@@ -150,6 +169,12 @@ def run_site(
         while flare.is_running():
             incoming = flare.receive()
             current = incoming.current_round or 0
+            if flare.is_evaluate():  # the server's final global model (fedllm.jobs.create adds that evaluation)
+                metrics = evaluate_received(task, incoming.params)
+                shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+                log(f"[{site}] final global model: {shown}")
+                flare.send(flare.FLModel(metrics=metrics))
+                continue
             state, metrics, steps = run_round(task, incoming.params, epochs, seed * 1000 + current)
             metrics_log.log(metrics, current)
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))

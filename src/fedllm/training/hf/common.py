@@ -92,6 +92,15 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
+    # TRL 1.x deprecates truncation_mode="keep_end" for 2.0; fedllm pins trl<2 and keeps answers whole.
+    warnings.filterwarnings("ignore", message=r".*'keep_end'.* truncation mode is deprecated.*")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - the hf extra installs datasets
+        pass
 
 
 def seed_everything(seed: int) -> None:
