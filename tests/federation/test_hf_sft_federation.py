@@ -42,7 +42,8 @@ ARGS = {
 
 
 def _pairs(n: int, seed: int, label: str | None = None) -> list[dict[str, str]]:
-    return [{"input": f"Classify: {r['sentence']}", "output": label or r["label"]} for r in sentiment_records(n, seed)]
+    # The tiny GPT was pretrained on "<sentence> sentiment: <label>": the answer format is familiar, the task is not.
+    return [{"input": f"{r['sentence']} sentiment:", "output": label or r["label"]} for r in sentiment_records(n, seed)]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_lora_rounds_start_from_the_global_adapter_and_stream_their_curves(
     rounds, epochs = 2, 2
     spec = resolve_spec(
         load_template("hf-lora"), "fedavg", num_clients=2, rounds=rounds, local_epochs=epochs,
-        model=sft["model"], validation=sft["val"], extra_args=ARGS,
+        model=sft["model"], validation=sft["val"], extra_args={**ARGS, "lr": 0.01},
         data=[str(sft["root"] / "site-1.jsonl"), str(sft["root"] / "site-2.jsonl")], sites=["site-1", "site-2"],
     )  # fmt: skip
     result = submit_job(federation, create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=600)
@@ -118,10 +119,11 @@ def test_lora_rounds_start_from_the_global_adapter_and_stream_their_curves(
         loss = dict(scalars[site]["loss"])
         assert sorted(loss) == list(range(1, rounds * per_round + 1))
         # Round 1's first step starts from the average of two adapters that disagree: far worse on this
-        # site's data than the site's own adapter at the end of round 0.
-        assert loss[per_round + 1] > 2 * loss[per_round]
+        # site's data than the site's own adapter at the end of round 0 (which it would start from otherwise).
+        assert loss[per_round + 1] > 1.3 * loss[per_round] + 0.1
         assert [s for s, _ in scalars[site]["val_loss"]] == [per_round, 2 * per_round]
-        assert [s for s, _ in scalars[site]["global_val_loss"]] == [0, per_round]
+        # Each round's received model, then the final evaluation of the final and the best global model.
+        assert [s for s, _ in scalars[site]["global_val_loss"]] == [0, per_round, 2 * per_round, 2 * per_round]
 
     # The received model's evaluation is what the site sent with its weights; both sites got the same model.
     history = read_round_metrics(result.result_dir)
