@@ -106,3 +106,43 @@ def test_bad_template_is_reported_with_its_field(tmp_path: Path) -> None:
         load_template(str(path))
     text = str(info.value)
     assert "trainer" in text and "defaults.rounds" in text
+
+
+def _server_config(job: Path) -> dict:
+    return json.loads(next(job.glob("app*/config/config_fed_server.json")).read_text())
+
+
+@pytest.mark.parametrize("name", available_templates())
+def test_every_template_selects_the_best_received_global_model_and_tracks_live_metrics(
+    name: str, tmp_path: Path
+) -> None:
+    template = load_template(name)
+    spec = resolve_spec(template, "fedavg", model="/models/m.nemo" if name.startswith("nemo") else "/models/m")
+    server = _server_config(create_job(spec, tmp_path))
+    components = {c["id"]: c for c in server["components"]}
+    selector = components["model_selector"]["args"]
+    # NVFlare's selector reads FLModel.metrics as the evaluation of the model the sites RECEIVED.
+    assert selector["key_metric"].startswith("global_val_")
+    assert selector.get("negate_key_metric", False) is selector["key_metric"].endswith("loss")
+    assert components["receiver"]["path"] == "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver"
+    workflows = [w["path"].rsplit(".", 1)[1] for w in server["workflows"]]
+    assert workflows == ["LeanFedAvg", "CrossSiteModelEval"]  # the final global model, evaluated by every site
+
+
+def test_local_mode_has_no_final_evaluation_of_a_meaningless_average(template, tmp_path: Path) -> None:
+    server = _server_config(create_job(resolve_spec(template, "local"), tmp_path))
+    assert [w["path"].rsplit(".", 1)[1] for w in server["workflows"]] == ["LeanFedAvg"]
+
+
+def test_a_key_metric_after_local_training_is_refused(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "t.yaml", {"name": "x", "trainer": "m.n", "key_metric": "val_loss"})
+    with pytest.raises(ConfigError, match="global_val_loss"):
+        load_template(str(path))
+
+
+def test_hf_sft_and_lora_run_one_trainer_process_per_device(tmp_path: Path) -> None:
+    for name in ("hf-sft", "hf-lora"):
+        spec = resolve_spec(load_template(name), "fedavg", devices=2, model="/models/m")
+        client = next(create_job(spec, tmp_path / name).glob("app*/config/config_fed_client.json")).read_text()
+        command = json.loads(client)["executors"][0]["executor"]["args"]["command"]
+        assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", "custom/fedllm_site_entry.py"]

@@ -28,7 +28,8 @@ BEST_GLOBAL_MODEL = Path("workspace") / "app_server" / "best_FL_global_model.pt"
 ROUND_METRICS = Path("workspace") / "metrics" / "round_metrics.jsonl"
 TB_EVENTS = Path("workspace") / "tb_events"
 FINAL_EVALUATION = Path("workspace") / "cross_site_val" / "cross_val_results.json"
-FINAL_MODEL_NAME = "SRV_FL_global_model.pt"  # NVFlare's name of the final global model in that file
+FINAL_MODEL_NAME = "SRV_FL_global_model.pt"  # NVFlare's names of the final and the best global model there
+BEST_MODEL_NAME = "SRV_best_FL_global_model.pt"
 
 
 class ResultError(FedllmError):
