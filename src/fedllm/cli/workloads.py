@@ -143,16 +143,55 @@ def report(
 def infer(
     model: Annotated[str, typer.Option(help="The base model folder the job tuned.")],
     prompt_encoder: Annotated[
-        Path | None, typer.Option(help="FL_global_model.pt of a p-tuning job (or a job result folder).")
+        Path | None, typer.Option(help="A p-tuning job's result folder (or its FL_global_model.pt).")
     ] = None,
+    sft: Annotated[Path | None, typer.Option(help="An SFT job's result: generate with its global model.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A LoRA job's result: its global adapter on --model.")] = None,
     sentence: Annotated[list[str] | None, typer.Option(help="Sentences (default: the seeds' five examples).")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="SFT/LoRA: prompts to continue (default: the sentences).")
+    ] = None,
+    best: Annotated[bool, typer.Option(help="Use the best global model instead of the final one.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="LoRA alpha when the result does not hold the job config.")
+    ] = None,
     num_virtual_tokens: Annotated[int, typer.Option()] = 10,
 ) -> None:
-    """Run a tuned model: print "sentence sentiment: label" for each sentence."""
-    from fedllm.results.infer import predict_sentiment
+    """Run a tuned model: p-tuning prints "sentence sentiment: label", SFT/LoRA the generated answer."""
+    from fedllm.results.infer import generate, load_tuned_causal_lm, predict_sentiment
 
+    if sft is not None or adapter is not None:
+        if sft is not None and adapter is not None:
+            raise typer.BadParameter("give one of --sft or --adapter", param_hint="--sft/--adapter")
+        kind, result = ("sft", sft) if sft is not None else ("lora", adapter)
+        tuned, tokenizer = load_tuned_causal_lm(model, result, kind, best=best, lora_alpha=lora_alpha)
+        prompts = prompt or [f"{s} sentiment:" for s in (sentence or EXAMPLE_SENTENCES)]
+        for text, answer in zip(prompts, generate(tuned, tokenizer, prompts, max_new_tokens), strict=True):
+            console.print(f"{text} {answer}")
+        return
     for text, label in predict_sentiment(model, prompt_encoder, sentence or EXAMPLE_SENTENCES, num_virtual_tokens):
         console.print(f"{text} sentiment: {label}")
+
+
+def export_hf(
+    result: Annotated[Path, typer.Argument(help="A downloaded SFT or LoRA job result (or its FL_global_model.pt).")],
+    model: Annotated[str, typer.Option(help="The base model folder the job tuned.")],
+    out: Annotated[Path, typer.Option(help="Folder for config.json + model.safetensors + tokenizer.")],
+    lora: Annotated[bool, typer.Option(help="The result is a LoRA adapter: merge it into --model.")] = False,
+    best: Annotated[bool, typer.Option(help="Export the best global model instead of the final one.")] = False,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="LoRA alpha when the result does not hold the job config.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """A Hugging Face job's global model as a plain transformers folder (AutoModelForCausalLM.from_pretrained)."""
+    from fedllm.results.infer import export_hf as run_export
+
+    folder = run_export(
+        model, result, "lora" if lora else "sft", out, best=best, lora_alpha=lora_alpha, overwrite=overwrite
+    )
+    console.print(f"[green]wrote[/] {display_path(folder)} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
 def register(app: typer.Typer) -> None:
@@ -160,3 +199,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(model_app, name="model")
     app.command("report")(report)
     app.command("infer")(infer)
+    app.command("export-hf")(export_hf)

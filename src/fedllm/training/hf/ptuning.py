@@ -51,6 +51,17 @@ def load_ptuning_model(model_path: str, num_virtual_tokens: int = 10, encoder_hi
     return get_peft_model(base, config), tokenizer
 
 
+def macro_f1(predictions: list[str], truths: list[str], labels: list[str]) -> float:
+    """Unweighted mean over the labels of F1 = 2·TP / (2·TP + FP + FN); a label never predicted nor true counts 0."""
+    scores = []
+    for label in labels:
+        tp = sum(p == label and t == label for p, t in zip(predictions, truths, strict=True))
+        fp = sum(p == label and t != label for p, t in zip(predictions, truths, strict=True))
+        fn = sum(p != label and t == label for p, t in zip(predictions, truths, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(1, len(scores))
+
+
 def prompt_encoder(model) -> nn.Module:
     return model.prompt_encoder[ADAPTER]
 
@@ -107,10 +118,16 @@ class PTuningTask(CausalLMTask):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 (NVFlare's NeMo PEFT example on Financial PhraseBank reports both)."""
         loss = self.val_loss()
+        truths = [r["label"] for r in self.val_records]
         predictions = self.predict([r["sentence"] for r in self.val_records])
-        correct = sum(p == r["label"] for p, r in zip(predictions, self.val_records, strict=True))
-        return {"val_loss": loss, "val_accuracy": correct / max(1, len(self.val_records))}
+        correct = sum(p == t for p, t in zip(predictions, truths, strict=True))
+        return {
+            "val_loss": loss,
+            "val_accuracy": correct / max(1, len(truths)),
+            "val_macro_f1": macro_f1(predictions, truths, self.labels),
+        }
 
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()

@@ -226,7 +226,7 @@ def train_without_nvflare(args: argparse.Namespace, method: str, site: str) -> N
     trainer = build_trainer(args, method, train, val, out.parent / f".{out.name}.trainer")
     trainer.train()
     if rank == 0:
-        with atomic_directory(out) as staging:
+        with atomic_directory(out, replace=True) as staging:
             trainer.save_model(str(staging))
 
 
