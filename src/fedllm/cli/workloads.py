@@ -73,12 +73,16 @@ def data_sft(
     input: Annotated[Path, typer.Option("--input", help="The dataset file.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     name: Annotated[str | None, typer.Option(help="File prefix (default: none, as the seeds' scripts).")] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option(help="A second file of the format (OASST1's validation parquet), appended before the split."),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Instruction data → {training,validation,testing}.jsonl with {"input", "output"}."""
     from fedllm.data.sft import prepare_sft
 
-    _written(prepare_sft(format, input, out, name=name, seed=seed))
+    _written(prepare_sft(format, input, out, name=name, seed=seed, extra_input=validation))
 
 
 @data_app.command("combine")
