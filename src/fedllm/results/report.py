@@ -132,7 +132,8 @@ def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation"
                     ax.plot([c.received[-1][0], c.rounds], [c.received[-1][1], c.final[c.metric]], color=color,
                             linewidth=2, linestyle=":")  # fmt: skip
         pick = max if c.metric == "val_accuracy" else min
-        best = pick(c.received, key=lambda rv: rv[1]) if c.received else None
+        # A local-only run's one "received" model is the untrained initial one: no best to speak of.
+        best = pick(c.received, key=lambda rv: rv[1]) if c.received and c.rounds > 1 else None
         best_cell = f"{best[1]:.3f} ({best[0]})" if best else "-"
         per_site = ", ".join(f"{s} {v:.3f}" for s, v in sorted(c.per_site.items()))
         after = c.after_training[-1][1] if c.after_training else None

@@ -14,13 +14,14 @@ jobs/hf-lora.yaml.
     fedllm job create hf-lora --mode fedavg --model /models/Llama-3.2-1B --devices 2 --out runs/jobs
 
 `--without-nvflare DIR` runs the same Trainer once on the site's data (num_train_epochs = --epochs) and
-saves the model in DIR: the reference a 1-round, 1-site federated job must reproduce, and the
-baseline of the FL overhead benchmark.
+saves the model in DIR, with trainer_metrics.json (runtime, tokens): the reference a 1-round, 1-site
+federated job must reproduce, and the baseline of the FL overhead benchmark (benchmarks/hf_sft.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -224,10 +225,17 @@ def train_without_nvflare(args: argparse.Namespace, method: str, site: str) -> N
     train, val = read_site_data(args, site)
     out = Path(args.without_nvflare)
     trainer = build_trainer(args, method, train, val, out.parent / f".{out.name}.trainer")
-    trainer.train()
+    outcome = trainer.train()
     if rank == 0:
+        logged = [h for h in trainer.state.log_history if "num_tokens" in h]
+        metrics = {
+            **outcome.metrics,
+            "global_step": outcome.global_step,
+            "num_tokens": logged[-1]["num_tokens"] if logged else 0,
+        }
         with atomic_directory(out, replace=True) as staging:
             trainer.save_model(str(staging))
+            (staging / "trainer_metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def main_for(method: str, argv: list[str] | None = None) -> None:
