@@ -15,7 +15,7 @@ Default model: fedllm's tiny GPT on CPU; on a GPU pass --model /models/<a real c
     .venv/bin/python benchmarks/hf_sft.py                         # tiny GPT, CPU, 1 rank
     .venv/bin/python benchmarks/hf_sft.py --model /models/Llama-3.2-1B --devices 1 --examples 2000 --max-length 512
 
-Last line: `hf-sft FL overhead: federated X tok/s vs alone Y tok/s training (Z×), end to end ...`.
+Last line: `hf-sft FL overhead: federated X vs alone Y tok/s in training (Z× of alone), end to end ...`.
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ def main() -> None:
     print(f"{'run':40} {'tokens':>9} {'train s':>8} {'tok/s train':>12} {'wall s':>8} {'tok/s wall':>11}")
     for name, n, train_s, wall in rows:
         print(f"{name:40} {n:9.0f} {train_s:8.1f} {n / train_s:12.0f} {wall:8.1f} {n / wall:11.0f}")
-    train_ratio = (tokens / alone["train_runtime"]) / (fed_tokens / fed_train_s)
-    wall_ratio = (tokens / alone_wall) / (fed_tokens / fed_wall)
+    train_share = (fed_tokens / fed_train_s) / (tokens / alone["train_runtime"])
+    wall_share = (fed_tokens / fed_wall) / (tokens / alone_wall)
     print(
-        f"hf-sft FL overhead: federated {fed_tokens / fed_train_s:.0f} tok/s vs alone {tokens / alone['train_runtime']:.0f} "
-        f"tok/s training ({train_ratio:.2f}× slower), end to end {fed_tokens / fed_wall:.0f} vs {tokens / alone_wall:.0f} "
-        f"tok/s ({wall_ratio:.2f}× slower)"
+        f"hf-sft FL overhead: federated {fed_tokens / fed_train_s:.0f} vs alone {tokens / alone['train_runtime']:.0f} "
+        f"tok/s in training ({train_share:.2f}× of alone), end to end {fed_tokens / fed_wall:.0f} vs "
+        f"{tokens / alone_wall:.0f} tok/s ({wall_share:.2f}× of alone)"
     )
 
 

@@ -56,7 +56,7 @@ def test_per_site_data_needs_one_file_per_site(template) -> None:
 
 
 def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
-    spec = resolve_spec(template, "fedavg", num_clients=2, rounds=4, devices=2, validation="{data_dir}/v.npz")
+    spec = resolve_spec(template, "fedavg", num_clients=2, rounds=4, devices=1, validation="{data_dir}/v.npz")
     job = create_job(spec, tmp_path)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["min_clients"] == 2
@@ -69,7 +69,7 @@ def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
     client = json.loads(next(job.glob("app*/config/config_fed_client.json")).read_text())
     args = client["executors"][0]["executor"]["args"]
     assert args["task_script_path"] == "fedllm_site_entry.py"
-    assert "--devices 2" in args["task_script_args"] and "--val {data_dir}/v.npz" in args["task_script_args"]
+    assert "--devices 1" in args["task_script_args"] and "--val {data_dir}/v.npz" in args["task_script_args"]
     # The job carries only its entry script: the trainer comes from the fedllm installed on each site.
     custom = sorted(p.name for p in job.rglob("custom/*"))
     assert custom == ["fedllm_site_entry.py"]
@@ -146,3 +146,8 @@ def test_hf_sft_and_lora_run_one_trainer_process_per_device(tmp_path: Path) -> N
         client = next(create_job(spec, tmp_path / name).glob("app*/config/config_fed_client.json")).read_text()
         command = json.loads(client)["executors"][0]["executor"]["args"]["command"]
         assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", "custom/fedllm_site_entry.py"]
+
+
+def test_devices_a_single_process_template_cannot_use_are_refused(template) -> None:
+    with pytest.raises(JobSpecError, match=r"--devices 2: template demo-mlp trains in the site's job process"):
+        resolve_spec(template, "fedavg", devices=2)

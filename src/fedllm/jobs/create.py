@@ -79,6 +79,12 @@ def resolve_spec(
         if mode == "central" and num_clients not in (None, 1):
             raise JobSpecError("--mode central trains on one site (the combined data); drop --num-clients")
     dev = devices or d.devices
+    if dev > 1 and template.launch != "torchrun":
+        raise JobSpecError(
+            f"--devices {dev}: template {template.name} trains in the site's job process on one device, so the "
+            "other devices would sit idle; use --devices 1, or a template that runs one process per device "
+            "(launch: torchrun: hf-sft, hf-lora, nemo-*)"
+        )
 
     args: dict[str, Any] = {**template.train_args, **(extra_args or {}), "epochs": e, "devices": dev}
     if model:
