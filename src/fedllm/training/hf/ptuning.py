@@ -111,7 +111,7 @@ class PTuningTask(CausalLMTask):
         """
         import tempfile
 
-        from transformers import Trainer, TrainingArguments
+        from transformers import PrinterCallback, Trainer, TrainingArguments
 
         from fedllm.training.hf.trainer_options import resolve_precision
 
@@ -144,6 +144,7 @@ class PTuningTask(CausalLMTask):
                 train_dataset=self.train_examples,
                 data_collator=lambda examples: collate(examples, pad),
             )
+            trainer.remove_callback(PrinterCallback)  # fedllm's loop logs each round's metrics itself
             outcome = trainer.train()
         return TrainOutcome(steps=outcome.global_step, train_loss=outcome.training_loss)
 
