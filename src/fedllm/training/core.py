@@ -1,11 +1,13 @@
-"""The one federated training loop every fedllm trainer runs (Hugging Face and NeMo backends alike).
+"""fedllm's federated training loop: p-tuning, the NeMo backend and the toy trainers run it.
 
+(SFT and LoRA on Hugging Face models run NVFlare's own HF integration instead, fedllm.training.hf.federated.)
 A trainer only says *what* a site trains; this module says *how* a site takes part in a round:
 
     flare.init() → build the site's task → per round: receive the global state → load it →
     evaluate it ("global_*" metrics) → train local epochs → evaluate again → send ONLY the
-    exchanged state, the steps taken (FedAvg's weight) and the metrics; every metric also goes to
-    TensorBoard under the site's workspace.
+    exchanged state, the steps taken (FedAvg's weight) and the metrics. Every metric also goes to the
+    site's own TensorBoard and, through NVFlare's experiment tracking, to the server's. An evaluation
+    task (the final global model, after the last round) is answered with the global_* metrics alone.
 
 The interface is deliberately small (`SiteTask`), so a backend implements four methods:
 
@@ -19,8 +21,10 @@ The interface is deliberately small (`SiteTask`), so a backend implements four m
         run_site(lambda site: MyTask(...), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)
 
 Metric names (what reports and the server's round_metrics.jsonl read):
-    train_loss, val_loss[, val_accuracy]      the site's model after local training
+    train_loss, val_loss[, val_accuracy, ...]  the site's model after local training
     global_val_loss[, global_val_accuracy]    the global model the site received, before training
+                                               (the templates' key metric: NVFlare's model selector
+                                               takes FLModel.metrics to be the received model's)
     bytes_sent                                 bytes of the exchanged state this round (before filters)
     round_seconds                              wall time of the site's round (load → send)
 """
