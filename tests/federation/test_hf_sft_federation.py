@@ -132,6 +132,15 @@ def test_lora_rounds_start_from_the_global_adapter_and_stream_their_curves(
         values = [m["global_val_loss"] for m in r["sites"].values()]
         assert len(values) == 2 and math.isclose(values[0], values[1], rel_tol=1e-4)
 
+    # Site-local TensorBoard and the Trainer's end-of-round checkpoints (what the next round resumes) stay
+    # in the site's own job folder.
+    site_job = federation.site("site-1") / result.job_id
+    assert list((site_job / "tb").glob("events.out.tfevents.*"))
+    checkpoints = sorted(p.name for p in (site_job / "trainer").glob("checkpoint-*"))
+    assert checkpoints == [f"checkpoint-{per_round}", f"checkpoint-{rounds * per_round}"]
+    lr = dict(scalars["site-1"]["learning_rate"])
+    assert lr[per_round + 1] < lr[per_round]  # one schedule over both rounds: no second warmup
+
     # After the last round every site evaluated the final global adapter.
     final = read_final_evaluation(result.result_dir)
     assert {"site-1", "site-2"} <= set(final)

@@ -87,9 +87,17 @@ def resolve_path(template: str, site: str) -> Path:
 
 
 def job_folder(site: str, job_id: str = "") -> Path:
-    """The site's folder of this job: <site workspace>/<job id>, beside the job's log.txt."""
-    job_dir = Path.cwd() / job_id if job_id else Path.cwd()
-    return job_dir if job_dir.is_dir() else Path.cwd() / "fedllm-jobs" / (job_id or site)
+    """The site's folder of this job, <site workspace>/<job id> (where its log.txt is).
+
+    An in-process trainer runs in the site workspace; an external one (torchrun) in the job's app
+    folder inside it. Elsewhere (a trainer run by hand) a folder per job under the current one.
+    """
+    here = Path.cwd()
+    if job_id:
+        for candidate in (here / job_id, here.parent, here):
+            if candidate.name == job_id and candidate.is_dir():
+                return candidate
+    return here / "fedllm-jobs" / (job_id or site)
 
 
 def tensorboard_dir(tb_dir: str | None, site: str, job_id: str = "") -> Path:
