@@ -314,7 +314,8 @@ def echo_template(size_mib: float, options: ExchangeOptions, dtype: str = "float
         initial_model=InitialModel(
             class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": size_mib, "dtype": dtype}
         ),
-        key_metric="val_accuracy",
+        key_metric="global_val_accuracy",
+        final_evaluation=False,  # the echo job checks the exchange, not a model
         train_args={"size_mib": size_mib, "dtype": dtype},
         exchange=options,
     )

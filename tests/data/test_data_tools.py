@@ -127,11 +127,22 @@ def test_dolly_jsonl_and_oasst1_trees(tmp_path: Path) -> None:
         "role": ["prompter", "assistant", "prompter", "assistant", "assistant", "prompter", "assistant"],
         "text": ["Hi?", "Hello.", "How are you?", "Fine.", "Hey!", "Hallo?", "Guten Tag."],
         "lang": ["en", "en", "en", "en", "en", "de", "de"],
+        "rank": [None, 0.0, None, 0.0, 1.0, None, 0.0],  # "Hey!" ranks below "Hello."
     }
     pq.write_table(pa.table(messages), tmp_path / "oasst.parquet")
-    counts = prepare_sft("oasst1", tmp_path / "oasst.parquet", tmp_path / "oasst")
+    validation = {"message_id": ["vp", "va"], "parent_id": [None, "vp"], "role": ["prompter", "assistant"],
+                  "text": ["Why?", "Because."], "lang": ["en", "en"], "rank": [None, 0.0]}  # fmt: skip
+    pq.write_table(pa.table(validation), tmp_path / "oasst_val.parquet")
+    counts = prepare_sft(
+        "oasst1", tmp_path / "oasst.parquet", tmp_path / "oasst", extra_input=tmp_path / "oasst_val.parquet"
+    )
     pairs = sorted((r["input"], r["output"]) for p in counts for r in read_jsonl(p))
-    assert pairs == [("Hi?", "Hello."), ("Hi?", "Hey!"), ("How are you?", "Fine.")]
+    # Only rank-0 English replies with their prompter parent; the validation parquet is appended before the split.
+    assert pairs == [("Hi?", "Hello."), ("How are you?", "Fine."), ("Why?", "Because.")]
+    no_rank = {k: v for k, v in messages.items() if k != "rank"}
+    pq.write_table(pa.table(no_rank), tmp_path / "old.parquet")
+    with pytest.raises(DataError, match=r"missing column.*rank"):
+        prepare_sft("oasst1", tmp_path / "old.parquet", tmp_path / "x")
 
 
 def test_sft_bad_input(tmp_path: Path) -> None:

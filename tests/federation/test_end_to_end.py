@@ -13,11 +13,18 @@ from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, JobFailed, submit_job
 from fedllm.jobs.template import load_template
 from fedllm.provision.compose import REGISTRATION_MAX_AGE_S
-from fedllm.results.metrics import load_global_state, read_round_metrics
+from fedllm.results.metrics import (
+    BEST_MODEL_NAME,
+    load_global_state,
+    read_final_evaluation,
+    read_round_metrics,
+    read_site_scalars,
+)
 from fedllm.runtime.admin import admin_session, connected_sites
 from fedllm.training.toy import demo_mlp
 
 pytestmark = pytest.mark.federation
+SITES = ["site-1", "site-2", "site-3"]
 
 
 def test_all_sites_are_registered(federation) -> None:
@@ -50,7 +57,22 @@ def test_fedavg_job_trains_and_returns_its_result(federation, data_root: Path, t
     val = demo_mlp.load_split(data_root / "data" / "val.npz", "validation")
     task = demo_mlp.ClassifierTask(val, val)
     task.load_exchanged_state(load_global_state(result.result_dir))
-    assert task.evaluate()["val_accuracy"] > 0.8
+    final_acc = task.evaluate()["val_accuracy"]
+    assert final_acc > 0.8
+
+    # The best global model is the round whose RECEIVED model scored best (global_val_accuracy, the key metric).
+    task.load_exchanged_state(load_global_state(result.result_dir, best=True))
+    assert task.evaluate()["val_accuracy"] == pytest.approx(max(global_acc), abs=1e-9)
+    # After the last round every site evaluated the final global model (and the best one): the same numbers.
+    final = read_final_evaluation(result.result_dir)
+    assert {s: m["global_val_accuracy"] for s, m in final.items()} == dict.fromkeys(SITES, pytest.approx(final_acc))
+    best = read_final_evaluation(result.result_dir, model=BEST_MODEL_NAME)
+    assert {s: m["global_val_accuracy"] for s, m in best.items()} == dict.fromkeys(
+        SITES, pytest.approx(max(global_acc))
+    )
+    # Every site's per-round curves reached the server's TensorBoard (NVFlare experiment tracking).
+    scalars = read_site_scalars(result.result_dir)
+    assert [step for step, _ in scalars["site-2"]["val_accuracy"]] == [0, 1, 2]
 
     # Each site's own job log came back with the result.
     assert sorted(p.name for p in (result.result_dir / "site_logs").iterdir()) == [

@@ -17,8 +17,8 @@ from fedllm.flare.server_models import PeftPromptEncoderWeights
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, submit_job
 from fedllm.jobs.template import load_template
-from fedllm.results.metrics import load_global_state, read_round_metrics
-from fedllm.results.report import write_report
+from fedllm.results.metrics import load_global_state, read_round_metrics, read_site_scalars
+from fedllm.results.report import run_curves, write_report
 from fedllm.training.hf.ptuning import PTuningTask
 from fedllm.training.hf.tiny_gpt import build_tiny_gpt
 
@@ -48,7 +48,13 @@ def test_fedavg_beats_local_only_and_the_majority_class(ptuning_runs) -> None:
 
     task = PTuningTask(str(ptuning_runs["model"]), [], val)
     task.load_exchanged_state(load_global_state(fedavg.result_dir))
-    fedavg_acc = task.evaluate()["val_accuracy"]
+    here = task.evaluate()
+    fedavg_acc = here["val_accuracy"]
+    # Every site evaluated the final global prompt encoder in the job: the same accuracy and macro-F1 as here.
+    final = run_curves(fedavg.result_dir).final
+    assert final["val_accuracy"] == pytest.approx(fedavg_acc) and final["val_macro_f1"] == pytest.approx(
+        here["val_macro_f1"]
+    )
     local_acc = [m["val_accuracy"] for m in read_round_metrics(local.result_dir)[0]["sites"].values()]
     assert len(local_acc) == 3
     assert fedavg_acc > majority + 0.3
@@ -79,3 +85,6 @@ def test_sites_log_tensorboard_and_the_report_draws_both_runs(ptuning_runs, fede
     )
     assert report.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| FedAvg | val_accuracy | 4 |" in report.table and "| local-only | val_accuracy | 1 |" in report.table
+    # The server's TensorBoard holds every site's per-round curves, streamed while the job ran.
+    scalars = read_site_scalars(ptuning_runs["fedavg"].result_dir)
+    assert all([s for s, _ in scalars[site]["val_accuracy"]] == [0, 1, 2, 3] for site in SITES)

@@ -109,7 +109,8 @@ def test_job_port_speaks_mtls_only_to_this_federation(federation, tmp_path: Path
         name="echo",
         trainer="fedllm.training.toy.echo",
         initial_model=InitialModel(class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": 1}),
-        key_metric="val_accuracy",
+        key_metric="global_val_accuracy",
+        final_evaluation=False,
         train_args={"size_mib": 1},
     )
     # Long enough to probe its port while it runs; aborted afterwards.

@@ -205,7 +205,8 @@ def _echo_template(**exchange) -> JobTemplate:
         name="echo",
         trainer="fedllm.training.toy.echo",
         initial_model=InitialModel(class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": 1}),
-        key_metric="val_accuracy",
+        key_metric="global_val_accuracy",
+        final_evaluation=False,
         train_args={"size_mib": 1},
         exchange=ExchangeOptions(**exchange),
     )

@@ -56,7 +56,7 @@ def test_per_site_data_needs_one_file_per_site(template) -> None:
 
 
 def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
-    spec = resolve_spec(template, "fedavg", num_clients=2, rounds=4, devices=2, validation="{data_dir}/v.npz")
+    spec = resolve_spec(template, "fedavg", num_clients=2, rounds=4, devices=1, validation="{data_dir}/v.npz")
     job = create_job(spec, tmp_path)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["min_clients"] == 2
@@ -69,7 +69,7 @@ def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
     client = json.loads(next(job.glob("app*/config/config_fed_client.json")).read_text())
     args = client["executors"][0]["executor"]["args"]
     assert args["task_script_path"] == "fedllm_site_entry.py"
-    assert "--devices 2" in args["task_script_args"] and "--val {data_dir}/v.npz" in args["task_script_args"]
+    assert "--devices 1" in args["task_script_args"] and "--val {data_dir}/v.npz" in args["task_script_args"]
     # The job carries only its entry script: the trainer comes from the fedllm installed on each site.
     custom = sorted(p.name for p in job.rglob("custom/*"))
     assert custom == ["fedllm_site_entry.py"]
@@ -106,3 +106,48 @@ def test_bad_template_is_reported_with_its_field(tmp_path: Path) -> None:
         load_template(str(path))
     text = str(info.value)
     assert "trainer" in text and "defaults.rounds" in text
+
+
+def _server_config(job: Path) -> dict:
+    return json.loads(next(job.glob("app*/config/config_fed_server.json")).read_text())
+
+
+@pytest.mark.parametrize("name", available_templates())
+def test_every_template_selects_the_best_received_global_model_and_tracks_live_metrics(
+    name: str, tmp_path: Path
+) -> None:
+    template = load_template(name)
+    spec = resolve_spec(template, "fedavg", model="/models/m.nemo" if name.startswith("nemo") else "/models/m")
+    server = _server_config(create_job(spec, tmp_path))
+    components = {c["id"]: c for c in server["components"]}
+    selector = components["model_selector"]["args"]
+    # NVFlare's selector reads FLModel.metrics as the evaluation of the model the sites RECEIVED.
+    assert selector["key_metric"].startswith("global_val_")
+    assert selector.get("negate_key_metric", False) is selector["key_metric"].endswith("loss")
+    assert components["receiver"]["path"] == "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver"
+    workflows = [w["path"].rsplit(".", 1)[1] for w in server["workflows"]]
+    assert workflows == ["LeanFedAvg", "CrossSiteModelEval"]  # the final global model, evaluated by every site
+
+
+def test_local_mode_has_no_final_evaluation_of_a_meaningless_average(template, tmp_path: Path) -> None:
+    server = _server_config(create_job(resolve_spec(template, "local"), tmp_path))
+    assert [w["path"].rsplit(".", 1)[1] for w in server["workflows"]] == ["LeanFedAvg"]
+
+
+def test_a_key_metric_after_local_training_is_refused(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "t.yaml", {"name": "x", "trainer": "m.n", "key_metric": "val_loss"})
+    with pytest.raises(ConfigError, match="global_val_loss"):
+        load_template(str(path))
+
+
+def test_hf_sft_and_lora_run_one_trainer_process_per_device(tmp_path: Path) -> None:
+    for name in ("hf-sft", "hf-lora"):
+        spec = resolve_spec(load_template(name), "fedavg", devices=2, model="/models/m")
+        client = next(create_job(spec, tmp_path / name).glob("app*/config/config_fed_client.json")).read_text()
+        command = json.loads(client)["executors"][0]["executor"]["args"]["command"]
+        assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", "custom/fedllm_site_entry.py"]
+
+
+def test_devices_a_single_process_template_cannot_use_are_refused(template) -> None:
+    with pytest.raises(JobSpecError, match=r"--devices 2: template demo-mlp trains in the site's job process"):
+        resolve_spec(template, "fedavg", devices=2)

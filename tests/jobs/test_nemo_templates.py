@@ -71,9 +71,9 @@ def test_ptuning_server_keeps_only_the_prompt_encoder(tmp_path):
     # 20B: hidden 6144 → 10 virtual tokens of 6144; ~25 M parameters (100 MB), versus 20 B in the LLM.
     assert server.embedding.weight.shape == (10, 6144)
     assert sum(p.numel() for p in server.parameters()) < 30_000_000
-    # Lower val_loss is better: the server's model selector is told so.
+    # Lower loss is better (of the global model the sites received): the server's model selector is told so.
     selector = next(c for c in _server(job)["components"] if c["id"] == "model_selector")
-    assert selector["args"]["key_metric"] == "val_loss" and selector["args"]["negate_key_metric"] is True
+    assert selector["args"]["key_metric"] == "global_val_loss" and selector["args"]["negate_key_metric"] is True
 
 
 def test_sft_server_reads_the_jobs_checkpoint_and_sites_size_data_for_all_rounds(tmp_path):

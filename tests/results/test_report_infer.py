@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedllm.cli.main import main
-from fedllm.results.report import ReportError, write_report
+from fedllm.results.report import ReportError, run_curves, write_report
 
 
-def _result(root: Path, name: str, per_round: list[dict[str, float]]) -> Path:
+def _result(root: Path, name: str, per_round: list[dict[str, float]], final: dict[str, float] | None = None) -> Path:
     """A downloaded job result holding one site's metrics per round (the shape NVFlare's FedAvg writes)."""
     path = root / name / "workspace" / "metrics" / "round_metrics.jsonl"
     path.parent.mkdir(parents=True)
@@ -23,23 +23,43 @@ def _result(root: Path, name: str, per_round: list[dict[str, float]]) -> Path:
             json.dumps({"round": rnd, "aggregated_metrics": entries, "sites": [{"name": "site-1", "metrics": entries}]})
         )
     path.write_text("\n".join(lines) + "\n")
+    if final is not None:  # NVFlare's final global evaluation (ValidationJsonGenerator's file)
+        cse = root / name / "workspace" / "cross_site_val" / "cross_val_results.json"
+        cse.parent.mkdir(parents=True)
+        cse.write_text(json.dumps({s: {"SRV_FL_global_model.pt": final} for s in ("site-1", "site-2")}))
     return root / name
 
 
-def test_report_draws_fedavg_and_local_runs(tmp_path: Path) -> None:
-    fedavg = _result(tmp_path, "fedavg", [{"val_accuracy": a, "global_val_accuracy": a - 0.1} for a in (0.4, 0.7, 0.9)])
+def test_report_draws_fedavg_and_local_runs_with_the_final_global_model(tmp_path: Path) -> None:
+    fedavg = _result(
+        tmp_path, "fedavg", [{"val_accuracy": a, "global_val_accuracy": a - 0.1} for a in (0.4, 0.7, 0.9)],
+        final={"global_val_accuracy": 0.95, "global_val_macro_f1": 0.94, "global_val_loss": 0.2},
+    )  # fmt: skip
     local = _result(tmp_path, "local", [{"val_accuracy": 0.6}])
     report = write_report({"FedAvg": fedavg, "local": local}, tmp_path / "out", title="t")
     assert report.png.read_bytes()[:4] == b"\x89PNG" and report.png.stat().st_size > 10_000
-    assert "| FedAvg | val_accuracy | 3 | 0.9000 (global: 0.8000) | site-1 0.900 |" in report.table
-    assert "| local | val_accuracy | 1 | 0.6000 (global: -) | site-1 0.600 |" in report.table
+    # final global model = the number the demo prints; the best received model and its round, numbered from 0.
+    assert "| FedAvg | val_accuracy | 3 | 0.950 | 0.940 | 0.800 (2) | 0.900 | site-1 0.900 |" in report.table
+    assert "| local | val_accuracy | 1 | - | - | - | 0.600 | site-1 0.600 |" in report.table
     assert "report.png" in report.markdown.read_text()
+    assert run_curves(fedavg).headline == 0.95
 
 
-def test_report_uses_loss_when_runs_have_no_accuracy(tmp_path: Path, capsys) -> None:
-    sft = _result(tmp_path, "sft", [{"val_loss": 2.0}, {"val_loss": 1.5}])
+def test_report_uses_loss_and_the_streamed_curves_of_hf_sft_sites(tmp_path: Path, capsys) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    sft = _result(tmp_path, "sft", [{"global_val_loss": 3.0}, {"global_val_loss": 2.0}], final={"global_val_loss": 1.2})
+    for site, values in (("site-1", (2.1, 1.4)), ("site-2", (1.9, 1.2))):  # what NVFlare's TB receiver writes
+        writer = SummaryWriter(str(sft / "workspace" / "tb_events" / site))
+        for step, value in zip((6, 12), values, strict=True):
+            writer.add_scalar("val_loss", value, step)
+        writer.close()
+    curves = run_curves(sft)
+    assert curves.after_training == [(0, pytest.approx(2.0)), (1, pytest.approx(1.3))]
     assert main(["report", f"SFT={sft}", "--out", str(tmp_path / "o")]) == 0
-    assert "| SFT | val_loss | 2 | 1.5000" in capsys.readouterr().out
+    assert (
+        "| SFT | val_loss | 2 | 1.200 | - | 2.000 (1) | 1.300 | site-1 1.400, site-2 1.200 |" in capsys.readouterr().out
+    )
 
 
 def test_report_on_a_folder_without_metrics_fails_clearly(tmp_path: Path) -> None:

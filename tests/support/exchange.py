@@ -46,7 +46,8 @@ def echo_job(
             class_path="fedllm.flare.server_models.EchoModel",
             args={"size_mib": size_mib, "dtype": dtype, "tensor_mib": tensor_mib},
         ),
-        key_metric="val_accuracy",
+        key_metric="global_val_accuracy",
+        final_evaluation=False,  # the echo job checks the exchange, not a model
         train_args={
             "size_mib": size_mib,
             "dtype": dtype,

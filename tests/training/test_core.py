@@ -54,3 +54,15 @@ def test_state_helpers_accept_numpy_and_half_precision() -> None:
     assert state_bytes(state) == 2 * 3 * 2 + 4 * 4
     tensors = as_tensors(state)
     assert tensors["a"].dtype == torch.float32 and tensors["a"].shape == (2, 3)
+
+
+def test_job_folder_is_the_sites_job_folder_in_process_and_under_torchrun(tmp_path, monkeypatch) -> None:
+    from fedllm.training.core import job_folder
+
+    job = tmp_path / "job-1"
+    (job / "app_site-1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # in-process: the site workspace
+    assert job_folder("site-1", "job-1") == job
+    monkeypatch.chdir(job / "app_site-1")  # external process (torchrun): the job's app folder
+    assert job_folder("site-1", "job-1") == job
+    assert job_folder("site-1", "") == job / "app_site-1" / "fedllm-jobs" / "site-1"

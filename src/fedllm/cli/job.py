@@ -33,6 +33,10 @@ def create(
     compress: Annotated[
         str, typer.Option(help="Message compression: none, fp16, bf16, blockwise8, float4, normfloat4.")
     ] = "none",
+    arg: Annotated[
+        list[str] | None,
+        typer.Option("--arg", "-a", help="Trainer argument KEY=VALUE over the template's (e.g. -a quantize=4bit)."),
+    ] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
@@ -43,6 +47,14 @@ def create(
     if mode not in ("local", "central", "fedavg"):
         raise typer.BadParameter(f"'{mode}' is not a mode; use local, central or fedavg", param_hint="--mode")
     sites = load_site_config(config).site_names if data and len(data) > 1 else None
+    extra_args = {}
+    for item in arg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{item}' is not KEY=VALUE (e.g. -a lr=0.0001)", param_hint="--arg")
+        import yaml
+
+        extra_args[key.replace("-", "_")] = yaml.safe_load(value) if value else ""
     spec = resolve_spec(
         load_template(template),
         mode,  # type: ignore[arg-type]
@@ -56,6 +68,7 @@ def create(
         sites=sites,
         name=name,
         compression=compress,
+        extra_args=extra_args,
     )
     job_dir = create_job(spec, out)
     console.print(

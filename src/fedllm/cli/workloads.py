@@ -26,13 +26,6 @@ EXAMPLE_SENTENCES = [
 ]
 
 
-# Questions in the seeds' SFT format ("{input} {output}").
-EXAMPLE_PROMPTS = [
-    "The agreement is valid for four years . sentiment:",
-    "Profit before taxes decreased by 9 % in the first nine months . sentiment:",
-]
-
-
 def _written(counts: dict[Path, int]) -> None:
     for path, n in counts.items():
         console.print(f"[green]wrote[/] {display_path(path)} ({n} records)")
@@ -82,12 +75,16 @@ def data_sft(
     input: Annotated[Path, typer.Option("--input", help="The dataset file.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     name: Annotated[str | None, typer.Option(help="File prefix (default: none, as the seeds' scripts).")] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option(help="A second file of the format (OASST1's validation parquet), appended before the split."),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Instruction data → {training,validation,testing}.jsonl with {"input", "output"}."""
     from fedllm.data.sft import prepare_sft
 
-    _written(prepare_sft(format, input, out, name=name, seed=seed))
+    _written(prepare_sft(format, input, out, name=name, seed=seed, extra_input=validation))
 
 
 @data_app.command("combine")
@@ -169,26 +166,69 @@ def report(
 def infer(
     model: Annotated[str, typer.Option(help="The base model the job tuned: a Hugging Face folder or a .nemo file.")],
     prompt_encoder: Annotated[
-        Path | None, typer.Option(help="FL_global_model.pt of a p-tuning job (or a job result folder).")
+        Path | None, typer.Option(help="A p-tuning job's result folder (or its FL_global_model.pt).")
     ] = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="An SFT job's result folder (or FL_global_model.pt): generate answers.")
-    ] = None,
+    sft: Annotated[Path | None, typer.Option(help="An SFT job's result: generate with its global model.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A LoRA job's result: its global adapter on --model.")] = None,
     sentence: Annotated[list[str] | None, typer.Option(help="Sentences (default: the seeds' five examples).")] = None,
-    prompt: Annotated[list[str] | None, typer.Option(help="Prompts to answer (with --weights).")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="SFT/LoRA: prompts to continue (default: the sentences).")
+    ] = None,
+    best: Annotated[bool, typer.Option(help="Use the best global model instead of the final one.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="LoRA alpha when the result does not hold the job config.")
+    ] = None,
     num_virtual_tokens: Annotated[int, typer.Option()] = 10,
-    encoder_hidden: Annotated[int | None, typer.Option(help="Prompt-encoder MLP width (the job's).")] = None,
+    encoder_hidden: Annotated[
+        int | None, typer.Option(help="The prompt encoder's MLP width, as the job had it (NeMo default 2048).")
+    ] = None,
 ) -> None:
-    """Run a tuned model: "sentence sentiment: label" per sentence (p-tuning), or the answer per prompt (SFT)."""
-    from fedllm.results.infer import generate_answers, predict_sentiment
+    """Run a tuned model: p-tuning prints "sentence sentiment: label", SFT/LoRA the generated answer.
 
-    if weights is not None:
-        for text, answer in generate_answers(model, weights, prompt or EXAMPLE_PROMPTS):
-            console.print(f"{text} → {answer}")
+    A .nemo base model runs through NeMo (the seeds' notebook inference), a Hugging Face folder through
+    transformers.
+    """
+    from fedllm.results.infer import generate, generate_answers, is_nemo, load_tuned_causal_lm, predict_sentiment
+
+    if sft is not None or adapter is not None:
+        if sft is not None and adapter is not None:
+            raise typer.BadParameter("give one of --sft or --adapter", param_hint="--sft/--adapter")
+        prompts = prompt or [f"{s} sentiment:" for s in (sentence or EXAMPLE_SENTENCES)]
+        if is_nemo(model):
+            if adapter is not None:
+                raise typer.BadParameter("NeMo jobs exchange full weights: use --sft", param_hint="--adapter")
+            for text, answer in generate_answers(model, sft, prompts, max_tokens=max_new_tokens, best=best):
+                console.print(f"{text} {answer}")
+            return
+        kind, result = ("sft", sft) if sft is not None else ("lora", adapter)
+        tuned, tokenizer = load_tuned_causal_lm(model, result, kind, best=best, lora_alpha=lora_alpha)
+        for text, answer in zip(prompts, generate(tuned, tokenizer, prompts, max_new_tokens), strict=True):
+            console.print(f"{text} {answer}")
         return
     sentences = sentence or EXAMPLE_SENTENCES
     for text, label in predict_sentiment(model, prompt_encoder, sentences, num_virtual_tokens, encoder_hidden):
         console.print(f"{text} sentiment: {label}")
+
+
+def export_hf(
+    result: Annotated[Path, typer.Argument(help="A downloaded SFT or LoRA job result (or its FL_global_model.pt).")],
+    model: Annotated[str, typer.Option(help="The base model folder the job tuned.")],
+    out: Annotated[Path, typer.Option(help="Folder for config.json + model.safetensors + tokenizer.")],
+    lora: Annotated[bool, typer.Option(help="The result is a LoRA adapter: merge it into --model.")] = False,
+    best: Annotated[bool, typer.Option(help="Export the best global model instead of the final one.")] = False,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="LoRA alpha when the result does not hold the job config.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """A Hugging Face job's global model as a plain transformers folder (AutoModelForCausalLM.from_pretrained)."""
+    from fedllm.results.infer import export_hf as run_export
+
+    folder = run_export(
+        model, result, "lora" if lora else "sft", out, best=best, lora_alpha=lora_alpha, overwrite=overwrite
+    )
+    console.print(f"[green]wrote[/] {display_path(folder)} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
 def register(app: typer.Typer) -> None:
@@ -196,3 +236,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(model_app, name="model")
     app.command("report")(report)
     app.command("infer")(infer)
+    app.command("export-hf")(export_hf)

@@ -2,11 +2,14 @@
 
 - Alpaca (parquet: instruction, input, output)
 - Dolly (jsonl: instruction, context, response, category)
-- OASST1 (parquet message trees: message_id, parent_id, role, text, lang; prompter → assistant pairs)
+- OASST1 (parquet message trees: message_id, parent_id, role, text, lang, rank): as the seed's
+  preprocess_oasst1.py, only the top-ranked (rank 0) English assistant reply of each prompter message,
+  with that prompter message as the input
 
 Instruction and context are joined by "\\n\\n" in a seeded random order (the seeds' preprocessing
 does the same, so the model sees both orders). Output: training.jsonl, validation.jsonl, testing.jsonl
-(the seeds' names; with --name N: N_training.jsonl ...).
+(the seeds' names; with --name N: N_training.jsonl ...). A second file of the same format (the seed's
+OASST1 validation parquet) is appended to the first before the shuffle and split, as the seed does.
 """
 
 from __future__ import annotations
@@ -55,31 +58,46 @@ def convert_dolly(path: Path, rng: random.Random) -> list[dict[str, str]]:
 
 
 def convert_oasst1(path: Path, rng: random.Random, lang: str | None = "en") -> list[dict[str, str]]:
-    """Every assistant reply with its prompter parent becomes one pair (the trees' first turns and follow-ups)."""
-    rows = _read_parquet(path, ("message_id", "parent_id", "role", "text", "lang"))
+    """The top-ranked (rank 0) assistant reply to each prompter message becomes one pair; lower-ranked replies are dropped."""
+    rows = _read_parquet(path, ("message_id", "parent_id", "role", "text", "lang", "rank"))
     by_id = {r["message_id"]: r for r in rows}
     pairs = []
     for row in rows:
         parent = by_id.get(row["parent_id"]) if row["parent_id"] else None
         if row["role"] != "assistant" or parent is None or parent["role"] != "prompter":
             continue
+        if row["rank"] is None or int(row["rank"]) != 0:  # the seed keeps the best-ranked reply only
+            continue
         if lang and row["lang"] != lang:
             continue
         pairs.append({"input": _join(parent["text"], "", rng), "output": row["text"].strip()})
     if not pairs:
-        raise DataError(f"{path}: no prompter → assistant pairs (lang={lang}); is this the OASST1 messages table?")
+        raise DataError(
+            f"{path}: no prompter → rank-0 assistant pairs (lang={lang}); is this the OASST1 messages table "
+            "(columns message_id, parent_id, role, text, lang, rank)?"
+        )
     return pairs
 
 
 def prepare_sft(
-    fmt: str, input_path: Path, out_dir: Path, *, name: str | None = None, seed: int = 0, fractions=(0.8, 0.1, 0.1)
+    fmt: str,
+    input_path: Path,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    fractions=(0.8, 0.1, 0.1),
+    extra_input: Path | None = None,
 ) -> dict[Path, int]:
-    """Convert, shuffle (seeded), split and write {training,validation,testing}.jsonl."""
+    """Convert (input_path, then extra_input), shuffle (seeded), split and write {training,validation,testing}.jsonl."""
     converters = {"alpaca": convert_alpaca, "dolly": convert_dolly, "oasst1": convert_oasst1}
     if fmt not in converters:
         raise DataError(f"format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
     rng = random.Random(seed)
-    pairs = [p for p in converters[fmt](input_path, rng) if p["input"] and p["output"]]
+    converted = converters[fmt](input_path, rng)
+    if extra_input is not None:
+        converted += converters[fmt](extra_input, rng)
+    pairs = [p for p in converted if p["input"] and p["output"]]
     if len(pairs) < 3:
         raise DataError(f"{input_path}: {len(pairs)} usable example(s); need at least 3 for train/val/test")
     rng.shuffle(pairs)

@@ -179,6 +179,15 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
         if self._writer is not None:
             self._writer.wait()
 
+    def get_model_inventory(self, fl_ctx):
+        """The saved global models (the final evaluation lists them): every pending checkpoint on disk first."""
+        self.flush()
+        return super().get_model_inventory(fl_ctx)
+
+    def get_model(self, model_file, fl_ctx):
+        self.flush()
+        return super().get_model(model_file, fl_ctx)
+
     def handle_event(self, event: str, fl_ctx) -> None:
         super().handle_event(event, fl_ctx)
         if event == EventType.END_RUN and self._writer is not None:

@@ -84,6 +84,12 @@ def resolve_spec(
         if mode == "central" and num_clients not in (None, 1):
             raise JobSpecError("--mode central trains on one site (the combined data); drop --num-clients")
     dev = devices or d.devices
+    if dev > 1 and template.launch != "torchrun":
+        raise JobSpecError(
+            f"--devices {dev}: template {template.name} trains in the site's job process on one device, so the "
+            "other devices would sit idle; use --devices 1, or a template that runs one process per device "
+            "(launch: torchrun: hf-sft, hf-lora, nemo-*)"
+        )
 
     args: dict[str, Any] = {**template.train_args, **(extra_args or {}), "epochs": e, "devices": dev}
     if model:
@@ -126,7 +132,7 @@ def _torchrun(devices: int) -> str:
 
 def _site_config(spec: JobSpec, overrides: dict[str, Any], torchrun: bool) -> dict[str, Any]:
     """NVFlare's per-site recipe config: the site's trainer arguments, and its own process count."""
-    config: dict[str, Any] = {"train_args": _cli_args({**spec.train_args, **overrides})}
+    config: dict[str, Any] = {"train_args": cli_args({**spec.train_args, **overrides})}
     if torchrun and "devices" in overrides:
         config["command"] = _torchrun(int(overrides["devices"]))
     return config
@@ -140,7 +146,7 @@ def _check_local_checkpoint(args: dict[str, Any], devices: int) -> None:
         spec.check_fits_site(devices, distributed=distributed)
 
 
-def _cli_args(args: dict[str, Any]) -> str:
+def cli_args(args: dict[str, Any]) -> str:
     """Render trainer arguments as NVFlare's script_args (which it splits on whitespace)."""
     parts: list[str] = []
     for key, value in args.items():
@@ -202,7 +208,7 @@ def _working_dir(path: Path) -> Iterator[None]:
 
 def create_job(spec: JobSpec, out_dir: Path) -> Path:
     """Export `spec` as an NVFlare job folder under `out_dir`; returns the job's directory."""
-    from nvflare.recipe.utils import set_per_site_config
+    from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evaluation, set_per_site_config
 
     from fedllm.jobs.recipe import FedllmFedAvgRecipe
 
@@ -219,7 +225,7 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
             min_clients=spec.num_clients,
             num_rounds=spec.rounds,
             train_script=ENTRY_NAME,
-            train_args=_cli_args(spec.train_args),
+            train_args=cli_args(spec.train_args),
             key_metric=spec.template.key_metric,
             # Losses are better when lower; NVFlare's model selector assumes higher is better unless told.
             key_metric_mode="min" if "loss" in spec.template.key_metric else "max",
@@ -236,6 +242,11 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         compression = spec.compression if spec.compression != "none" else wire_compression(spec.template.exchange)
         apply_compression(recipe, compression)
         apply_tensor_items(recipe, spec.template.exchange)  # after compression: it must be the last filter out
+        # Live metrics in one place: every site's scalars (nvflare.client.tracking) land in the server's
+        # TensorBoard, workspace/tb_events/<site>/, and come back with the job's result.
+        add_experiment_tracking(recipe, "tensorboard")
+        if spec.template.final_evaluation and spec.mode != "local" and initial is not None:
+            add_final_global_evaluation(recipe)
         # Sites stream their job logs to the server, so `fedllm job submit` can show a failing site's error.
         recipe.enable_log_streaming("log.txt")
         staging = Path(tmp) / "export"

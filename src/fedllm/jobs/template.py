@@ -48,9 +48,14 @@ class JobTemplate(_Strict):
     trainer: str
     # Server-side global model; None when the sites agree on the initial weights themselves.
     initial_model: InitialModel | None = None
-    # The metric the server uses to pick the best global model.
-    key_metric: str = "val_accuracy"
+    # The metric the server uses to pick the best global model: the evaluation of the global model the
+    # sites RECEIVED (global_*), which is what NVFlare's IntimeModelSelector takes FLModel.metrics to be.
+    key_metric: str = "global_val_accuracy"
     defaults: Defaults = Field(default_factory=Defaults)
+    # After the last FedAvg round every site evaluates the final global model (NVFlare's final global
+    # evaluation; the result's cross_site_val/ holds it): the number reports and the demo print.
+    # Local-only jobs never do (their aggregate is meaningless); false for jobs with nothing to evaluate.
+    final_evaluation: bool = True
     # How a site starts the trainer: in the site's job process, or as its own process under
     # `torchrun --nproc_per_node <devices>` (NeMo/Megatron: one process per GPU, launched once per job).
     launch: Literal["in_process", "torchrun"] = "in_process"
@@ -59,6 +64,17 @@ class JobTemplate(_Strict):
     train_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
     # How weights travel between server and sites (fedllm.jobs.exchange, docs/exchange.md).
     exchange: ExchangeOptions = Field(default_factory=ExchangeOptions)
+
+    @field_validator("key_metric")
+    @classmethod
+    def _key_metric(cls, v: str) -> str:
+        if not v.startswith("global_"):
+            raise FixableError(
+                f"key_metric '{v}' is a site's metric after local training, but NVFlare's model selector marks the "
+                "global model the sites received as best",
+                f"use global_{v}: the received model's evaluation (losses are minimised, other metrics maximised)",
+            )
+        return v
 
     @field_validator("trainer")
     @classmethod

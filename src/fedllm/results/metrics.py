@@ -1,7 +1,16 @@
-"""Reading a downloaded job result: per-round metrics and the server's global model.
+"""Reading a downloaded job result: per-round metrics, live metrics, the final evaluation, the global model.
 
 `fedllm job submit --download DIR` (or the admin console's download_job) leaves NVFlare's server
-workspace of the job under DIR/<job id>/workspace; these are the two things in it people read.
+workspace of the job under DIR/<job id>/workspace. What people read in it:
+
+- round_metrics.jsonl (NVFlare's MetricsArtifactWriter): per round, what each site sent with its
+  weights and their FedAvg-weighted mean: global_val_* (the model the site received) always, the
+  site's metrics after training too for fedllm's own loop (p-tuning, NeMo, toy);
+- tb_events/<site>/ (NVFlare's TensorBoard receiver): every scalar each site streamed while the job
+  ran (`read_site_scalars`);
+- cross_site_val/cross_val_results.json (NVFlare's final global evaluation): every site's
+  evaluation of the final global model (`read_final_evaluation`);
+- FL_global_model.pt / best_FL_global_model.pt: the final and the best global model.
 """
 
 from __future__ import annotations
@@ -17,6 +26,10 @@ from fedllm.errors import FedllmError
 GLOBAL_MODEL = Path("workspace") / "app_server" / "FL_global_model.pt"
 BEST_GLOBAL_MODEL = Path("workspace") / "app_server" / "best_FL_global_model.pt"
 ROUND_METRICS = Path("workspace") / "metrics" / "round_metrics.jsonl"
+TB_EVENTS = Path("workspace") / "tb_events"
+FINAL_EVALUATION = Path("workspace") / "cross_site_val" / "cross_val_results.json"
+FINAL_MODEL_NAME = "SRV_FL_global_model.pt"  # NVFlare's names of the final and the best global model there
+BEST_MODEL_NAME = "SRV_best_FL_global_model.pt"
 
 
 class ResultError(FedllmError):
@@ -64,3 +77,29 @@ def load_global_state(path: Path, *, best: bool = False) -> dict[str, torch.Tens
     """The server's global weights (the persistor's checkpoint holds them under "model")."""
     ckpt = torch.load(global_model_path(path, best=best), map_location="cpu", weights_only=True)
     return ckpt.get("model", ckpt)
+
+
+def read_site_scalars(result_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{site: {tag: [(step, value), ...]}} of what the sites streamed to the server's TensorBoard."""
+    root = result_dir / TB_EVENTS
+    if not root.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for site_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(site_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        out[site_dir.name] = {
+            tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags().get("scalars", [])
+        }
+    return out
+
+
+def read_final_evaluation(result_dir: Path, model: str = FINAL_MODEL_NAME) -> dict[str, dict[str, float]]:
+    """{site: metrics} of every site's evaluation of the final global model ({} when the job had none)."""
+    path = result_dir / FINAL_EVALUATION
+    if not path.is_file():
+        return {}
+    results = json.loads(path.read_text())
+    return {site: dict(by_model[model]) for site, by_model in sorted(results.items()) if model in by_model}

@@ -1,19 +1,22 @@
 """`fedllm report`: validation curves of local, centralized and FedAvg runs in one PNG + a markdown table.
 
-Reads what NVFlare's FedAvg recorded on the server (workspace/metrics/round_metrics.jsonl in a
-downloaded job result). A FedAvg run gives one point per round (the global model each site
-received, i.e. global_val_*, plus the last round's local models); a local or central run has one
-round, drawn as one point per site.
+Reads what a downloaded job result holds (fedllm.results.metrics): round_metrics.jsonl for the
+global model each site received in each round (global_val_*), the sites' metrics after local
+training from round_metrics.jsonl or, where the sites' trainer streams them instead (Hugging Face
+SFT/LoRA), from the server's TensorBoard events, and the final global model's evaluation by every
+site (cross_site_val/). Rounds are numbered as NVFlare and the console number them, from 0; the
+final global model (what round R would receive) is drawn at x = R. Classification runs report
+accuracy and macro-F1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedllm.errors import FedllmError
 from fedllm.fileio import write_bytes
-from fedllm.results.metrics import read_round_metrics
+from fedllm.results.metrics import read_final_evaluation, read_round_metrics, read_site_scalars
 
 
 class ReportError(FedllmError):
@@ -27,32 +30,71 @@ class Report:
     table: str
 
 
-def _metric(run_rounds: list[dict]) -> str:
-    names = set().union(*(r["aggregated"] for r in run_rounds)) if run_rounds else set()
-    return "val_accuracy" if "val_accuracy" in names else "val_loss"
+@dataclass
+class RunCurves:
+    """One run's numbers for the report; x is always the 0-based round."""
+
+    metric: str  # val_accuracy or val_loss
+    rounds: int
+    received: list[tuple[int, float]]  # (round, mean over sites of global_<metric>): the model sites received
+    after_training: list[tuple[int, float]]  # (round, mean over sites of <metric> after local training)
+    per_site: dict[str, float]  # each site's <metric> after its last round
+    final: dict[str, float] = field(default_factory=dict)  # the final global model: {metric: mean over sites}
+
+    @property
+    def headline(self) -> float | None:
+        """The run's result: the final global model's metric, else the mean over sites after training."""
+        if self.metric in self.final:
+            return self.final[self.metric]
+        return self.after_training[-1][1] if self.after_training else None
 
 
-def run_curves(result_dir: Path) -> tuple[str, dict[str, list[tuple[int, float]]], dict[str, float]]:
-    """(metric, curves, final per-site values) of one run.
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
-    curves["sites"]: mean over sites of the metric after local training, per round (x = rounds done);
-    curves["global"]: the global model each site received (global_<metric>), x = aggregations before it.
-    """
+
+def _after_training_from_streams(result_dir: Path, metric: str) -> dict[str, list[float]]:
+    """{site: [metric after round 0, after round 1, ...]} from the server's TensorBoard events."""
+    return {
+        site: [v for _, v in tags[metric]] for site, tags in read_site_scalars(result_dir).items() if metric in tags
+    }
+
+
+def run_curves(result_dir: Path) -> RunCurves:
     rounds = read_round_metrics(result_dir)
     if not rounds:
         raise ReportError(
             f"{result_dir} has no round metrics (workspace/metrics/round_metrics.jsonl); pass the folder "
             "`fedllm job submit --download` wrote for a finished job"
         )
-    metric = _metric(rounds)
-    sites = [(r["round"] + 1, r["aggregated"][metric]) for r in rounds if metric in r["aggregated"]]
-    glob = [(r["round"], r["aggregated"][f"global_{metric}"]) for r in rounds if f"global_{metric}" in r["aggregated"]]
-    final = {site: m[metric] for site, m in rounds[-1]["sites"].items() if metric in m}
-    return metric, {"sites": sites, "global": glob[1:]}, final  # round 0's "global" is the untrained init
+    names = set().union(*(r["aggregated"] for r in rounds), *(m for r in rounds for m in r["sites"].values()))
+    metric = "val_accuracy" if {"val_accuracy", "global_val_accuracy"} & names else "val_loss"
+    received = [
+        (r["round"], r["aggregated"][f"global_{metric}"]) for r in rounds if f"global_{metric}" in r["aggregated"]
+    ]
+    after = [(r["round"], r["aggregated"][metric]) for r in rounds if metric in r["aggregated"]]
+    per_site = {site: m[metric] for site, m in rounds[-1]["sites"].items() if metric in m}
+    if not after:  # the sites streamed their after-training evaluation instead (NVFlare's HF integration)
+        streams = _after_training_from_streams(result_dir, metric)
+        if streams:
+            count = min(len(v) for v in streams.values())
+            after = [(r, _mean([v[r] for v in streams.values()])) for r in range(count)]
+            per_site = {site: values[count - 1] for site, values in streams.items()}
+    final_by_site = read_final_evaluation(result_dir)
+    final: dict[str, float] = {}
+    for name in ("val_accuracy", "val_macro_f1", "val_loss"):
+        values = [m[f"global_{name}"] for m in final_by_site.values() if f"global_{name}" in m]
+        if values:
+            final[name] = _mean(values)
+    return RunCurves(metric, len(rounds), received, after, per_site, final)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation") -> Report:
-    """Draw every run's curve into out_dir/report.png and write out_dir/report.md; returns both paths."""
+    """Draw every run's curves into out_dir/report.png and write out_dir/report.md; returns both paths."""
     import io
 
     import matplotlib
@@ -60,34 +102,53 @@ def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    lines = ["| run | metric | rounds | final: mean over sites (global model) | per site |", "|---|---|---|---|---|"]
-    metric = "val_loss"
     loaded = {label: run_curves(Path(path)) for label, path in runs.items()}
-    last_x = max(max(x for x, _ in c["sites"]) for _, c, _ in loaded.values())
-    for (label, (metric, curves, final)), color in zip(
-        loaded.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9, strict=False
-    ):
-        xs, ys = zip(*curves["sites"], strict=True)
-        if len(xs) == 1:  # local / central: one round of as many epochs as the others' rounds × epochs
-            ax.axhline(ys[0], color=color, linestyle="--", label=f"{label}: mean over sites")
-            ax.scatter(
-                [last_x] * len(final), list(final.values()), color=color, marker="x", label=f"{label}: each site"
-            )
+    classification = any(c.metric == "val_accuracy" for c in loaded.values())
+    lines = [
+        "| run | metric | rounds | final global model | + macro-F1 | best received (round) | "
+        "mean over sites after training | per site |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    last_x = max(c.rounds for c in loaded.values())
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9
+    for (label, c), color in zip(loaded.items(), colors, strict=False):
+        if c.rounds == 1 and not c.final:  # local-only: each site alone for as many epochs as the others
+            if c.after_training:
+                ax.axhline(c.after_training[-1][1], color=color, linestyle="--", label=f"{label}: mean over sites")
+            ax.scatter([last_x] * len(c.per_site), list(c.per_site.values()), color=color, marker="x",
+                       label=f"{label}: each site")  # fmt: skip
         else:
-            ax.plot(xs, ys, color=color, marker="o", alpha=0.5, label=f"{label}: sites after local training")
-            if curves["global"]:
-                gx, gy = zip(*curves["global"], strict=True)
-                ax.plot(gx, gy, color=color, marker="s", linewidth=2, label=f"{label}: global model")
-        per_site = ", ".join(f"{s} {v:.3f}" for s, v in sorted(final.items()))
-        glob = f"{curves['global'][-1][1]:.4f}" if curves["global"] else "-"
-        lines.append(f"| {label} | {metric} | {len(xs)} | {ys[-1]:.4f} (global: {glob}) | {per_site} |")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+            if c.after_training:
+                xs, ys = zip(*c.after_training, strict=True)
+                ax.plot(xs, ys, color=color, marker="o", alpha=0.45, label=f"{label}: sites after local training")
+            if c.received:
+                xs, ys = zip(*c.received, strict=True)
+                ax.plot(xs, ys, color=color, marker="s", linewidth=2, label=f"{label}: global model received")
+            if c.metric in c.final:
+                ax.scatter([c.rounds], [c.final[c.metric]], color=color, marker="*", s=180, zorder=5,
+                           label=f"{label}: final global model {c.final[c.metric]:.3f}")  # fmt: skip
+                if c.received:
+                    ax.plot([c.received[-1][0], c.rounds], [c.received[-1][1], c.final[c.metric]], color=color,
+                            linewidth=2, linestyle=":")  # fmt: skip
+        pick = max if c.metric == "val_accuracy" else min
+        # A local-only run's one "received" model is the untrained initial one: no best to speak of.
+        best = pick(c.received, key=lambda rv: rv[1]) if c.received and c.rounds > 1 else None
+        best_cell = f"{best[1]:.3f} ({best[0]})" if best else "-"
+        per_site = ", ".join(f"{s} {v:.3f}" for s, v in sorted(c.per_site.items()))
+        after = c.after_training[-1][1] if c.after_training else None
+        lines.append(
+            f"| {label} | {c.metric} | {c.rounds} | {_fmt(c.final.get(c.metric))} | "
+            f"{_fmt(c.final.get('val_macro_f1')) if classification else '-'} | {best_cell} | {_fmt(after)} | "
+            f"{per_site or '-'} |"
+        )
+    ax.set_xticks(range(last_x + 1))
+    ax.set_xticklabels([*map(str, range(last_x)), f"{last_x}\n(final)"])
     ax.set_xlabel("round")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel("validation " + ("accuracy" if classification else "loss"))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=120)

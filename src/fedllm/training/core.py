@@ -1,11 +1,13 @@
-"""The one federated training loop every fedllm trainer runs (Hugging Face and NeMo backends alike).
+"""fedllm's federated training loop: p-tuning, the NeMo backend and the toy trainers run it.
 
+(SFT and LoRA on Hugging Face models run NVFlare's own HF integration instead, fedllm.training.hf.federated.)
 A trainer only says *what* a site trains; this module says *how* a site takes part in a round:
 
     flare.init() → build the site's task → per round: receive the global state → load it →
     evaluate it ("global_*" metrics) → train local epochs → evaluate again → send ONLY the
-    exchanged state, the steps taken (FedAvg's weight) and the metrics; every metric also goes to
-    TensorBoard under the site's workspace.
+    exchanged state, the steps taken (FedAvg's weight) and the metrics. Every metric also goes to the
+    site's own TensorBoard and, through NVFlare's experiment tracking, to the server's. An evaluation
+    task (the final global model, after the last round) is answered with the global_* metrics alone.
 
 The interface is deliberately small (`SiteTask`), so a backend implements four methods:
 
@@ -19,8 +21,10 @@ The interface is deliberately small (`SiteTask`), so a backend implements four m
         run_site(lambda site: MyTask(...), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)
 
 Metric names (what reports and the server's round_metrics.jsonl read):
-    train_loss, val_loss[, val_accuracy]      the site's model after local training
+    train_loss, val_loss[, val_accuracy, ...]  the site's model after local training
     global_val_loss[, global_val_accuracy]    the global model the site received, before training
+                                               (the templates' key metric: NVFlare's model selector
+                                               takes FLModel.metrics to be the received model's)
     bytes_sent                                 bytes of the exchanged state this round (before filters)
     round_seconds                              wall time of the site's round (load → send)
 """
@@ -82,35 +86,56 @@ def resolve_path(template: str, site: str) -> Path:
     return Path(template.format(data_dir=data_dir, site=site)).expanduser()
 
 
+def job_folder(site: str, job_id: str = "") -> Path:
+    """The site's folder of this job, <site workspace>/<job id> (where its log.txt is).
+
+    An in-process trainer runs in the site workspace; an external one (torchrun) in the job's app
+    folder inside it. Elsewhere (a trainer run by hand) a folder per job under the current one.
+    """
+    here = Path.cwd()
+    if job_id:
+        for candidate in (here / job_id, here.parent, here):
+            if candidate.name == job_id and candidate.is_dir():
+                return candidate
+    return here / "fedllm-jobs" / (job_id or site)
+
+
 def tensorboard_dir(tb_dir: str | None, site: str, job_id: str = "") -> Path:
-    """Default: <site workspace>/<job id>/tb, beside the job's log.txt (one folder per job and site)."""
+    """Default: <site workspace>/<job id>/tb (one folder per job and site)."""
     if tb_dir:
         return resolve_path(tb_dir, site)
-    job_dir = Path.cwd() / job_id if job_id else Path.cwd()
-    return job_dir / "tb" if job_dir.is_dir() else Path.cwd() / "tb" / (job_id or site)
+    return job_folder(site, job_id) / "tb"
 
 
 class MetricsLog:
-    """Per-site TensorBoard scalars (tensorboard is optional: without it, metrics go to stdout only)."""
+    """Every metric twice: the site's own TensorBoard, and the server's through NVFlare's experiment tracking.
 
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover - the hf extra installs tensorboard
-            self._writer = None
-        else:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(log_dir))
+    `nvflare.client.tracking.SummaryWriter` sends each scalar to the server while the job runs
+    (the job's TBAnalyticsReceiver writes it under the site's name, fedllm.jobs.create adds it), so
+    the server's TensorBoard shows every site's curves live and they come back with the result.
+    The step is the round.
+    """
+
+    def __init__(self, log_dir: Path, stream: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(str(log_dir))
+        self._stream = None
+        if stream:
+            from nvflare.client.tracking import SummaryWriter as FlareSummaryWriter
+
+            self._stream = FlareSummaryWriter()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self._writer is not None:
-            for name, value in metrics.items():
-                self._writer.add_scalar(name, value, step)
-            self._writer.flush()
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, value, step)
+            if self._stream is not None:
+                self._stream.add_scalar(name, float(value), global_step=step)
+        self._writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._writer.close()
 
 
 def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, seed: int) -> tuple[dict, dict, int]:
@@ -129,6 +154,12 @@ def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, s
         "round_seconds": time.monotonic() - started,
     }
     return state, metrics, outcome.steps
+
+
+def evaluate_received(task: SiteTask, incoming_params: Mapping[str, Any]) -> dict[str, float]:
+    """Load a global model and evaluate it without training: its metrics are named global_*."""
+    task.load_exchanged_state(as_tensors(incoming_params))
+    return {f"global_{k}": v for k, v in task.evaluate().items()}
 
 
 def run_site(
@@ -150,6 +181,12 @@ def run_site(
         while flare.is_running():
             incoming = flare.receive()
             current = incoming.current_round or 0
+            if flare.is_evaluate():  # the server's final global model (fedllm.jobs.create adds that evaluation)
+                metrics = evaluate_received(task, incoming.params)
+                shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+                log(f"[{site}] final global model: {shown}")
+                flare.send(flare.FLModel(metrics=metrics))
+                continue
             state, metrics, steps = run_round(task, incoming.params, epochs, seed * 1000 + current)
             metrics_log.log(metrics, current)
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))

@@ -1,4 +1,4 @@
-"""Shared pieces of the Hugging Face trainers: argument parsing, devices, batching, loading data."""
+"""Shared pieces of the Hugging Face trainers: argument parsing, devices, batching, loading data, quiet logs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from fedllm.data.io import read_jsonl
-from fedllm.training.core import TrainOutcome
 
 Example = tuple[list[int], list[int]]
 
@@ -92,18 +91,22 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
+    # TRL 1.x deprecates truncation_mode="keep_end" for 2.0; fedllm pins trl<2 and keeps answers whole.
+    warnings.filterwarnings("ignore", message=r".*'keep_end'.* truncation mode is deprecated.*")
+    try:
+        import datasets
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - the hf extra installs datasets
+        pass
 
 
 class CausalLMTask:
-    """Training, validation loss and batching shared by the HF `SiteTask`s (p-tuning, SFT, LoRA).
+    """Validation loss and batching of p-tuning's `SiteTask` (SFT and LoRA are TRL's SFTTrainer instead).
 
-    A subclass sets these attributes in its constructor and adds what is its own: which state
-    is exchanged, and its metrics.
+    A subclass sets these attributes in its constructor and adds what is its own: which state is
+    exchanged, how it trains, and its metrics.
     """
 
     model: torch.nn.Module
@@ -113,27 +116,6 @@ class CausalLMTask:
     batch_size: int
     train_examples: list[Example]
     val_examples: list[Example]
-
-    def train(self, epochs: int, seed: int) -> TrainOutcome:
-        """AdamW over the trainable parameters only (frozen base weights get no optimizer state).
-
-        Each epoch reshuffles with its own seed, so a site's run is reproducible round by round;
-        the reported loss is the last epoch's mean.
-        """
-        seed_everything(seed)
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
-        self.model.train()
-        steps, losses = 0, []
-        for epoch in range(epochs):
-            losses = []
-            for idx in batches(len(self.train_examples), self.batch_size, seed * 100 + epoch):
-                loss = self.model(**self._batch([self.train_examples[i] for i in idx])).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                steps += 1
-        return TrainOutcome(steps=steps, train_loss=sum(losses) / max(1, len(losses)))
 
     @torch.no_grad()
     def val_loss(self) -> float:

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedllm.training.core import resolve_path, run_site
+from fedllm.training.core import TrainOutcome, resolve_path, run_site
 from fedllm.training.hf.common import (
     CausalLMTask,
     base_parser,
     batches,
+    collate,
     load_records,
     pick_device,
     prompt_answer_ids,
@@ -49,6 +50,17 @@ def load_ptuning_model(model_path: str, num_virtual_tokens: int = 10, encoder_hi
         encoder_hidden_size=encoder_hidden_size or token_dim,
     )
     return get_peft_model(base, config), tokenizer
+
+
+def macro_f1(predictions: list[str], truths: list[str], labels: list[str]) -> float:
+    """Unweighted mean over the labels of F1 = 2·TP / (2·TP + FP + FN); a label never predicted nor true counts 0."""
+    scores = []
+    for label in labels:
+        tp = sum(p == label and t == label for p, t in zip(predictions, truths, strict=True))
+        fp = sum(p == label and t != label for p, t in zip(predictions, truths, strict=True))
+        fn = sum(p != label and t == label for p, t in zip(predictions, truths, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(1, len(scores))
 
 
 def prompt_encoder(model) -> nn.Module:
@@ -89,6 +101,53 @@ class PTuningTask(CausalLMTask):
         return prompt_answer_ids(self.tokenizer, prompt, " " + record["label"], self.max_length)
 
     # ---- SiteTask -------------------------------------------------------------------------
+    def train(self, epochs: int, seed: int) -> TrainOutcome:
+        """One round of `epochs` with transformers' Trainer over the prompt encoder (the base stays frozen).
+
+        A fresh AdamW and a constant LR every round: the encoder is re-initialised from the global
+        weights each round, and fedllm's loop has no state of the Trainer to carry (NVFlare's HF
+        integration, which would carry it, exchanges PEFT's prompt embeddings, not this encoder).
+        Clipping at 1.0, fp32 on CPU and bf16/fp16 autocast on GPUs come from the Trainer.
+        """
+        import tempfile
+
+        from transformers import PrinterCallback, Trainer, TrainingArguments
+
+        from fedllm.training.hf.trainer_options import resolve_precision
+
+        precision = resolve_precision("auto", cuda=self.device.type == "cuda")
+        with tempfile.TemporaryDirectory(prefix="fedllm-ptuning-") as output_dir:
+            args = TrainingArguments(
+                output_dir=output_dir,
+                per_device_train_batch_size=self.batch_size,
+                num_train_epochs=epochs,
+                learning_rate=self.lr,
+                lr_scheduler_type="constant",
+                weight_decay=0.01,  # torch's AdamW default, what this task trained with before the Trainer
+                max_grad_norm=1.0,
+                bf16=precision == "bf16",
+                fp16=precision == "fp16",
+                use_cpu=self.device.type == "cpu",
+                seed=seed,
+                data_seed=seed,
+                report_to="none",
+                save_strategy="no",
+                logging_strategy="no",
+                disable_tqdm=True,
+                remove_unused_columns=False,
+                dataloader_num_workers=0,
+            )
+            pad = self.tokenizer.pad_token_id
+            trainer = Trainer(
+                model=self.model,
+                args=args,
+                train_dataset=self.train_examples,
+                data_collator=lambda examples: collate(examples, pad),
+            )
+            trainer.remove_callback(PrinterCallback)  # fedllm's loop logs each round's metrics itself
+            outcome = trainer.train()
+        return TrainOutcome(steps=outcome.global_step, train_loss=outcome.training_loss)
+
     def exchanged_state(self) -> dict[str, torch.Tensor]:
         return dict(prompt_encoder(self.model).state_dict())
 
@@ -107,10 +166,16 @@ class PTuningTask(CausalLMTask):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 (NVFlare's NeMo PEFT example on Financial PhraseBank reports both)."""
         loss = self.val_loss()
+        truths = [r["label"] for r in self.val_records]
         predictions = self.predict([r["sentence"] for r in self.val_records])
-        correct = sum(p == r["label"] for p, r in zip(predictions, self.val_records, strict=True))
-        return {"val_loss": loss, "val_accuracy": correct / max(1, len(self.val_records))}
+        correct = sum(p == t for p, t in zip(predictions, truths, strict=True))
+        return {
+            "val_loss": loss,
+            "val_accuracy": correct / max(1, len(truths)),
+            "val_macro_f1": macro_f1(predictions, truths, self.labels),
+        }
 
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()
