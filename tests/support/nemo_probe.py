@@ -156,6 +156,19 @@ def sft_step(work: Path):
     assert trainer.global_step == 1
 
 
+def restore_per_rank_mcore(work: Path):
+    """NeMo restores the per-rank (TE-named) file fedllm converts its own distributed checkpoint into."""
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
+
+    from fedllm.checkpoint import convert
+
+    per_rank = work / "mcore_per_rank.nemo"
+    if not per_rank.exists():
+        convert(_saved_gpt(work, mcore=True), per_rank, 1, progress=False)
+    MegatronGPTModel.restore_from(str(per_rank), trainer=_trainer(), save_restore_connector=NLPSaveRestoreConnector())
+
+
 def deprecation_wait(_work: Path):
     from nemo.utils.decorators.deprecated import deprecated_warning
 
@@ -183,6 +196,7 @@ WORKLOADS = {
     "apex_only_names": sft_step,
     "clip_grads_without_apex": sft_step,
     "eager_layer_specs": build_mcore,
+    "per_rank_norm_names": restore_per_rank_mcore,
     "process_groups_before_build": build_mcore,
     "prompt_learning_batches": ptuning_step,
     "prompt_learning_loss_signature": ptuning_step,

@@ -149,3 +149,29 @@ def expected_full_shape(key: str, spec: ModelSpec, padded_vocab: int) -> tuple[i
         if module.endswith(name):
             return shape if leaf == "weight" else (shape[0],)
     return None
+
+
+# Megatron-core names a layer's norms in two ways: transformer-engine fuses them into the next linear layer
+# (what GPU sites and every distributed checkpoint use), the local spec (no transformer-engine) keeps them apart.
+# Legacy keys (language_model.encoder.layers.N.input_layernorm) are another model and keep their names.
+_MCORE_LAYER = ".decoder.layers."
+_TE_TO_LOCAL = (
+    (".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
+    (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
+)
+
+
+def local_spec_key(key: str) -> str:
+    """The local-spec name of a Megatron-core key written with transformer-engine's fused norm names."""
+    for te, local in _TE_TO_LOCAL if _MCORE_LAYER in key else ():
+        if te in key:
+            return key.replace(te, local)
+    return key
+
+
+def te_spec_key(key: str) -> str:
+    """The transformer-engine (and distributed-checkpoint) name of a local-spec Megatron-core key."""
+    for te, local in _TE_TO_LOCAL if _MCORE_LAYER in key else ():
+        if local in key:
+            return key.replace(local, te)
+    return key

@@ -19,6 +19,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _magnitude(count: int) -> str:
+    """136,960 → 137 K; 20,000,000,000 → 20.0 B: the size people quote a model by."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}" if count < 100 * scale else f"{count / scale:.0f} {unit}"
+    return str(count)
+
+
 @app.command()
 def info(path: Annotated[Path, typer.Argument(help="A .nemo file.")]) -> None:
     """Config summary, TP/PP, dtype, parameter count and size on disk (reads metadata only)."""
@@ -36,7 +44,7 @@ def info(path: Annotated[Path, typer.Argument(help="A .nemo file.")]) -> None:
     )
     console.print(f"  vocabulary   {s.padded_vocab} rows (padded to ×{spec.make_vocab_size_divisible_by}·TP)")
     console.print(f"  dtype        {s.dtype}")
-    console.print(f"  parameters   {s.parameters:,} ({s.parameters / 1e9:.2f} B) in {s.tensors} tensors")
+    console.print(f"  parameters   {s.parameters:,} ({_magnitude(s.parameters)}) in {s.tensors} tensors")
     console.print(f"  on disk      {_gib(s.size_on_disk)}{' (gzip)' if s.compressed else ''}")
     console.print(f"  artifacts    {', '.join(s.artifacts) or '-'}")
 

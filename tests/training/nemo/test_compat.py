@@ -54,6 +54,7 @@ UNFIXED = {
     "apex_only_names": r"NameError: name 'set_defaults_if_not_set_tensor_model_parallel_attributes' is not defined",
     "clip_grads_without_apex": r"NameError: name 'multi_tensor_applier' is not defined",
     "eager_layer_specs": r"NameError: name 'TESpecProvider' is not defined",
+    "per_rank_norm_names": r"RuntimeError: Error\(s\) in loading state_dict",
     "process_groups_before_build": r"AttributeError: 'NoneType' object has no attribute 'size'",
     "prompt_learning_batches": r"ValueError: too many values to unpack",
     "prompt_learning_loss_signature": r"TypeError: .*loss_func\(\) missing 1 required positional argument",
@@ -72,6 +73,7 @@ GROUPS = {
     "a p-tuning step, then generation": ["prompt_learning_batches", "prompt_learning_loss_signature",
                                          "generation_imports_multimodal", "prompt_learning_generation_mask"],
     "a legacy GPT": ["legacy_gpt_config_get", "legacy_gpt_without_apex"],
+    "a per-rank Megatron-core checkpoint": ["per_rank_norm_names"],
     "warnings and the dataset helpers' build": ["deprecation_sleep", "dataset_helpers_python"],
 }  # fmt: skip
 

@@ -34,15 +34,17 @@ COMMON = {"global_batch_size": 8, "micro_batch_size": 4, "max_seq_length": SEQ_L
 
 @pytest.fixture(scope="module")
 def nemo_world(tmp_path_factory):
-    """Data, the tiny GPT (TP1, and TP2 for site-3) and a running 3-site federation."""
+    """Data, the tiny GPT (legacy as NVIDIA's public checkpoints: TP1, and TP2 for site-3; Megatron-core as NeMo 2
+    writes it: a distributed checkpoint) and a running 3-site federation."""
     root = tmp_path_factory.mktemp("nemo-fed")
     val = sentiment_data(root / "data", SITES)
     sft_data(root / "data", SITES)
     base = tiny_gpt(root / "models" / "tiny.nemo", val)
     tp2 = convert(base, root / "models" / "tiny_tp2.nemo", 2, progress=False).target
+    mcore = tiny_gpt(root / "models" / "tiny_mcore.nemo", val, layout="mcore")
     cfg = load_site_config(write_yaml(root / "site.yaml", local_config_dict(project="nemofed")))
     with local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed:
-        yield {"fed": fed, "root": root, "base": base, "tp2": tp2}
+        yield {"fed": fed, "root": root, "base": base, "tp2": tp2, "mcore": mcore}
 
 
 def _ptuning_spec(world, mode: str, **kw):
@@ -83,14 +85,15 @@ def ptuning_fedavg(nemo_world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_fedavg(nemo_world, tmp_path_factory):
-    """A 2-round FedAvg SFT job on 3 sites: every weight crosses."""
+    """A 2-round FedAvg SFT job on 3 sites from the Megatron-core base: every weight crosses, under the names of
+    the distributed checkpoint the server reads (the CPU sites' local spec names its norms apart)."""
     out = tmp_path_factory.mktemp("sft")
     spec = resolve_spec(
         load_template("nemo-sft-1.3b"),
         "fedavg",
         rounds=2,
         num_clients=3,
-        model=str(nemo_world["base"]),
+        model=str(nemo_world["mcore"]),
         extra_args={**COMMON, "lr": 0.001},
         data=["{data_dir}/training.jsonl"],
         validation="{data_dir}/validation.jsonl",
@@ -121,7 +124,7 @@ def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder
 def test_sft_exchanges_full_weights_and_sites_start_from_the_aggregate(nemo_world, sft_fedavg):
     result = sft_fedavg
     assert result.status == COMPLETED
-    base = NemoCheckpointWeights(str(nemo_world["base"])).state_dict()
+    base = NemoCheckpointWeights(str(nemo_world["mcore"])).state_dict()
     weights_bytes = sum(t.numel() * 4 for t in base.values())
     first, second = read_round_metrics(result.result_dir)
     assert {m["bytes_sent"] for m in first["sites"].values()} == {float(weights_bytes)}  # every weight crosses
@@ -171,8 +174,8 @@ def test_inference_with_the_global_prompt_encoder_through_nemo(nemo_world, ptuni
 def test_generation_from_the_sft_jobs_global_model(nemo_world, sft_fedavg):
     prompt = "Profit rose to EUR 13.5 mn . sentiment:"
     done = _fedllm(
-        "infer", "--model", str(nemo_world["base"]), "--weights", str(sft_fedavg.result_dir), "--prompt", prompt
+        "infer", "--model", str(nemo_world["mcore"]), "--sft", str(sft_fedavg.result_dir), "--prompt", prompt
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith(prompt)]
-    assert line.split(" → ", 1)[1].strip(), "the SFT model generated nothing"
+    assert line[len(prompt) :].strip(), "the SFT model generated nothing"

@@ -208,6 +208,26 @@ def _clip_grads_without_apex() -> bool:
     return True
 
 
+def _per_rank_norm_names() -> bool:
+    from fedllm.checkpoint.layout import local_spec_key
+
+    connector = _module("nemo.collections.nlp.parts.nlp_overrides").NLPSaveRestoreConnector
+    if getattr(connector.modify_state_dict, "_fedllm", False):
+        return False
+    original = connector.modify_state_dict
+
+    def modify_state_dict(self, conf, state_dict):
+        state_dict = original(self, conf, state_dict)
+        if conf.get("mcore_gpt", False) and not conf.get("transformer_engine", False):
+            # A per-rank file written with transformer-engine's fused norm names, loaded into the local spec.
+            state_dict = {local_spec_key(k): v for k, v in state_dict.items()}
+        return state_dict
+
+    modify_state_dict._fedllm = True
+    connector.modify_state_dict = modify_state_dict
+    return True
+
+
 def _eager_layer_specs() -> bool:
     gpt = _module(_LM + "megatron_gpt_model")
     if getattr(gpt.get_specs, "_fedllm", False) or not _source_has(gpt.get_specs, "name_spec_dict = {"):
@@ -505,6 +525,13 @@ NEMO_FIXES: tuple[NemoFix, ...] = (
         "modules/common/megatron/clip_grads.py:26,138 clip_grad_norm_fp32",
         "NameError: multi_tensor_applier: gradient clipping computes the norm with apex's kernels only",
         _clip_grads_without_apex,
+    ),
+    NemoFix(
+        "per_rank_norm_names",
+        "parts/nlp_overrides.py:1192 NLPSaveRestoreConnector.modify_state_dict",
+        "RuntimeError: Missing key(s) input_layernorm / pre_mlp_layernorm: a per-rank Megatron-core checkpoint "
+        "written with transformer-engine (fused norm names) does not load where transformer-engine is absent",
+        _per_rank_norm_names,
     ),
     NemoFix(
         "eager_layer_specs",

@@ -26,9 +26,10 @@ from fedllm.training.nemo.config import (
     ptuning_config,
     trainer_config,
 )
-from fedllm.training.nemo.errors import NemoLaunchError, NemoStateError
+from fedllm.training.nemo.errors import NemoLaunchError
 from fedllm.training.nemo.prompt_encoder import load_prompt_encoder_state
 from fedllm.training.nemo.site import build_trainer, start_nemo
+from fedllm.training.nemo.weights import load_weights
 
 GREEDY = {
     "use_greedy": True,
@@ -120,13 +121,12 @@ def generate_answers(
     model = MegatronGPTModel.restore_from(
         str(base_model), trainer=build_trainer(cfg, 1), save_restore_connector=NLPSaveRestoreConnector()
     )
-    own = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-    if own != set(weights):
-        raise NemoStateError(
-            f"the job's global weights do not fit {base_model}: missing {sorted(own - set(weights))[:5]}, unexpected "
-            f"{sorted(set(weights) - own)[:5]}. Fix: pass the base .nemo the SFT job was created with (TP 1)"
-        )
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
+    load_weights(
+        model,
+        weights,
+        f"the job's global weights do not fit {base_model}",
+        "pass the base .nemo the SFT job was created with (TP 1)",
+    )
     model.eval()
     out = model.generate(prompts, length_params={"max_length": max_tokens, "min_length": 1}, sampling_params=GREEDY)
     return [

@@ -26,7 +26,6 @@ from fedllm.flare.server_models import shard_key, split_shard_key
 from fedllm.training.core import TrainOutcome, resolve_path
 from fedllm.training.distributed import world
 from fedllm.training.nemo.config import SftSettings, sft_config, sft_steps
-from fedllm.training.nemo.errors import NemoStateError
 from fedllm.training.nemo.site import (
     base_parser,
     build_trainer,
@@ -37,6 +36,7 @@ from fedllm.training.nemo.site import (
     trainer_settings,
     validation_metrics,
 )
+from fedllm.training.nemo.weights import load_weights, model_weights
 
 
 def shard_for_rank(state: Mapping[str, Any], rank: int) -> dict[str, Any]:
@@ -46,11 +46,6 @@ def shard_for_rank(state: Mapping[str, Any], rank: int) -> dict[str, Any]:
 
 def merge_shards(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: v for s in states for k, v in s.items()}
-
-
-def _is_weight(key: str, value: Any) -> bool:
-    # Transformer-engine metadata (_extra_state) is not a weight: never averaged, never sent.
-    return isinstance(value, torch.Tensor) and not key.endswith("_extra_state")
 
 
 def _callback_base():
@@ -105,23 +100,15 @@ class NemoSftTask:
         self.trainer.callbacks.append(StopAtRoundEnd())
 
     def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
-        local = {k: v for k, v in self.model.state_dict().items() if _is_weight(k, v)}
-        missing, unexpected = sorted(set(local) - set(state)), sorted(set(state) - set(local))
-        if missing or unexpected:
-            raise NemoStateError(
-                f"TP rank {self.rank}: the server's weights do not match the local model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}. Fix: server and sites must use the same base .nemo checkpoint"
-            )
-        # The key sets were checked above; non-strict only lets transformer-engine's extra states (not
-        # exchanged) stay as they are. NeMo's load_state_dict returns nothing to check afterwards.
-        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+        load_weights(
+            self.model,
+            state,
+            f"TP rank {self.rank}: the server's weights do not match the local model",
+            "server and sites must use the same base .nemo checkpoint",
+        )
 
     def exchanged_state(self) -> dict[str, torch.Tensor]:
-        return {
-            shard_key(self.rank, k, self.tensor_parallel): v.detach().to("cpu", torch.float32)
-            for k, v in self.model.state_dict().items()
-            if _is_weight(k, v)
-        }
+        return {shard_key(self.rank, k, self.tensor_parallel): v for k, v in model_weights(self.model).items()}
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
         start = self.trainer.global_step
