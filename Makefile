@@ -9,7 +9,7 @@ CONFIG ?= site_configs/default.yaml
 WORKSPACE ?= workspace
 JOB ?=
 
-.PHONY: help install demo test lint format validate provision up down status submit clean
+.PHONY: help install install-nemo demo test test-nemo lint format validate provision up down status submit clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -23,11 +23,27 @@ $(BIN)/fedllm: pyproject.toml
 
 install: $(BIN)/fedllm  ## create .venv with fedllm, nvflare and torch
 
+# NeMo pins its own transformers, numpy and lightning: it gets a venv of its own (NeMo's container has it built in).
+NEMO_VENV ?= .venv-nemo
+$(NEMO_VENV)/bin/fedllm: pyproject.toml
+	test -x $(NEMO_VENV)/bin/python || $(PY) -m venv $(NEMO_VENV)
+	$(NEMO_VENV)/bin/pip install -q --upgrade pip
+	$(NEMO_VENV)/bin/pip install -q "$(TORCH)" -e ".[nemo-test]"
+	# PyPI gives NeMo a torchvision built for another (CUDA) torch; nothing fedllm runs needs it.
+	$(NEMO_VENV)/bin/pip uninstall -q -y torchvision
+	touch $@
+
+install-nemo: $(NEMO_VENV)/bin/fedllm  ## create .venv-nemo with NeMo 2.4.1 (CPU torch here) for the NeMo tests
+
 demo: install  ## 3 local sites, a FedAvg job that really trains, metrics, shut down (CPU is fine)
 	$(BIN)/fedllm demo
 
-test: install  ## the test suite (the README's test command)
-	$(BIN)/pytest -q
+test: install install-nemo  ## the test suite (the README's test command): everything, then what runs NeMo
+	$(BIN)/pytest -q -m "not nemo"
+	$(NEMO_VENV)/bin/pytest -q -m nemo
+
+test-nemo: install-nemo  ## only the tests that run NeMo (.venv-nemo)
+	$(NEMO_VENV)/bin/pytest -q -m nemo
 
 lint: install  ## ruff lint + format check + import contracts (lint-imports)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
@@ -88,7 +104,7 @@ bench-convert: install  ## TP4→TP2 reshard of a 20B-shaped checkpoint vs a pla
 ## containers (docs/containers.md)
 .PHONY: build build-test-base docker-setup preflight compose-up compose-down admin-console
 IMAGE ?= fedllm:latest
-BASE_IMAGE ?= nvcr.io/nvidia/nemo:24.07
+BASE_IMAGE ?= nvcr.io/nvidia/nemo:25.07
 FEDLLM_EXTRAS ?=
 DOCKER_BUILD_FLAGS ?= --network host
 
@@ -132,7 +148,7 @@ tiny-gpt: install  ## build (once) the tiny GPT-2 the demo and tests adapt; prin
 
 ## nemo
 .PHONY: nemo-gpu-proof
-# The Python that has NeMo (the NeMo image's); .venv has none.
-NEMO_PY ?= python3
+# The Python that has NeMo: the NeMo image's, or .venv-nemo's (make install-nemo); .venv has none.
+NEMO_PY ?= $(NEMO_VENV)/bin/python
 nemo-gpu-proof:  ## GPU + NeMo only: one p-tuning round of a random-weight 345M through a real server and site
 	$(NEMO_PY) -m fedllm.apps.gpu_proof --workspace $(WORKSPACE)/nemo-gpu-proof --sites 1 --rounds 1

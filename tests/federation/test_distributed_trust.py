@@ -151,7 +151,7 @@ def _echo_job(out: Path, name: str) -> Path:
         name="echo",
         trainer="fedllm.training.toy.echo",
         initial_model=InitialModel(class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": 1}),
-        key_metric="val_accuracy",
+        key_metric="global_val_accuracy",
         train_args={"size_mib": 1},
     )
     return create_job(resolve_spec(template, "fedavg", num_clients=3, rounds=500, name=name), out)

@@ -27,10 +27,11 @@ class NemoRelease:
     trainer_file: str  # Lightning's Trainer module, relative to lightning_root
 
 
-# nemo_toolkit 1.23 requires pytorch-lightning<=2.0.7; 2.4 requires lightning<=2.4.0 (their METADATA).
+# The ends of the range fedllm.training.nemo.compat accepts (>=2.2,<2.5.1; the tests run NeMo 2.4.1 itself).
+# Both require lightning<=2.4.0 (their METADATA).
 RELEASES = {
-    "1.23.0": ("pytorch_lightning", "2.0.7", "pytorch_lightning/trainer/trainer.py"),
-    "2.4.0": ("lightning", "2.4.0", "lightning/pytorch/trainer/trainer.py"),
+    "2.2.1": ("lightning", "2.4.0", "lightning/pytorch/trainer/trainer.py"),
+    "2.5.0": ("lightning", "2.4.0", "lightning/pytorch/trainer/trainer.py"),
 }
 
 

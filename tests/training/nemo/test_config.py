@@ -1,6 +1,7 @@
 """The NeMo configs fedllm builds, checked against the source of the NeMo releases it supports.
 
-For nemo_toolkit 1.23.0 and 2.4.0 (the ends of >=1.23,<2.5) and the Lightning each runs on:
+For nemo_toolkit 2.2.1 and 2.5.0 (the ends of >=2.2,<2.5.1; NeMo 2.4.1 itself runs in the nemo tests)
+and the Lightning each runs on:
 every model key fedllm sets is one NeMo's model classes read (a typo or a dropped key fails here),
 every key those classes require is set, the trainer keys are Lightning Trainer arguments, and the
 optimizer/scheduler names and arguments exist in NeMo's registries.

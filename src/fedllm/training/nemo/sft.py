@@ -48,15 +48,6 @@ def merge_shards(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     return {k: v for s in states for k, v in s.items()}
 
 
-def _callback_base():
-    """Lightning's Callback from whichever Lightning the installed NeMo uses (PL 2.0 for 1.23, lightning 2.x for 2.x)."""
-    try:
-        from lightning.pytorch import Callback
-    except ImportError:
-        from pytorch_lightning import Callback
-    return Callback
-
-
 class NemoSftTask:
     """A SiteTask around NeMo's MegatronGPTSFTModel restored from the base .nemo (NeMo imported here, on the site)."""
 
@@ -88,9 +79,11 @@ class NemoSftTask:
         self.model = MegatronGPTSFTModel.restore_from(path, model_cfg, trainer=self.trainer)
         self.round_end = 0
         self.last_steps = 0
+        from lightning.pytorch import Callback  # NeMo 2 trains on Lightning 2
+
         task = self
 
-        class StopAtRoundEnd(_callback_base()):
+        class StopAtRoundEnd(Callback):
             """End this round's fit after its steps (the data loader keeps its place for the next round)."""
 
             def on_train_batch_end(self, trainer, *_: Any) -> None:
