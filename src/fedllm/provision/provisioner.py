@@ -80,6 +80,7 @@ def render_project_yml(config: SiteConfig, source: str, data_root: Path, extra_b
             },
         },
         {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
+        {"path": "fedllm.provision.builders.JobResumeBuilder", "args": {}},
         {
             "path": "fedllm.provision.builders.ServerLivenessBuilder",
             "args": {"heartbeat_timeout": config.server.heartbeat_timeout_s},
