@@ -16,7 +16,7 @@ import pytest
 
 from fedllm.apps.local_federation import LocalFederation, local_federation
 from fedllm.config import load_site_config
-from fedllm.flare.resume import CONTINUATION_META, CONTINUED_AS_META
+from fedllm.flare.resume import CONTINUATION_META, CONTINUED_AS_META, RESUME_ROOT
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, JobResult, submit_job
 from fedllm.jobs.template import load_template
@@ -145,6 +145,12 @@ def test_job_continues_after_the_server_is_killed_mid_round(fed, reference, tmp_
     assert carried == own.read_text().splitlines()[:done]
     assert rounds[-1]["aggregated"]["global_val_accuracy"] > 0.8
     _assert_same_models(result, reference)
+    # What the continuation started from goes once it has finished (its own workspace holds it now).
+    folder = fed.kits.server() / RESUME_ROOT / result.job_id
+    deadline = time.monotonic() + 30
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists()
 
 
 def test_job_continues_after_a_site_is_killed_mid_round_and_restarted(fed, reference, tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from fedllm.flare.fedavg import MODEL_SELECTOR_ID, LeanFedAvg, LeanPTFileModelPersistor
 from fedllm.flare.resume import (
     METRICS_FILE,
+    RESUME_ROOT,
+    JobResumer,
     ResumeFolder,
     RoundProgress,
     completed_round_lines,
@@ -194,3 +196,23 @@ def test_the_controller_goes_on_after_the_last_completed_round(tmp_path: Path) -
     progress = read_progress(Path(engine.workspace.get_app_dir("job-2")) / "FL_global_model.pt")
     assert (progress.round, progress.num_rounds, progress.best_val_metric) == (2, 5, 0.9)
     persistor.handle_event(EventType.END_RUN, fl_ctx)
+
+
+class JobStore:
+    """The one job-manager call pruning makes: a job's meta by id (None: no such job)."""
+
+    def __init__(self, statuses: dict[str, str]):
+        self.statuses = statuses
+
+    def get_job(self, job_id: str, fl_ctx):
+        if job_id not in self.statuses:
+            return None
+        return type("Job", (), {"job_id": job_id, "meta": {"status": self.statuses[job_id]}})()
+
+
+def test_resume_folders_no_job_will_read_are_pruned_at_start(tmp_path: Path) -> None:
+    root = tmp_path / RESUME_ROOT
+    for name in ("waiting", "cant-schedule", "deleted", ".half-written.tmp"):
+        (root / name).mkdir(parents=True)
+    JobResumer._prune(JobStore({"waiting": "SUBMITTED", "cant-schedule": "FINISHED:CANT_SCHEDULE"}), root, None)
+    assert sorted(p.name for p in root.iterdir()) == ["waiting"]

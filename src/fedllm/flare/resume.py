@@ -309,6 +309,19 @@ class JobResumer(FLComponent):
                 self._archive_run(job_manager, workspace, job.job_id, fl_ctx)
                 # If it was a continuation itself, what it started from is not needed any more.
                 shutil.rmtree(ResumeFolder.of(workspace.get_root_dir(), job.job_id).path, ignore_errors=True)
+            self._prune(job_manager, Path(workspace.get_root_dir()) / RESUME_ROOT, fl_ctx)
+
+    @staticmethod
+    def _prune(job_manager, root: Path, fl_ctx) -> None:
+        """Drop resume folders no job will read: of jobs that ended without starting (e.g. FINISHED:CANT_SCHEDULE,
+        which fires no event), of deleted jobs, and half-written ones a crash left (dot-named)."""
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            try:
+                job = None if folder.name.startswith(".") else job_manager.get_job(folder.name, fl_ctx)
+            except Exception:  # not a job id, or a job the store no longer reads
+                job = None
+            if job is None or str(job.meta.get(JobMetaKey.STATUS.value, "")).startswith("FINISHED"):
+                shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _archive_run(job_manager, workspace, job_id: str, fl_ctx) -> None:
