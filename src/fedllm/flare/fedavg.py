@@ -226,7 +226,7 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
                 self.system_panic(str(exc), fl_ctx)
 
 
-MODEL_SELECTOR_ID = "model_selector"  # NVFlare's BaseFedJob names its IntimeModelSelector so
+MODEL_SELECTOR_ID = "model_selector"  # the id NVFlare's BaseFedJob gives its IntimeModelSelector
 
 
 class LeanFedAvg(FedAvg):
@@ -277,11 +277,10 @@ class LeanFedAvg(FedAvg):
     def save_model(self, model):
         if isinstance(self.persistor, LeanPTFileModelPersistor):
             selector = self._model_selector()
-            best = getattr(selector, "best_val_metric", None)
             self.persistor.progress = RoundProgress(
                 round=self.current_round,
                 num_rounds=self.start_round + self.num_rounds,
-                best_val_metric=None if best is None else float(best),
+                best_val_metric=_float_or_none(getattr(selector, "best_val_metric", None)),
                 best_raw_val_metric=_float_or_none(getattr(selector, "best_raw_val_metric", None)),
                 best_target_metric_value=_float_or_none(self.best_target_metric_value),
                 rounds_without_improvement=int(self.num_fl_rounds_without_improvement),
