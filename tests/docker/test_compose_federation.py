@@ -4,8 +4,9 @@ From the repository root's compose.yaml: a site whose data dir is missing refuse
 demo` writes the data; `docker compose up -d --wait` returns once every site is registered; NVFlare's admin
 console, driven in a pseudo-terminal, logs in without a prompt, submits a job created on the host, follows it
 with `list_jobs` and downloads it into the host's runs/results; `job submit` from the admin container lands
-there too; a GPU edit + re-provision + `up -d` recreates exactly that site, on its new kit; `docker compose
-down -v` leaves no container, volume or network.
+there too, following its job through `docker compose kill server && docker compose up -d server` mid-round
+into the job that continues it; a GPU edit + re-provision + `up -d` recreates exactly that site, on its new
+kit; `docker compose down -v` leaves no container, volume or network.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from tests.support.compose import (
 pytestmark = [pytest.mark.docker, pytest.mark.network]
 
 ROUNDS = 2
+RESUME_ROUNDS = 3  # the server is killed in round 1: one round completed before, one after
 JOB = "demo-mlp-fedavg-3sites"
 PROMPT = r"\n> "
 
@@ -44,11 +47,11 @@ def _container_ids(kits, services: list[str]) -> dict[str, str]:
     return {s: root_compose(kits, "ps", "-q", s).stdout.strip() for s in services}
 
 
-def _check_result(result_dir: Path, sites: list[str]) -> None:
-    """A downloaded job on the host: every round aggregated from all sites, and the global model."""
-    rounds = read_round_metrics(result_dir)
-    assert [r["round"] for r in rounds] == list(range(ROUNDS))
-    assert all(set(r["sites"]) == set(sites) for r in rounds)
+def _check_result(result_dir: Path, sites: list[str], rounds: int = ROUNDS) -> None:
+    """A downloaded job on the host: every round aggregated from all sites, once, and the global model."""
+    records = read_round_metrics(result_dir)
+    assert [r["round"] for r in records] == list(range(rounds))
+    assert all(set(r["sites"]) == set(sites) for r in records)
     assert (result_dir / "workspace" / "app_server" / "FL_global_model.pt").stat().st_size > 0
 
 
@@ -154,17 +157,40 @@ def test_operator_workflow_from_the_repository_root(fedllm_image, tmp_path: Path
             assert "FEDLLM_ADMIN_USER is 'lead@other.org' but the admin kit" in wrong.stdout + wrong.stderr
             assert "Traceback" not in wrong.stdout + wrong.stderr
 
-            # Non-interactively, the admin container's `job submit --download` lands in the same host folder.
+            # Non-interactively, the admin container's `job submit --download` lands in the same host folder,
+            # also when the server is SIGKILLed mid-round and started again: the job goes on from its last
+            # completed round as a continuation job, which `job submit` follows and downloads.
             admin = ["run", "--rm", "-T", "admin"]
-            created = root_compose(kits, *admin, "job", "create", "demo-mlp", "--rounds", str(ROUNDS),
+            created = root_compose(kits, *admin, "job", "create", "demo-mlp", "--rounds", str(RESUME_ROUNDS),
                                    "--name", "from-admin", "--out", "/fedllm/jobs", image=fedllm_image)  # fmt: skip
             assert "submit_job from-admin" in created.stdout
             assert f"on the host: {tmp_path / 'runs' / 'jobs'}/from-admin" in created.stdout
-            submitted = root_compose(kits, *admin, "job", "submit", "/fedllm/jobs/from-admin", "--download",
-                                     "/fedllm/results", "--timeout", "600", image=fedllm_image, timeout=700)  # fmt: skip
-            assert "FINISHED:COMPLETED" in submitted.stdout, submitted.stdout
+            t_resume = time.monotonic()
+            submitted = subprocess.Popen(
+                ["docker", "compose", "-f", str(REPO / "compose.yaml"), *admin, "job", "submit",
+                 "/fedllm/jobs/from-admin", "--download", "/fedllm/results", "--timeout", "600"],
+                cwd=REPO, env=root_compose_env(kits, fedllm_image), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            try:
+                in_round_1 = ["exec", "-T", "server", "sh", "-c",
+                              "grep -ls 'Round 1 started' /fedllm/workspace/*/log.txt"]  # fmt: skip
+                deadline = time.monotonic() + 300
+                while root_compose(kits, *in_round_1, check=False).returncode != 0:
+                    assert submitted.poll() is None, submitted.communicate()[0]
+                    assert time.monotonic() < deadline, "the job never reached round 1"
+                    time.sleep(0.5)
+                root_compose(kits, "kill", "server")  # as a crash or an OOM kill: no warning, no shutdown
+                root_compose(kits, "up", "-d", "server", image=fedllm_image)
+                output, _ = submitted.communicate(timeout=700)
+            finally:
+                if submitted.poll() is None:
+                    submitted.kill()
+            t_resume = time.monotonic() - t_resume
+            assert submitted.returncode == 0, output
+            assert "continued as job" in output and "FINISHED:COMPLETED" in output, output
             (second,) = [p for p in results.iterdir() if p.name != job_id]
-            _check_result(second, sites)
+            _check_result(second, sites, rounds=RESUME_ROUNDS)  # every round once, all sites in each
 
             # Move site-2 to another GPU: re-provision, `up -d`, and exactly site-2 is recreated, on its new kit.
             before = _container_ids(kits, ["server", *sites])
@@ -177,7 +203,10 @@ def test_operator_workflow_from_the_repository_root(fedllm_image, tmp_path: Path
                 run(["docker", "exec", after["site-2"], "cat", "/fedllm/kit/local/fedllm_site.json"]).stdout
             )
             assert kit_facts["gpus"] == [5]
-            print(f"up --wait (3 sites registered): {t_up:.1f}s; console job (submit → downloaded): {t_job:.1f}s")
+            print(
+                f"up --wait (3 sites registered): {t_up:.1f}s; console job (submit → downloaded): {t_job:.1f}s; "
+                f"job through a server kill + up (submit → downloaded): {t_resume:.1f}s"
+            )
     finally:
         down = root_compose(kits, "down", "-v", "--timeout", "20", check=False)  # as the README writes it
     assert down.returncode == 0, down.stderr

@@ -60,12 +60,14 @@ def test_exported_job_matches_the_spec(template, tmp_path: Path) -> None:
     job = create_job(spec, tmp_path)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["min_clients"] == 2
+    # The server's JobResumer may continue it after a server or site restart (fedllm.flare.resume).
+    assert meta["custom_props"] == {"fedllm_resumable": True}
     server = json.loads(next(job.glob("app*/config/config_fed_server.json")).read_text())
     controller = server["workflows"][0]["args"]
     assert (controller["num_clients"], controller["num_rounds"]) == (2, 4)
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     assert persistor["args"]["model_class"] == "fedllm.flare.server_models.TinyClassifier"
-    assert persistor["args"]["model_args"] == {"in_features": 8, "hidden": 32, "classes": 3}
+    assert persistor["args"]["model_args"] == {"in_features": 8, "hidden": 32, "classes": 3, "seed": 0}
     client = json.loads(next(job.glob("app*/config/config_fed_client.json")).read_text())
     args = client["executors"][0]["executor"]["args"]
     assert args["task_script_path"] == "fedllm_site_entry.py"

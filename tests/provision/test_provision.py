@@ -163,3 +163,16 @@ def test_server_jobs_listen_on_the_job_ports_and_sites_never_do(tmp_path: Path) 
     data["server"]["job_ports"] = None
     off = provision(load_site_config(write_yaml(tmp_path / "b.yaml", data)), tmp_path / "b", "b.yaml")
     assert not (off.server() / "local" / "comm_config.json").exists()
+
+
+def test_only_the_server_runs_the_job_resumer(kits) -> None:
+    """The server parent's JobResumer continues FedAvg jobs a server or site restart interrupted."""
+
+    def components(kit: Path) -> list[str]:
+        resources = json.loads((kit / "local" / "resources.json.default").read_text())
+        return [c["path"] for c in resources["components"]]
+
+    assert components(kits.server()).count("fedllm.flare.resume.JobResumer") == 1
+    assert "nvflare.apis.impl.job_def_manager.SimpleJobDefManager" in components(kits.server())
+    for site in kits.config.site_names:
+        assert "fedllm.flare.resume.JobResumer" not in components(kits.site(site))

@@ -18,6 +18,9 @@ component sees:
   place each round, so every context, old or new, sees the current model and pins no other; and
   that marks the weights it broadcasts as `SharedWeights`, whose deep copy shares the tensors.
 
+Both also make a job survive a server or site restart (fedllm.flare.resume): every global checkpoint
+carries the round it completes, and a continuation job starts from it at the next round.
+
 fedllm.jobs.recipe wires the two into NVFlare's FedAvgRecipe when a job is created.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +38,17 @@ from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileN
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
-from fedllm.fileio import atomic_path
+from fedllm.fileio import atomic_path, write_text
+from fedllm.flare.resume import (
+    METRICS_FILE,
+    PROGRESS_KEY,
+    ResumeFolder,
+    RoundProgress,
+    completed_round_lines,
+    link_or_copy,
+    read_progress,
+    sync_file,
+)
 
 
 class SharedWeights(dict):
@@ -155,10 +169,31 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
         # Checkpoints are written off the round's critical path; END_RUN waits for the last one.
         self.background_save = background_save
         self._writer: CheckpointWriter | None = None
+        # Set by LeanFedAvg before each round's save: written into the checkpoint (fedllm.flare.resume).
+        self.progress: RoundProgress | None = None
+        # A continuation job's starting point (None for a job that starts from the initial model).
+        self.resume_folder: ResumeFolder | None = None
+        self.resumed_progress: RoundProgress | None = None
 
     def _initialize(self, fl_ctx):
-        self.model = {"path": self.model_class, "args": self.model_args}  # built by PTFileModelPersistor
+        self.resume_folder = ResumeFolder.of_job(fl_ctx)
+        previous = self.resume_folder.checkpoint(self.global_model_file_name) if self.resume_folder else None
+        if previous is not None:
+            # Go on from the interrupted job's last global model; the initial one is not even built.
+            self.model, self.source_ckpt_file_full_name, self.load_device = None, str(previous), "cpu"
+            self.load_weights_only = False  # this server's own checkpoint (its metadata may hold numpy values)
+            self.resumed_progress = read_progress(previous)
+        else:
+            self.model = {"path": self.model_class, "args": self.model_args}  # built by PTFileModelPersistor
         super()._initialize(fl_ctx)
+        if self.resume_folder is not None:
+            # This job's result holds the models so far even if no round is left to run, or no better model comes.
+            for name, target in (
+                (self.global_model_file_name, self._ckpt_save_path),
+                (self.best_global_model_file_name, self._best_ckpt_save_path),
+            ):
+                if (source := self.resume_folder.checkpoint(name)) is not None:
+                    link_or_copy(source, Path(target))
 
     def load_model(self, fl_ctx):
         learnable = super().load_model(fl_ctx)
@@ -167,6 +202,8 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
 
     def save_model_file(self, save_path: str) -> None:
         snapshot = self.persistence_manager.to_persistence_dict()  # references, taken now: consistent
+        if self.progress is not None:
+            snapshot[PROGRESS_KEY] = self.progress.to_dict()
         if not self.background_save:
             write_checkpoint(snapshot, save_path)
             return
@@ -198,8 +235,68 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
                 self.system_panic(str(exc), fl_ctx)
 
 
+MODEL_SELECTOR_ID = "model_selector"  # the id NVFlare's BaseFedJob gives its IntimeModelSelector
+
+
 class LeanFedAvg(FedAvg):
-    """NVFlare's FedAvg with one global model in server RAM between rounds (see the module doc)."""
+    """NVFlare's FedAvg with one global model in server RAM between rounds, resumable (see the module doc).
+
+    It only overrides methods (no __init__, no state of its own): fedllm.jobs.recipe re-types the
+    FedAvg that NVFlare's recipe builds.
+    """
+
+    def load_model(self):
+        model = super().load_model()
+        folder = getattr(self.persistor, "resume_folder", None)
+        if folder is not None:
+            self._resume_from(folder, getattr(self.persistor, "resumed_progress", None))
+        return model
+
+    def _resume_from(self, folder: ResumeFolder, progress: RoundProgress | None) -> None:
+        """Start after the interrupted job's last completed round, with its rounds' metrics and selector state."""
+        total = self.start_round + self.num_rounds
+        done = progress.round if progress is not None else -1
+        self.start_round, self.num_rounds = done + 1, max(0, total - done - 1)
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
+        if progress is not None:
+            selector = self._model_selector()
+            if selector is not None:
+                if progress.best_val_metric is not None:
+                    selector.best_val_metric = progress.best_val_metric
+                selector.best_raw_val_metric = progress.best_raw_val_metric
+            self.best_target_metric_value = progress.best_target_metric_value
+            self.num_fl_rounds_without_improvement = progress.rounds_without_improvement
+        lines, missing = completed_round_lines(folder.metrics_text(), done)
+        if missing:
+            self.warning(f"the interrupted job's metrics lack round(s) {missing}; they are missing here too")
+        if lines:
+            write_text(Path(self.get_run_dir()) / METRICS_FILE, "\n".join(lines) + "\n")
+        info = folder.info
+        self.info(
+            f"continuing job {info.get('origin_job')} (interrupted: {info.get('reason')}) from job "
+            f"{info.get('from_job')}: rounds {self.start_round}..{total - 1} of {total}"
+        )
+
+    def _model_selector(self):
+        """NVFlare's best-model selector of this job, whose state a continuation must carry on."""
+        engine = getattr(self, "engine", None)
+        selector = engine.get_component(MODEL_SELECTOR_ID) if engine is not None else None
+        return selector if hasattr(selector, "best_val_metric") else None
+
+    def save_model(self, model):
+        if isinstance(self.persistor, LeanPTFileModelPersistor):
+            selector = self._model_selector()
+            self.persistor.progress = RoundProgress(
+                round=self.current_round,
+                num_rounds=self.start_round + self.num_rounds,
+                best_val_metric=_float_or_none(getattr(selector, "best_val_metric", None)),
+                best_raw_val_metric=_float_or_none(getattr(selector, "best_raw_val_metric", None)),
+                best_target_metric_value=_float_or_none(self.best_target_metric_value),
+                rounds_without_improvement=int(self.num_fl_rounds_without_improvement),
+            )
+            # The rounds this checkpoint completes have their metric lines on disk before it is.
+            sync_file(Path(self.get_run_dir()) / METRICS_FILE)
+        super().save_model(model)
 
     def _build_shareable(self, data=None):
         if data is not None and isinstance(data.params, dict) and not isinstance(data.params, SharedWeights):
@@ -216,3 +313,7 @@ class LeanFedAvg(FedAvg):
             held.update(fresh)
             self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, held, private=True, sticky=True)
         return model
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -57,11 +57,18 @@ CLASSES = 3
 
 
 class TinyClassifier(nn.Module):
-    """Two linear layers; small enough that three sites train it in seconds on CPU (sites train this class too)."""
+    """Two linear layers; small enough that three sites train it in seconds on CPU (sites train this class too).
 
-    def __init__(self, in_features: int = FEATURES, hidden: int = 32, classes: int = CLASSES):
+    `seed` makes the initial weights the same in every job (the demo job is then deterministic end to end:
+    sites seed each round too), without touching the process's global random state.
+    """
+
+    def __init__(self, in_features: int = FEATURES, hidden: int = 32, classes: int = CLASSES, seed: int | None = None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -8,12 +8,15 @@ It runs where jobs are created; the components it names run in the server's job 
 
 from __future__ import annotations
 
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
+from nvflare.recipe.utils import set_recipe_meta
 
 from fedllm.flare.fedavg import LeanFedAvg, LeanPTFileModelPersistor
+from fedllm.flare.resume import RESUMABLE_PROP
 
 
 class FedllmFedAvgRecipe(FedAvgRecipe):
@@ -21,12 +24,16 @@ class FedllmFedAvgRecipe(FedAvgRecipe):
 
     Same arguments as FedAvgRecipe; `lean_server=False` builds the stock controller and persistor;
     `background_checkpoint=False` makes the lean persistor write each checkpoint before the round goes on.
+    With the lean server the job is marked resumable (custom_props): the server's JobResumer continues
+    it from its last completed round after a server or site restart (fedllm.flare.resume).
     """
 
     def __init__(self, *, lean_server: bool = True, background_checkpoint: bool = True, **kwargs):
         self._lean_server = lean_server
         self._background_checkpoint = background_checkpoint
         super().__init__(**kwargs)
+        if lean_server:
+            set_recipe_meta(self, JobMetaKey.CUSTOM_PROPS, {RESUMABLE_PROP: True})
 
     def _setup_model_and_persistor(self, job) -> str:
         if self._lean_server and self.model_persistor is None and isinstance(self.model, dict):

@@ -9,7 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nvflare.fuel.flare_api.api_spec import AuthenticationError, AuthorizationError, JobNotFound
+
 from fedllm.errors import FedllmError
+from fedllm.flare.resume import CONTINUED_AS_META, PENDING
 from fedllm.provision import Kits
 from fedllm.runtime.admin import AdminError, AdminKit, admin_session
 
@@ -80,6 +83,52 @@ def _site_logs(session, job_id: str, sites: list[str]) -> dict[str, str]:
     return logs
 
 
+def follow_job(
+    kits: Kits | AdminKit, job_id: str, *, timeout: float, echo=print, t0: float | None = None, poll_s: float = 1.0
+) -> tuple[str, dict]:
+    """Follow a job until it finishes, through server restarts and into the jobs that continue it.
+
+    A job a server or site restart interrupted is carried on by a continuation job (fedllm.flare.resume);
+    its meta names it. While the server is down, this keeps reconnecting. Returns the id and meta of the
+    job that ended the chain, or of the one still running when `timeout` ran out.
+    """
+    t0 = time.monotonic() if t0 is None else t0
+    deadline = time.monotonic() + timeout
+    shown = None
+    while True:
+        try:
+            with admin_session(kits) as session:
+                if shown == "lost":
+                    echo(f"  {time.monotonic() - t0:6.1f}s  server is back")
+                while True:
+                    meta = session.get_job_meta(job_id)
+                    status = meta.get("status", "UNKNOWN")
+                    if status != shown:
+                        echo(f"  {time.monotonic() - t0:6.1f}s  {status}")
+                        shown = status
+                    following = meta.get(CONTINUED_AS_META)
+                    if status.startswith("FINISHED") and following != PENDING:
+                        if not following:
+                            return job_id, meta
+                        echo(f"  {time.monotonic() - t0:6.1f}s  continued as job {following}")
+                        job_id, shown = following, None
+                        continue
+                    if time.monotonic() > deadline:
+                        return job_id, meta
+                    time.sleep(poll_s)
+        except (JobNotFound, AuthenticationError, AuthorizationError):
+            raise
+        except Exception as exc:  # the server went away (FLARE raises several types for it); it may come back
+            if time.monotonic() > deadline:
+                raise AdminError(
+                    f"lost the server while following job {job_id} and it did not come back: {exc}"
+                ) from exc
+            if shown != "lost":
+                echo(f"  {time.monotonic() - t0:6.1f}s  lost the server ({exc}); waiting for it to come back")
+                shown = "lost"
+            time.sleep(2.0)
+
+
 def submit_job(
     kits: Kits | AdminKit,
     job_dir: Path,
@@ -96,22 +145,12 @@ def submit_job(
     t0 = time.monotonic()
     with admin_session(kits) as session:
         job_id = session.submit_job(str(job_dir))
-        echo(f"submitted {job_dir.name} as job {job_id}")
-        if not wait:
-            return JobResult(job_id, "SUBMITTED", 0.0)
-
-        last = {"status": None}
-
-        def follow(_session, _job_id, meta, *_args, **_kw) -> bool:
-            status = meta.get("status")
-            if status != last["status"]:
-                echo(f"  {time.monotonic() - t0:6.1f}s  {status}")
-                last["status"] = status
-            return True
-
-        session.monitor_job(job_id, timeout=timeout, poll_interval=1.0, cb=follow)
-        meta = session.get_job_meta(job_id)
-        status = meta.get("status", "UNKNOWN")
+    echo(f"submitted {job_dir.name} as job {job_id}")
+    if not wait:
+        return JobResult(job_id, "SUBMITTED", 0.0)
+    job_id, meta = follow_job(kits, job_id, timeout=timeout, echo=echo, t0=t0)
+    status = meta.get("status", "UNKNOWN")
+    with admin_session(kits) as session:
         if not status.startswith("FINISHED"):
             session.abort_job(job_id)
             raise JobFailed(job_id, f"TIMED OUT after {timeout:.0f}s (was {status}; aborted)", {}, None)

@@ -170,3 +170,24 @@ class ComponentPolicyBuilder(Builder):
             allowed = list(resources.get("class_allow_list", []))
             resources["class_allow_list"] = allowed + [c for c in FEDLLM_COMPONENTS if c not in allowed]
             _write_json(path, resources)
+
+
+# The server parent's component that continues a FedAvg job a server or site restart interrupted.
+JOB_RESUMER = {"id": "fedllm_job_resumer", "path": "fedllm.flare.resume.JobResumer", "args": {}}
+
+
+class JobResumeBuilder(Builder):
+    """Adds fedllm's JobResumer to the server's resources (the components of its parent process).
+
+    NVFlare 2.9 neither restores a job after a server restart nor notices a site that restarted
+    mid-job; the resumer continues such a job from its last completed round (fedllm.flare.resume).
+    It goes into resources.json.default, from which `fedllm up` and the server container write the
+    resources.json NVFlare reads (with the job store moved into the server's workspace).
+    """
+
+    def build(self, project: Project, ctx: ProvisionContext) -> None:
+        path = Path(ctx.get_local_dir(project.get_server())) / RESOURCES_DEFAULT
+        resources = json.loads(path.read_text(encoding="utf-8"))
+        components = [c for c in resources.get("components", []) if c.get("id") != JOB_RESUMER["id"]]
+        resources["components"] = [*components, dict(JOB_RESUMER)]
+        _write_json(path, resources)

@@ -125,6 +125,7 @@ def fedllm_builders(
         {"path": "fedllm.provision.builders.ComponentPolicyBuilder", "args": {}},
     ]
     if for_server:
+        builders.append({"path": "fedllm.provision.builders.JobResumeBuilder", "args": {}})
         builders.append(
             {
                 "path": "fedllm.provision.builders.ServerLivenessBuilder",

@@ -89,7 +89,7 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _preflight(kits: Kits) -> None:
+def _preflight(kits: Kits, ports: bool = True) -> None:
     # An expired or foreign certificate makes NVFlare retry its connection without a word: say it first.
     for kit in (kits.server(), *(kits.site(s) for s in kits.config.site_names)):
         check_kit_certificate(kit)
@@ -102,7 +102,7 @@ def _preflight(kits: Kits) -> None:
             "For a one-machine run use a config whose server is 'localhost' (site_configs/local.yaml), "
             f"or map the name in /etc/hosts (127.0.0.1 {server.name})"
         ) from None
-    for port in (server.fed_learn_port, server.admin_port):
+    for port in (server.fed_learn_port, server.admin_port) if ports else ():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -141,28 +141,39 @@ def _base_env() -> dict[str, str]:
     return env
 
 
+def _start(kits: Kits, name: str, echo=print) -> Process:
+    """Start one participant (the server or a site) from its kit, as `up` does."""
+    logs = run_dir(kits) / "logs"
+    if name == kits.config.server.name:
+        # NVFlare's kits keep the job store and snapshots in /tmp/nvflare, shared by every federation on the
+        # machine; like NVFlare's own POC mode, move them into this server's workspace.
+        update_storage_locations(str(kits.server() / "local"), str(kits.server()))
+        # fedllm's server defaults; a value already in the environment wins.
+        proc = _spawn(name, kits.server(), {**SERVER_ENVIRONMENT, **_base_env()}, logs)
+        echo(f"started server '{name}' (pid {proc.pid}) from {kits.server()}")
+        return proc
+    site = kits.config.site(name)
+    proc = _spawn(name, kits.site(name), {**_base_env(), **site_environment(kits.site(name))}, logs)
+    echo(f"started site '{name}' (pid {proc.pid}, GPUs {','.join(map(str, site.gpus)) or 'none'})")
+    return proc
+
+
 def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
-    """Start server and sites from their kits and wait until every site is registered."""
-    running = [p for p in read_state(kits) if _alive(p.pid)]
-    if running:
+    """Start server and sites from their kits and wait until every site is registered.
+
+    Participants still running are left alone: after a crash (or `kill`), `up` starts the ones that died,
+    and the server continues the FedAvg jobs it was running (fedllm.flare.resume).
+    """
+    names = [kits.config.server.name, *kits.config.site_names]
+    alive = {p.name: p for p in read_state(kits) if _alive(p.pid)}
+    if set(names) <= set(alive):
         raise NativeRuntimeError(
             f"a native federation is already running from {kits.prod_dir.parent} "
-            f"({', '.join(p.name for p in running)}); run `fedllm down` first"
+            f"({', '.join(alive)}); run `fedllm down` first"
         )
-    _preflight(kits)
-    # NVFlare's kits keep the job store and snapshots in /tmp/nvflare, shared by every federation on the
-    # machine; like NVFlare's own POC mode, move them into this server's workspace.
-    update_storage_locations(str(kits.server() / "local"), str(kits.server()))
-    logs = run_dir(kits) / "logs"
-    base = _base_env()
-    # fedllm's server defaults; a value already in the environment wins.
-    procs = [_spawn(kits.config.server.name, kits.server(), {**SERVER_ENVIRONMENT, **base}, logs)]
-    echo(f"started server '{kits.config.server.name}' (pid {procs[0].pid}) from {kits.server()}")
-    for site in kits.config.sites:
-        env = {**base, **site_environment(kits.site(site.name))}
-        procs.append(_spawn(site.name, kits.site(site.name), env, logs))
-        gpus = ",".join(map(str, site.gpus)) or "none"
-        echo(f"started site '{site.name}' (pid {procs[-1].pid}, GPUs {gpus})")
+    _preflight(kits, ports=kits.config.server.name not in alive)
+    started = [_start(kits, name, echo) for name in names if name not in alive]
+    procs = [alive.get(name) or next(p for p in started if p.name == name) for name in names]
     _write_state(kits, procs)
 
     def check_alive() -> None:
@@ -176,8 +187,12 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
             wait_for_sites(session, kits.config.site_names, timeout=timeout, check=check_alive)
         echo(f"all {len(kits.config.sites)} sites registered in {time.monotonic() - t0:.1f}s")
     except (AdminError, NativeRuntimeError):
-        _terminate(procs, grace=5.0)
-        _state_path(kits).unlink(missing_ok=True)
+        _terminate(started, grace=5.0)
+        survivors = [p for p in procs if p not in started and _alive(p.pid)]
+        if survivors:
+            _write_state(kits, survivors)
+        else:
+            _state_path(kits).unlink(missing_ok=True)
         raise
     return procs
 
@@ -275,3 +290,31 @@ def _quiet():
 
 def status(kits: Kits) -> dict[str, bool]:
     return {p.name: _alive(p.pid) for p in read_state(kits)}
+
+
+def _participant(kits: Kits, name: str) -> Process:
+    for proc in read_state(kits):
+        if proc.name == name:
+            return proc
+    raise NativeRuntimeError(
+        f"'{name}' is not part of the native federation started from {kits.prod_dir.parent} "
+        f"(participants: {', '.join(p.name for p in read_state(kits)) or 'none: run `fedllm up --native`'})"
+    )
+
+
+def kill(kits: Kits, name: str) -> None:
+    """SIGKILL one participant and the job processes it started, as a crash or an OOM kill would (drills, tests).
+
+    Nothing is told first: the server's job store keeps what it had, a site's job processes die with it.
+    `up` starts it again.
+    """
+    proc = _participant(kits, name)
+    job_pids = _descendants([proc])  # in sessions of their own (NVFlare), found while the parent lives
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in job_pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in [proc.pid, *job_pids]):
+        time.sleep(0.1)
