@@ -1,7 +1,8 @@
 """Writing files so that a reader sees the old file or the whole new one, never a part (temp + rename).
 
-Every output fedllm writes goes through here: a crash, a full disk or an error half way leaves the
-previous file in place and no stray temp file. `durable=True` also fsyncs the data and the folder,
+fedllm's outputs are written through here (data sets through fedllm.data.io's all-or-nothing writer,
+checkpoints through fedllm.checkpoint's): a crash, a full disk or an error half way leaves the previous
+file in place and no stray temp file. `durable=True` also fsyncs the data and the folder,
 for files that must survive a machine crash once written (checkpoints, downloaded models).
 """
 
@@ -16,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside `directory` survive a crash."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data to disk, or for a directory the renames inside it (so they survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -38,14 +39,13 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     try:
         yield temp
         if durable:
-            with open(temp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_path(temp)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> Path:

@@ -36,7 +36,7 @@ from fedllm.config import load_site_config
 from fedllm.config.site_config import SiteConfig
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, submit_job
-from fedllm.jobs.template import InitialModel, JobTemplate, load_template
+from fedllm.jobs.template import load_template
 from fedllm.provision.certificates import CertificateError, check_kit_certificate
 from fedllm.provision.distributed import (
     CertificateAuthority,
@@ -50,6 +50,7 @@ from fedllm.results.metrics import read_round_metrics
 from fedllm.runtime import native
 from fedllm.runtime.admin import AdminKit, admin_session, connected_sites
 from fedllm.training.toy.demo_mlp import write_demo_data
+from tests.support.exchange import echo_job
 from tests.support.sites import local_config_dict, write_yaml
 from tests.support.trust import (
     FoundKey,
@@ -147,14 +148,7 @@ def trust(tmp_path_factory) -> Iterator[Trust]:
 
 def _echo_job(out: Path, name: str) -> Path:
     """A job that keeps running (many quick rounds of a 1 MiB model): something to submit and abort."""
-    template = JobTemplate(
-        name="echo",
-        trainer="fedllm.training.toy.echo",
-        initial_model=InitialModel(class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": 1}),
-        key_metric="global_val_accuracy",
-        train_args={"size_mib": 1},
-    )
-    return create_job(resolve_spec(template, "fedavg", num_clients=3, rounds=500, name=name), out)
+    return echo_job(out, 1, sites=3, rounds=500, name=name, verify=False)
 
 
 def _wait_finished(session, job_id: str, timeout: float = 90) -> str:

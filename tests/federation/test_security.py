@@ -15,11 +15,10 @@ import pytest
 import yaml
 
 from fedllm.config import load_site_config
-from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import submit_job
-from fedllm.jobs.template import InitialModel, JobTemplate
 from fedllm.provision import provision
 from fedllm.runtime.admin import admin_session, connected_sites
+from tests.support.exchange import echo_job
 from tests.support.sites import write_yaml
 from tests.support.trust import tls_outcome
 
@@ -105,16 +104,8 @@ def test_job_port_speaks_mtls_only_to_this_federation(federation, tmp_path: Path
     foreign = provision(
         load_site_config(write_yaml(tmp_path / "foreign.yaml", legit)), tmp_path / "ws", source="foreign.yaml"
     )
-    template = JobTemplate(
-        name="echo",
-        trainer="fedllm.training.toy.echo",
-        initial_model=InitialModel(class_path="fedllm.flare.server_models.EchoModel", args={"size_mib": 1}),
-        key_metric="global_val_accuracy",
-        final_evaluation=False,
-        train_args={"size_mib": 1},
-    )
     # Long enough to probe its port while it runs; aborted afterwards.
-    job = create_job(resolve_spec(template, "fedavg", num_clients=3, rounds=200, name="echo-port"), tmp_path / "jobs")
+    job = echo_job(tmp_path / "jobs", 1, sites=3, rounds=200, name="echo-port", verify=False)
     job_id = submit_job(federation, job, wait=False, echo=lambda _m: None).job_id
     try:
         port = _job_port(federation, job_id)

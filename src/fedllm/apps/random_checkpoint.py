@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedllm.training.nemo.config import TrainerSettings, trainer_config
+from fedllm.training.nemo.config import trainer_config
+from fedllm.training.nemo.site import machine_trainer_settings, optimizer_name
 
 SHAPES = {
     # Megatron-GPT 345M (nvidia/megatron_gpt_345m): 24 layers, hidden 1024, 16 heads, ffn 4 × hidden.
@@ -98,7 +99,7 @@ def gpt_model_config(
             "seq_length": seq_length,
             "splits_string": "900,50,50",
         },
-        "optim": {"name": "fused_adam" if gpu else "adam", "lr": 1e-4},
+        "optim": {"name": optimizer_name(), "lr": 1e-4},
     }
 
 
@@ -163,9 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             gpu=gpu, **SHAPES[args.shape],
         )  # fmt: skip
         model_cfg["seed"] = args.seed
-        settings = TrainerSettings(
-            devices=args.tp, accelerator="gpu" if gpu else "cpu", precision="bf16-mixed" if gpu else 32, max_steps=1
-        )
+        settings = machine_trainer_settings(args.tp, "bf16-mixed", max_steps=1)
         cfg = OmegaConf.create({"trainer": trainer_config(settings), "model": model_cfg})
         trainer = MegatronTrainerBuilder(cfg).create_trainer()
         model = MegatronGPTModel(cfg.model, trainer=trainer)

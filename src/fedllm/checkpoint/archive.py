@@ -55,8 +55,8 @@ class CheckpointHeader:
 
     path: Path
     config: dict[str, Any]
-    # The weights are a torch-distributed checkpoint (a model_weights/ directory, NeMo 2's save_to):
-    # TP-agnostic, NeMo reshards it when it loads.
+    # The weights are a torch-distributed checkpoint (a model_weights/ directory, NeMo 2's save_to),
+    # not per-rank model_weights.ckpt files.
     distributed: bool
 
 
@@ -88,19 +88,20 @@ def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise CheckpointError(f"{path} has no {CONFIG_NAME}, so it is not an extracted NeMo checkpoint")
-        return CheckpointHeader(path, _parse_config(config_file.read_bytes(), path), (path / "model_weights").is_dir())
+        return CheckpointHeader(path, _parse_config(config_file.read_bytes(), path), (path / DIST_DIR).is_dir())
     config: dict[str, Any] | None = None
-    distributed = False
+    distributed = per_rank = False
     try:
         with tarfile.open(path, "r:*") as tar:
             for info in tar:
                 name = _normalize(info.name)
-                distributed = distributed or name == "model_weights" or name.startswith("model_weights/")
+                distributed = distributed or name == DIST_DIR or name.startswith(DIST_DIR + "/")
+                per_rank = per_rank or name.endswith(WEIGHTS_NAME)
                 if name == CONFIG_NAME and info.isfile():
                     handle = tar.extractfile(info)
                     config = _parse_config(handle.read() if handle else b"", path)
-                if config is not None and distributed:
-                    break
+                if config is not None and (distributed or per_rank):
+                    break  # the weights' layout is known: the rest of the archive is weights
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CheckpointError(
             f"{path} is not a readable .nemo archive ({type(exc).__name__}: {exc}). Fix: re-download or re-save it"

@@ -16,6 +16,7 @@ other .nemo. A tensor is read only when asked for, chunk by chunk, into its own 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
 from collections import OrderedDict
@@ -102,10 +103,7 @@ class DistTensor:
     dtype: torch.dtype
 
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def load(self) -> torch.Tensor:
         return self.load_rows(0, self.shape[0]) if self.shape else self.source.read(self, None, None)
@@ -188,10 +186,10 @@ class DistributedWeights:
     def _check_coverage(self) -> None:
         """Every element of every global tensor is in exactly one chunk (missing shards are an error)."""
         for key, (shape, _) in self._global.items():
-            covered = sum(_volume(c.sizes) for c in self._chunks[key])
-            if covered != _volume(shape):
+            covered = sum(math.prod(c.sizes) for c in self._chunks[key])
+            if covered != math.prod(shape):
                 raise CheckpointError(
-                    f"{self.name}: {key} {list(shape)} is covered by {covered} of {_volume(shape)} elements in its "
+                    f"{self.name}: {key} {list(shape)} is covered by {covered} of {math.prod(shape)} elements in its "
                     "chunks; a shard of the distributed checkpoint is missing or damaged"
                 )
 
@@ -260,10 +258,3 @@ class DistributedWeights:
 
 def _layer_key(key: str, layer: int) -> str:
     return f"{STACKED_PREFIX}{layer}.{key[len(STACKED_PREFIX) :]}"
-
-
-def _volume(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -10,4 +10,4 @@ class CheckpointError(FedllmError):
 
 
 class DistributedCheckpointError(CheckpointError):
-    """The archive holds a torch-distributed (TP-agnostic) checkpoint, which needs no resharding."""
+    """The archive's torch-distributed checkpoint (model_weights/) is incomplete: its .metadata index is missing."""

@@ -96,12 +96,12 @@ class ModelSpec:
                     f"{self.source}: {what} tensor-parallel size {tp} does not divide {name}={value}; use one of {ok}"
                 )
 
-    def check_fits_site(self, devices: int, *, distributed: bool = False) -> None:
+    def check_fits_site(self, devices: int) -> None:
         """Raise unless one copy of the model spans exactly a site's `devices` GPUs (one process per GPU).
 
-        Megatron shards per-rank checkpoints by TP rank, so a TP=2 file needs exactly two processes; a
-        torch-distributed checkpoint (`distributed`) is resharded by NeMo on load and only needs a TP
-        that divides the model.
+        Megatron shards per-rank checkpoints by TP rank, so a TP=2 file needs exactly two processes. NeMo
+        could reshard a torch-distributed checkpoint on load, but its trainers take the TP from the
+        checkpoint's config and fedllm's SFT exchange names shards by it: the same rule holds for both.
         """
         if self.pipeline_parallel != 1:
             raise CheckpointError(
@@ -109,9 +109,6 @@ class ModelSpec:
                 "fedllm's NeMo jobs use tensor parallelism only. Fix: re-save the checkpoint with "
                 "pipeline_model_parallel_size 1"
             )
-        if distributed:
-            self.check_tp(devices, what="the site's")
-            return
         if self.tensor_parallel != devices:
             raise CheckpointError(
                 f"{self.source}: model_config.yaml field tensor_model_parallel_size is {self.tensor_parallel}, but "
@@ -122,7 +119,7 @@ class ModelSpec:
             )
 
 
-def read_model_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec, bool]:
-    """(ModelSpec, distributed) of a .nemo archive or extracted folder, from its config alone."""
+def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    """The ModelSpec of a .nemo archive or extracted folder, from its config alone."""
     header = read_header(path)
-    return ModelSpec.from_config(header.config, str(header.path)), header.distributed
+    return ModelSpec.from_config(header.config, str(header.path))

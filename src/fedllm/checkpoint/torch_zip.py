@@ -10,6 +10,7 @@ The files written here are ordinary torch.save files (same records, 64-byte alig
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -106,10 +107,7 @@ class LazyTensor:
         return self.storage.dtype
 
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def load(self) -> torch.Tensor:
         return self.source.read_tensor(self)

@@ -47,7 +47,7 @@ from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey, SystemComponents
 from nvflare.apis.job_def import Job, JobMetaKey, RunStatus, new_job_id
 
-from fedllm.fileio import atomic_directory, atomic_path, fsync_dir, write_text
+from fedllm.fileio import atomic_directory, atomic_path, fsync_path, write_text
 
 # The job meta fedllm's FedAvg recipe sets (under custom_props) on jobs this module may continue.
 RESUMABLE_PROP = "fedllm_resumable"
@@ -116,11 +116,7 @@ def completed_round_lines(text: str, last_round: int) -> tuple[list[str], list[i
 def sync_file(path: Path) -> None:
     """fsync a file another component appends to (so it is on disk before a checkpoint that follows it)."""
     with contextlib.suppress(FileNotFoundError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -134,8 +130,7 @@ def link_or_copy(source: Path, target: Path) -> None:
             os.link(source, temp)
         except OSError:
             shutil.copyfile(source, temp)
-            with open(temp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_path(temp)
 
 
 @dataclass(frozen=True)
@@ -202,9 +197,8 @@ def write_resume_folder(folder: ResumeFolder, *, run_dir: Path | None, archive: 
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zipped.open(member) as src, open(target, "wb") as dst:
                         shutil.copyfileobj(src, dst, 16 << 20)
-                        dst.flush()
-                        os.fsync(dst.fileno())
-    fsync_dir(folder.path.parent)
+                    fsync_path(target)
+    fsync_path(folder.path.parent)
 
 
 def write_info(folder: ResumeFolder, info: Mapping[str, Any]) -> None:

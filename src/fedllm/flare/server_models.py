@@ -236,10 +236,10 @@ def load_nemo_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 "Fix: convert the checkpoint to pipeline_model_parallel_size 1"
             )
         out: dict[str, torch.Tensor] = {}
-        for rank in range(archive.tp):
+        for rank in range(archive.shards):
             with archive.open_rank(rank) as state:
                 for key, tensor in state.tensors():
-                    out[shard_key(rank, key, archive.tp)] = tensor.load()
+                    out[shard_key(rank, key, archive.shards)] = tensor.load()
     return out
 
 

@@ -142,8 +142,7 @@ def _check_local_checkpoint(args: dict[str, Any], devices: int) -> None:
     """A NeMo job's TP must equal --devices: check now when the .nemo is readable here (sites check again)."""
     model = str(args.get("model", ""))
     if model.endswith(".nemo") and "{" not in model and Path(model).exists():
-        spec, distributed = read_model_spec(model)
-        spec.check_fits_site(devices, distributed=distributed)
+        read_model_spec(model).check_fits_site(devices)
 
 
 def cli_args(args: dict[str, Any]) -> str:

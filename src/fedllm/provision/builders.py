@@ -14,14 +14,25 @@ from typing import Any
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 from fedllm.config.site_config import SiteConfig
+from fedllm.fileio import write_text
 
 MANIFEST_NAME = "fedllm.json"
 SITE_FILE_NAME = "fedllm_site.json"
+RESOURCES_DEFAULT = "resources.json.default"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def add_parent_component(kit: Path, component: dict[str, Any]) -> None:
+    """Put `component` into a kit's resources.json.default (its parent process's components), replacing its id."""
+    path = kit / RESOURCES_DEFAULT
+    resources = json.loads(path.read_text(encoding="utf-8"))
+    components = [c for c in resources.get("components", []) if c.get("id") != component["id"]]
+    resources["components"] = [*components, dict(component)]
+    _write_json(path, resources)
 
 
 class SiteRuntimeBuilder(Builder):
@@ -152,7 +163,6 @@ FEDLLM_COMPONENTS = (
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
     "fedllm.",  # a package prefix: fedllm's own persistors, filters and aggregators
 )
-RESOURCES_DEFAULT = "resources.json.default"
 
 
 class ComponentPolicyBuilder(Builder):
@@ -186,8 +196,4 @@ class JobResumeBuilder(Builder):
     """
 
     def build(self, project: Project, ctx: ProvisionContext) -> None:
-        path = Path(ctx.get_local_dir(project.get_server())) / RESOURCES_DEFAULT
-        resources = json.loads(path.read_text(encoding="utf-8"))
-        components = [c for c in resources.get("components", []) if c.get("id") != JOB_RESUMER["id"]]
-        resources["components"] = [*components, dict(JOB_RESUMER)]
-        _write_json(path, resources)
+        add_parent_component(Path(ctx.get_local_dir(project.get_server())), JOB_RESUMER)

@@ -36,7 +36,6 @@ a site that dials the server by name, or one admin's console. It lives inside th
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -48,6 +47,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 from fedllm.config.site_config import Site, SiteConfig
 from fedllm.fileio import write_text
 from fedllm.flare.registration import MARKER_NAME
+from fedllm.provision.builders import add_parent_component
 
 COMPOSE_DIR = "compose"
 HOSTS_DIR = "hosts"
@@ -340,11 +340,7 @@ class ComposeBuilder(Builder):
     def build(self, project: Project, ctx: ProvisionContext) -> None:
         # Every site kit gets the component behind its healthcheck (see fedllm.flare.registration).
         for client in project.get_clients():
-            path = Path(ctx.get_local_dir(client)) / "resources.json.default"
-            resources = json.loads(path.read_text(encoding="utf-8"))
-            components = [c for c in resources.get("components", []) if c.get("id") != REGISTRATION_COMPONENT["id"]]
-            resources["components"] = [*components, REGISTRATION_COMPONENT]
-            write_text(path, json.dumps(resources, indent=2, sort_keys=True) + "\n")
+            add_parent_component(Path(ctx.get_local_dir(client)), REGISTRATION_COMPONENT)
         for relative in (JOBS_DIR, RESULTS_DIR):
             self._shared_dir(relative).mkdir(parents=True, exist_ok=True)
 

@@ -193,8 +193,8 @@ def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
 
 def _check_packaged_kits(manifests: list[Path], config: SiteConfig) -> None:
     for manifest in manifests:
-        name = json.loads(manifest.read_text()).get("participant", manifest.parent.name)
-        recorded = json.loads(manifest.read_text()).get("participant_digest")
+        facts = json.loads(manifest.read_text())
+        name, recorded = facts.get("participant", manifest.parent.name), facts.get("participant_digest")
         known = name == config.server.name or name in config.site_names or name in {a.name for a in config.admins}
         if not known or recorded != participant_digest(config, name):
             raise ProvisionError(

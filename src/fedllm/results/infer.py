@@ -50,7 +50,7 @@ def predict_sentiment(
         else:
             from fedllm.checkpoint.model_spec import read_model_spec
 
-            token_dim = read_model_spec(model)[0].hidden_size
+            token_dim = read_model_spec(model).hidden_size
             state = PromptEncoderWeights(num_virtual_tokens, token_dim, hidden).state_dict()
         labels = generate_sentiment(
             Path(model), state, sentences, virtual_tokens=num_virtual_tokens, encoder_hidden=hidden

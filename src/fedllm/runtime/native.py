@@ -215,7 +215,7 @@ def restart_site(kits: Kits, name: str, timeout: float = 120.0, echo=print) -> P
     check_kit_certificate(kits.site(name))
     _terminate([old], grace=5.0, job_pids=_descendants([old]))
     before = old.log.read_text(errors="replace").count(REGISTERED.format(name=name)) if old.log.is_file() else 0
-    new = _spawn(name, kits.site(name), {**_base_env(), **site_environment(kits.site(name))}, run_dir(kits) / "logs")
+    new = _start(kits, name, echo=lambda _m: None)
     _write_state(kits, [new if p.name == name else p for p in procs])
     deadline = time.monotonic() + timeout
     while new.log.read_text(errors="replace").count(REGISTERED.format(name=name)) <= before:

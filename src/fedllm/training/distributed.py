@@ -37,7 +37,15 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _broadcast(obj: Any = None) -> Any:
+def site_name() -> str:
+    """The site's name on ranks that have no Client API session (the kit's environment sets it)."""
+    return os.environ.get("FEDLLM_SITE_NAME", "site")
+
+
+def broadcast_from_rank0(obj: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (`obj` itself where there is no process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -60,7 +68,7 @@ class LeaderTask:
 
     def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
         if self.world_size > 1:
-            _broadcast(("load", None))
+            broadcast_from_rank0(("load", None))
             # Each rank gets only its part (a TP shard for SFT); scatter keeps rank 0's memory to one copy.
             parts = [self.shard(state, r) for r in range(self.world_size)]
             box: list[Any] = [None]
@@ -70,17 +78,17 @@ class LeaderTask:
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
         if self.world_size > 1:
-            _broadcast(("train", (epochs, seed)))
+            broadcast_from_rank0(("train", (epochs, seed)))
         return self.task.train(epochs, seed)
 
     def evaluate(self) -> dict[str, float]:
         if self.world_size > 1:
-            _broadcast(("evaluate", None))
+            broadcast_from_rank0(("evaluate", None))
         return self.task.evaluate()
 
     def exchanged_state(self) -> dict[str, torch.Tensor]:
         if self.world_size > 1 and self.gather:
-            _broadcast(("exchanged_state", None))
+            broadcast_from_rank0(("exchanged_state", None))
             gathered: list[Any] = [None] * self.world_size
             dist.gather_object(self.task.exchanged_state(), gathered, dst=0)
             return self.merge(gathered)
@@ -88,14 +96,14 @@ class LeaderTask:
 
     def stop(self) -> None:
         if self.world_size > 1:
-            _broadcast(("stop", None))
+            broadcast_from_rank0(("stop", None))
 
 
 def follow(task: SiteTask) -> None:
     """Ranks > 0: execute rank 0's commands until it says stop."""
     rank = dist.get_rank()
     while True:
-        command, args = _broadcast()
+        command, args = broadcast_from_rank0()
         if command == "stop":
             return
         if command == "load":

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from fedllm.training.core import job_folder, tensorboard_dir
+from fedllm.training.distributed import broadcast_from_rank0, world
 
 
 def init_ranks() -> tuple[int, int]:
@@ -52,22 +53,7 @@ def init_ranks() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def site_name() -> str:
-    """The site's name where no Client API session tells it (the kit's environment sets it)."""
-    return os.environ.get("FEDLLM_SITE_NAME", "site")
-
-
-def _from_rank0(value: Any) -> Any:
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return world()
 
 
 def round_end_evaluation(steps: int):
@@ -108,10 +94,10 @@ def run_federated(
 
     rank, world_size = init_ranks()
     flare.init(rank=rank)
-    site, job_id = _from_rank0((flare.get_site_name(), flare.get_job_id() or "") if rank == 0 else None)
+    site, job_id = broadcast_from_rank0((flare.get_site_name(), flare.get_job_id() or "") if rank == 0 else None)
     train, val = read_data(site)
     output_dir = Path(args.output_dir) if args.output_dir else job_folder(site, job_id) / "trainer"
-    output_dir = Path(_from_rank0(str(output_dir)))
+    output_dir = Path(broadcast_from_rank0(str(output_dir)))
     trainer = build_trainer(args, train, val, output_dir, [])
     steps = steps_per_round(trainer, args.epochs)
     trainer.add_callback(round_end_evaluation(steps))

@@ -239,7 +239,8 @@ def train_without_nvflare(args: argparse.Namespace, method: str, site: str) -> N
 
 
 def main_for(method: str, argv: list[str] | None = None) -> None:
-    from fedllm.training.hf.federated import run_federated, site_name
+    from fedllm.training.distributed import site_name
+    from fedllm.training.hf.federated import run_federated
 
     args = parser(method).parse_args(argv)
     if args.without_nvflare:

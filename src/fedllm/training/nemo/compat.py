@@ -208,63 +208,67 @@ def _clip_grads_without_apex() -> bool:
     return True
 
 
+def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable], marker: str = "_fedllm") -> bool:
+    """Replace `owner.name` by `wrap(original)`; False where it already is (a second call, a forked process)."""
+    original = getattr(owner, name)
+    if getattr(original, marker, False):
+        return False
+    wrapped = wrap(original)
+    setattr(wrapped, marker, True)
+    setattr(owner, name, wrapped)
+    return True
+
+
 def _per_rank_norm_names() -> bool:
     from fedllm.checkpoint.layout import local_spec_key
 
+    def wrap(original):
+        def modify_state_dict(self, conf, state_dict):
+            state_dict = original(self, conf, state_dict)
+            if conf.get("mcore_gpt", False) and not conf.get("transformer_engine", False):
+                # A per-rank file written with transformer-engine's fused norm names, loaded into the local spec.
+                state_dict = {local_spec_key(k): v for k, v in state_dict.items()}
+            return state_dict
+
+        return modify_state_dict
+
     connector = _module("nemo.collections.nlp.parts.nlp_overrides").NLPSaveRestoreConnector
-    if getattr(connector.modify_state_dict, "_fedllm", False):
-        return False
-    original = connector.modify_state_dict
-
-    def modify_state_dict(self, conf, state_dict):
-        state_dict = original(self, conf, state_dict)
-        if conf.get("mcore_gpt", False) and not conf.get("transformer_engine", False):
-            # A per-rank file written with transformer-engine's fused norm names, loaded into the local spec.
-            state_dict = {local_spec_key(k): v for k, v in state_dict.items()}
-        return state_dict
-
-    modify_state_dict._fedllm = True
-    connector.modify_state_dict = modify_state_dict
-    return True
+    return _wrap_once(connector, "modify_state_dict", wrap)
 
 
 def _eager_layer_specs() -> bool:
     gpt = _module(_LM + "megatron_gpt_model")
-    if getattr(gpt.get_specs, "_fedllm", False) or not _source_has(gpt.get_specs, "name_spec_dict = {"):
+    if not _source_has(gpt.get_specs, "name_spec_dict = {"):
         return False
-    original = gpt.get_specs
 
-    def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
-        if spec_name == "" and not use_te:  # the local spec: no transformer-engine spec to build
-            experts = transformer_config.num_moe_experts if transformer_config else None
-            grouped = transformer_config.moe_grouped_gemm if transformer_config else False
-            return gpt.get_gpt_layer_local_spec(experts, grouped)
-        return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
+    def wrap(original):
+        def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
+            if spec_name == "" and not use_te:  # the local spec: no transformer-engine spec to build
+                experts = transformer_config.num_moe_experts if transformer_config else None
+                grouped = transformer_config.moe_grouped_gemm if transformer_config else False
+                return gpt.get_gpt_layer_local_spec(experts, grouped)
+            return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
 
-    get_specs._fedllm = True
-    gpt.get_specs = get_specs
-    return True
+        return get_specs
+
+    return _wrap_once(gpt, "get_specs", wrap)
 
 
 def _process_groups_before_build() -> bool:
     from megatron.core import parallel_state
 
-    model_class = _module(_LM + "megatron_gpt_model").MegatronGPTModel
-    if getattr(model_class.model_provider_func, "_fedllm", False):
-        return False
-    original = model_class.model_provider_func
+    def wrap(original):
+        def model_provider_func(self, pre_process, post_process):
+            # What NeMo's own restore_from and generate do before they build: launch + process groups.
+            if not parallel_state.is_initialized() and getattr(self, "trainer", None) is not None:
+                if self.trainer.strategy.launcher is not None:
+                    self.trainer.strategy.launcher.launch(lambda: None, trainer=self.trainer)
+                self.trainer.strategy.setup_environment()
+            return original(self, pre_process, post_process)
 
-    def model_provider_func(self, pre_process, post_process):
-        # What NeMo's own restore_from and generate do before they build: launch + process groups.
-        if not parallel_state.is_initialized() and getattr(self, "trainer", None) is not None:
-            if self.trainer.strategy.launcher is not None:
-                self.trainer.strategy.launcher.launch(lambda: None, trainer=self.trainer)
-            self.trainer.strategy.setup_environment()
-        return original(self, pre_process, post_process)
+        return model_provider_func
 
-    model_provider_func._fedllm = True
-    model_class.model_provider_func = model_provider_func
-    return True
+    return _wrap_once(_module(_LM + "megatron_gpt_model").MegatronGPTModel, "model_provider_func", wrap)
 
 
 def _as_triples(batches):
@@ -305,52 +309,48 @@ def _prompt_learning_batches() -> bool:
 def _prompt_learning_loss_signature() -> bool:
     pl = _module(_LM + "megatron_gpt_prompt_learning_model")
     model = pl.MegatronGPTPromptLearningModel
-    if getattr(model.init_model, "_fedllm", False) or not _source_has(
-        model.get_forward_output_and_loss_func, "self.frozen_model.loss_func(loss_mask, output_tensor)"
-    ):
+    if not _source_has(model.get_forward_output_and_loss_func, "self.frozen_model.loss_func(loss_mask, output_tensor)"):
         return False
-    original = model.init_model
 
-    def init_model(self, cfg, trainer):
-        original(self, cfg, trainer)
-        three_arguments = self.frozen_model.loss_func
+    def wrap(original):
+        def init_model(self, cfg, trainer):
+            original(self, cfg, trainer)
+            three_arguments = self.frozen_model.loss_func
 
-        def loss_func(loss_mask, *rest):
-            if len(rest) == 1:  # NeMo 1's (loss_mask, output_tensor): it divided by the mask's sum
-                return three_arguments(loss_mask, loss_mask.float().sum(), rest[0])
-            return three_arguments(loss_mask, *rest)
+            def loss_func(loss_mask, *rest):
+                if len(rest) == 1:  # NeMo 1's (loss_mask, output_tensor): it divided by the mask's sum
+                    return three_arguments(loss_mask, loss_mask.float().sum(), rest[0])
+                return three_arguments(loss_mask, *rest)
 
-        self.frozen_model.loss_func = loss_func
+            self.frozen_model.loss_func = loss_func
 
-    init_model._fedllm = True
-    model.init_model = init_model
-    return True
+        return init_model
+
+    return _wrap_once(model, "init_model", wrap)
 
 
 def _prompt_learning_generation_mask() -> bool:
     pl = _module(_LM + "megatron_gpt_prompt_learning_model")
+
+    def wrap(original):
+        def get_forward_output_only_func(self):
+            func = original(self)
+            if not self.frozen_model.mcore_gpt:
+                return func
+
+            def forward(dataloader_iter, module):
+                # Megatron-core builds the causal mask itself; the full-length one clashes with the KV cache.
+                def without_mask(tokens, position_ids, attention_mask, task_ids, **kwargs):
+                    return module(tokens, position_ids, None, task_ids, **kwargs)
+
+                return func(dataloader_iter, without_mask)
+
+            return forward
+
+        return get_forward_output_only_func
+
     model = pl.MegatronGPTPromptLearningModel
-    if getattr(model.get_forward_output_only_func, "_fedllm_mask", False):
-        return False
-    original = model.get_forward_output_only_func
-
-    def get_forward_output_only_func(self):
-        func = original(self)
-        if not self.frozen_model.mcore_gpt:
-            return func
-
-        def forward(dataloader_iter, module):
-            # Megatron-core builds the causal mask itself; the full-length one clashes with the KV cache.
-            def without_mask(tokens, position_ids, attention_mask, task_ids, **kwargs):
-                return module(tokens, position_ids, None, task_ids, **kwargs)
-
-            return func(dataloader_iter, without_mask)
-
-        return forward
-
-    get_forward_output_only_func._fedllm_mask = True
-    model.get_forward_output_only_func = get_forward_output_only_func
-    return True
+    return _wrap_once(model, "get_forward_output_only_func", wrap, marker="_fedllm_mask")
 
 
 def placeholder_module(name: str, class_name: str, why: str) -> bool:

@@ -15,7 +15,6 @@ config is the checkpoint's model_config.yaml with these keys merged over it (NeM
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,10 +213,12 @@ def sft_config(s: SftSettings) -> dict[str, Any]:
     """Overrides merged over the checkpoint's model_config.yaml for MegatronGPTSFTModel.
 
     NeMo's SFT dataset is sized by trainer.max_steps (it must be > 0), so the trainer converts
-    epochs into steps first (`sft_steps`).
+    epochs into steps first (fedllm.training.nemo.site.steps_per_epoch).
     """
     if s.trainer.max_steps <= 0:
-        raise ValueError("SFT needs trainer.max_steps > 0 (NeMo sizes the SFT dataset by steps); use sft_steps()")
+        raise ValueError(
+            "SFT needs trainer.max_steps > 0 (NeMo sizes the SFT dataset by steps); count them with steps_per_epoch()"
+        )
     return {
         "trainer": trainer_config(s.trainer),
         "model": {
@@ -238,13 +239,3 @@ def sft_config(s: SftSettings) -> dict[str, Any]:
             "optim": optim_config(s.optim),
         },
     }
-
-
-def sft_steps(num_examples: int, global_batch_size: int, epochs: int) -> int:
-    """Optimizer steps for `epochs` passes over `num_examples` records (the last partial batch dropped)."""
-    if num_examples < global_batch_size:
-        raise ValueError(
-            f"{num_examples} training records are fewer than one global batch ({global_batch_size}); "
-            "lower --global-batch-size or add data"
-        )
-    return epochs * math.floor(num_examples / global_batch_size)

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedllm.checkpoint.archive import read_header
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.training.nemo.config import (
@@ -28,7 +26,7 @@ from fedllm.training.nemo.config import (
 )
 from fedllm.training.nemo.errors import NemoLaunchError
 from fedllm.training.nemo.prompt_encoder import load_prompt_encoder_state
-from fedllm.training.nemo.site import build_trainer, start_nemo
+from fedllm.training.nemo.site import build_trainer, machine_trainer_settings, optimizer_name, start_nemo
 from fedllm.training.nemo.weights import load_weights
 
 GREEDY = {
@@ -48,7 +46,7 @@ def _single_process(model: Path) -> dict[str, Any]:
     """The checkpoint's config, after refusing one that needs several processes."""
     header = read_header(model)
     spec = ModelSpec.from_config(header.config, str(model))
-    if spec.tensor_parallel != 1 and not header.distributed:
+    if spec.tensor_parallel != 1:
         raise NemoLaunchError(
             f"{model}: tensor_model_parallel_size is {spec.tensor_parallel}; inference here runs in one process. "
             f"Fix: `fedllm ckpt convert --source {model} --target <tp1>.nemo --target-tp 1` and infer with that"
@@ -57,14 +55,7 @@ def _single_process(model: Path) -> dict[str, Any]:
 
 
 def _trainer_settings() -> TrainerSettings:
-    gpu = torch.cuda.is_available()
-    return TrainerSettings(accelerator="gpu" if gpu else "cpu", precision="bf16-mixed" if gpu else 32, max_steps=1)
-
-
-def _optim() -> OptimSettings:
-    import importlib.util
-
-    return OptimSettings(name="fused_adam" if importlib.util.find_spec("apex") else "adam")
+    return machine_trainer_settings(1, "bf16-mixed", max_steps=1)
 
 
 def generate_sentiment(
@@ -90,7 +81,7 @@ def generate_sentiment(
             language_model_path=str(language_model), train_files=[], validation_files=[],
             nemo_path=os.path.join(tmp, "ptuned.nemo"), encoder_hidden=encoder_hidden, virtual_tokens=virtual_tokens,
             global_batch_size=1, micro_batch_size=1, max_seq_length=seq_length, num_workers=0,
-            trainer=_trainer_settings(), optim=_optim(),
+            trainer=_trainer_settings(), optim=OptimSettings(name=optimizer_name()),
         )  # fmt: skip
         cfg = OmegaConf.create(ptuning_config(settings))
         model = MegatronGPTPromptLearningModel(cfg.model, trainer=build_trainer(cfg, 1))

@@ -28,6 +28,7 @@ from fedllm.training.nemo.site import (
     build_trainer,
     count_records,
     files,
+    fit_round,
     optim_settings,
     output_dir,
     run_nemo_site,
@@ -86,12 +87,10 @@ class NemoPtuningTask:
         return prompt_encoder_state(self.model.prompt_encoder)
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        start = self.trainer.global_step
-        self.trainer.fit_loop.epoch_loop.max_steps = start + epochs * self.steps_per_epoch
-        self.trainer.fit(self.model)
-        loss = self.trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
-        self.last_steps = self.trainer.global_step - start
-        return TrainOutcome(steps=self.last_steps, train_loss=float(loss))
+        self.trainer.fit_loop.epoch_loop.max_steps = self.trainer.global_step + epochs * self.steps_per_epoch
+        outcome = fit_round(self.trainer, self.model)
+        self.last_steps = outcome.steps
+        return outcome
 
     def evaluate(self) -> dict[str, float]:
         return validation_metrics(self.trainer, self.model, self.last_steps)

@@ -25,14 +25,16 @@ from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.flare.server_models import shard_key, split_shard_key
 from fedllm.training.core import TrainOutcome, resolve_path
 from fedllm.training.distributed import world
-from fedllm.training.nemo.config import SftSettings, sft_config, sft_steps
+from fedllm.training.nemo.config import SftSettings, sft_config
 from fedllm.training.nemo.site import (
     base_parser,
     build_trainer,
     count_records,
     files,
+    fit_round,
     optim_settings,
     run_nemo_site,
+    steps_per_epoch,
     trainer_settings,
     validation_metrics,
 )
@@ -56,7 +58,7 @@ class NemoSftTask:
         from omegaconf import OmegaConf
 
         train_files, val_files = files(args.train, site), files(args.val, site)
-        self.steps_per_round = sft_steps(count_records(train_files), args.global_batch_size, args.epochs)
+        self.steps_per_round = args.epochs * steps_per_epoch(count_records(train_files), args.global_batch_size)
         self.rank = world()[0]
         self.tensor_parallel = info.tensor_parallel
         settings = SftSettings(
@@ -104,13 +106,11 @@ class NemoSftTask:
         return {shard_key(self.rank, k, self.tensor_parallel): v for k, v in model_weights(self.model).items()}
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        start = self.trainer.global_step
-        self.round_end = start + self.steps_per_round
+        self.round_end = self.trainer.global_step + self.steps_per_round
         self.trainer.should_stop = False
-        self.trainer.fit(self.model)
-        loss = self.trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
-        self.last_steps = self.trainer.global_step - start
-        return TrainOutcome(steps=self.last_steps, train_loss=float(loss))
+        outcome = fit_round(self.trainer, self.model)
+        self.last_steps = outcome.steps
+        return outcome
 
     def evaluate(self) -> dict[str, float]:
         return validation_metrics(self.trainer, self.model, self.last_steps)

@@ -19,8 +19,8 @@ import torch
 
 from fedllm.checkpoint.model_spec import ModelSpec, read_model_spec
 from fedllm.data.io import DataError
-from fedllm.training.core import resolve_path, run_site
-from fedllm.training.distributed import run_distributed_site, world
+from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.training.distributed import run_distributed_site, site_name, world
 from fedllm.training.nemo import cpu_layer
 from fedllm.training.nemo.compat import apply_nemo_fixes, require_nemo_nlp
 from fedllm.training.nemo.config import OptimSettings, TrainerSettings
@@ -46,11 +46,6 @@ def base_parser(description: str, lr: float) -> argparse.ArgumentParser:
     return p
 
 
-def site_name() -> str:
-    """The site's name on ranks that have no Client API session (the kit's environment sets it)."""
-    return os.environ.get("FEDLLM_SITE_NAME", "site")
-
-
 def files(arg: str, site: str) -> list[str]:
     paths = [resolve_path(p, site) for p in arg.split(",") if p]
     for path in paths:
@@ -64,8 +59,8 @@ def files(arg: str, site: str) -> list[str]:
 
 def preflight(args: argparse.Namespace, site: str) -> ModelSpec:
     """Fail fast and clearly: checkpoint, TP vs GPUs vs processes, NeMo version."""
-    spec, distributed = read_model_spec(resolve_path(args.model, site))
-    spec.check_fits_site(args.devices, distributed=distributed)
+    spec = read_model_spec(resolve_path(args.model, site))
+    spec.check_fits_site(args.devices)
     _, world_size = world()
     if world_size != args.devices:
         raise NemoLaunchError(
@@ -93,22 +88,34 @@ def start_nemo(log=print) -> dict[str, str]:
     return {**fixes, **cpu}
 
 
-def trainer_settings(args: argparse.Namespace, max_steps: int = -1) -> TrainerSettings:
-    """On a GPU the job's precision; on a CPU fp32 (CPU autocast of Megatron's kernels is not what GPUs run)."""
+def machine_trainer_settings(
+    devices: int, precision: str | int, max_steps: int = -1, max_epochs: int = 1
+) -> TrainerSettings:
+    """On a GPU the given precision; on a CPU fp32 (CPU autocast of Megatron's kernels is not what GPUs run)."""
     gpu = torch.cuda.is_available()
     return TrainerSettings(
-        devices=args.devices,
+        devices=devices,
         accelerator="gpu" if gpu else "cpu",
-        precision=args.precision if gpu else 32,
-        # A step budget (p-tuning, SFT) decides when a round ends; the epoch count is then unbounded.
-        max_epochs=-1 if max_steps > 0 else args.epochs,
+        precision=precision if gpu else 32,
+        max_epochs=max_epochs,
         max_steps=max_steps,
     )
 
 
+def trainer_settings(args: argparse.Namespace, max_steps: int = -1) -> TrainerSettings:
+    # A step budget (p-tuning, SFT) decides when a round ends; the epoch count is then unbounded.
+    return machine_trainer_settings(
+        args.devices, args.precision, max_steps, max_epochs=-1 if max_steps > 0 else args.epochs
+    )
+
+
+def optimizer_name() -> str:
+    """NeMo's apex-fused Adam where apex is installed (the NeMo image), its plain Adam otherwise."""
+    return "fused_adam" if importlib.util.find_spec("apex") is not None else "adam"
+
+
 def optim_settings(args: argparse.Namespace) -> OptimSettings:
-    fused = importlib.util.find_spec("apex") is not None
-    return OptimSettings(name="fused_adam" if fused else "adam", lr=args.lr)
+    return OptimSettings(name=optimizer_name(), lr=args.lr)
 
 
 def output_dir() -> Path:
@@ -129,7 +136,7 @@ def steps_per_epoch(num_records: int, global_batch_size: int) -> int:
     if num_records < global_batch_size:
         raise DataError(
             f"{num_records} training records are fewer than one global batch ({global_batch_size}). Fix: lower "
-            "--global-batch-size in the job (fedllm job create ... --set global_batch_size=N) or add data"
+            "the global batch size in the job (fedllm job create ... -a global_batch_size=N) or add data"
         )
     return num_records // global_batch_size
 
@@ -165,6 +172,14 @@ def build_trainer(cfg: Any, tensor_parallel: int, builder: str = "MegatronTraine
             pipeline_model_parallel_size_=1,
         )
     return trainer
+
+
+def fit_round(trainer: Any, model: Any) -> TrainOutcome:
+    """One round of Lightning's fit, from where the last round stopped to where the caller set its end."""
+    start = trainer.global_step
+    trainer.fit(model)
+    loss = trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
+    return TrainOutcome(steps=trainer.global_step - start, train_loss=float(loss))
 
 
 def validation_metrics(trainer: Any, model: Any, last_steps: int) -> dict[str, float]:

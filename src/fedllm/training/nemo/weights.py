@@ -22,20 +22,20 @@ def _is_weight(key: str, value: Any) -> bool:
     return isinstance(value, torch.Tensor) and not key.endswith("_extra_state")
 
 
-def exchange_names(model: torch.nn.Module) -> dict[str, str]:
-    """Exchanged name → the model's own name, for every weight of `model`."""
-    return {te_spec_key(k): k for k, v in model.state_dict().items() if _is_weight(k, v)}
+def exchange_names(state: Mapping[str, Any]) -> dict[str, str]:
+    """Exchanged name → the model's own name, for every weight in a model's state dict."""
+    return {te_spec_key(k): k for k, v in state.items() if _is_weight(k, v)}
 
 
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under their exchanged names (float32, on the CPU)."""
     state = model.state_dict()
-    return {name: state[own].detach().to("cpu", torch.float32) for name, own in exchange_names(model).items()}
+    return {name: state[own].detach().to("cpu", torch.float32) for name, own in exchange_names(state).items()}
 
 
 def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], fits: str, fix: str) -> None:
     """Load exchanged weights into `model`; refuse a set of names that is not exactly the model's own."""
-    names = exchange_names(model)
+    names = exchange_names(model.state_dict())
     missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
     if missing or unexpected:
         raise NemoStateError(
