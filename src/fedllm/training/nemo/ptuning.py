@@ -27,11 +27,10 @@ from fedllm.training.nemo.site import (
     base_parser,
     build_trainer,
     count_records,
-    files,
     fit_round,
-    optim_settings,
     output_dir,
     run_nemo_site,
+    shared_settings,
     steps_per_epoch,
     trainer_settings,
     validation_metrics,
@@ -53,23 +52,15 @@ class NemoPtuningTask:
         )
         from omegaconf import OmegaConf
 
-        train_files = files(args.train, site)
-        self.steps_per_epoch = steps_per_epoch(count_records(train_files), args.global_batch_size)
+        shared = shared_settings(args, site, info)
+        self.steps_per_epoch = steps_per_epoch(count_records(shared["train_files"]), args.global_batch_size)
         settings = PtuningSettings(
+            **shared,
             language_model_path=str(resolve_path(args.model, site)),
-            train_files=train_files,
-            validation_files=files(args.val, site),
             nemo_path=str(output_dir() / "ptuned.nemo"),
-            tensor_parallel=info.tensor_parallel,
-            global_batch_size=args.global_batch_size,
-            micro_batch_size=args.micro_batch_size,
             encoder_hidden=args.encoder_hidden,
             virtual_tokens=args.virtual_tokens,
-            max_seq_length=args.max_seq_length,
-            num_workers=args.num_workers,
-            seed=args.seed,
             trainer=trainer_settings(args, max_steps=self.steps_per_epoch * args.epochs),
-            optim=optim_settings(args),
         )
         cfg = OmegaConf.create(ptuning_config(settings))
         self.trainer = build_trainer(cfg, info.tensor_parallel)

@@ -30,10 +30,9 @@ from fedllm.training.nemo.site import (
     base_parser,
     build_trainer,
     count_records,
-    files,
     fit_round,
-    optim_settings,
     run_nemo_site,
+    shared_settings,
     steps_per_epoch,
     trainer_settings,
     validation_metrics,
@@ -57,22 +56,15 @@ class NemoSftTask:
         from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
         from omegaconf import OmegaConf
 
-        train_files, val_files = files(args.train, site), files(args.val, site)
-        self.steps_per_round = args.epochs * steps_per_epoch(count_records(train_files), args.global_batch_size)
+        shared = shared_settings(args, site, info)
+        records = count_records(shared["train_files"])
+        self.steps_per_round = args.epochs * steps_per_epoch(records, args.global_batch_size)
         self.rank = world()[0]
         self.tensor_parallel = info.tensor_parallel
         settings = SftSettings(
-            train_files=train_files,
-            validation_files=val_files,
-            tensor_parallel=info.tensor_parallel,
-            global_batch_size=args.global_batch_size,
-            micro_batch_size=args.micro_batch_size,
-            max_seq_length=args.max_seq_length,
-            num_workers=args.num_workers,
-            seed=args.seed,
+            **shared,
             # The dataset is sized for the whole job; each round stops after steps_per_round (below).
             trainer=trainer_settings(args, max_steps=self.steps_per_round * args.rounds),
-            optim=optim_settings(args),
         )
         cfg = OmegaConf.create(sft_config(settings))
         self.trainer = build_trainer(cfg, info.tensor_parallel, builder="MegatronLMPPTrainerBuilder")

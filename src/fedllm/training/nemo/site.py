@@ -118,6 +118,21 @@ def optim_settings(args: argparse.Namespace) -> OptimSettings:
     return OptimSettings(name=optimizer_name(), lr=args.lr)
 
 
+def shared_settings(args: argparse.Namespace, site: str, info: ModelSpec) -> dict[str, Any]:
+    """What every NeMo workload's settings take straight from base_parser's arguments and the checkpoint."""
+    return {
+        "train_files": files(args.train, site),
+        "validation_files": files(args.val, site),
+        "tensor_parallel": info.tensor_parallel,
+        "global_batch_size": args.global_batch_size,
+        "micro_batch_size": args.micro_batch_size,
+        "max_seq_length": args.max_seq_length,
+        "num_workers": args.num_workers,
+        "seed": args.seed,
+        "optim": optim_settings(args),
+    }
+
+
 def output_dir() -> Path:
     """The job workspace of this site (NVFlare runs the trainer there); results travel with the job."""
     return Path.cwd()
