@@ -186,8 +186,7 @@ def write_resume_folder(folder: ResumeFolder, *, run_dir: Path | None, archive: 
             for path in sorted(run_dir.rglob("*")):
                 relative = path.relative_to(run_dir).as_posix()
                 if path.is_file() and _wanted(relative):
-                    (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                    link_or_copy(path, staging / relative)
+                    link_or_copy(path, staging / relative)  # atomic_path makes the parent folder
         elif archive is not None:
             with zipfile.ZipFile(archive) as zipped:
                 for member in zipped.infolist():

@@ -61,7 +61,10 @@ def kit_certificate_path(kit: Path) -> Path:
 
 
 def read_certificate(path: Path) -> KitCertificate:
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return _describe(path, x509.load_pem_x509_certificate(path.read_bytes()))
+
+
+def _describe(path: Path, cert: x509.Certificate) -> KitCertificate:
     return KitCertificate(
         path=path,
         common_name=_attr(cert.subject, NameOID.COMMON_NAME),
@@ -77,7 +80,8 @@ def read_certificate(path: Path) -> KitCertificate:
 def check_kit_certificate(kit: Path, now: dt.datetime | None = None) -> KitCertificate:
     """The kit's certificate if it can be used now; CertificateError naming the kit and the fix otherwise."""
     path = kit_certificate_path(kit)
-    cert = read_certificate(path)
+    leaf = x509.load_pem_x509_certificate(path.read_bytes())
+    cert = _describe(path, leaf)
     now = now or dt.datetime.now(dt.timezone.utc)
     renew = (
         f"Fix: at the participant, `fedllm cert request --name {cert.common_name} --force`; at the project admin, "
@@ -96,7 +100,6 @@ def check_kit_certificate(kit: Path, now: dt.datetime | None = None) -> KitCerti
         )
     root_path = kit / "startup" / "rootCA.pem"
     root = x509.load_pem_x509_certificate(root_path.read_bytes())
-    leaf = x509.load_pem_x509_certificate(path.read_bytes())
     try:
         leaf.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature) as exc:

@@ -301,18 +301,19 @@ class ComposeBuilder(Builder):
             )
         if on_server_host:
             services[ADMIN_SERVICE] = self._admin(f"{prefix}{self.config.admin.name}")
-        # One named volume per server and site: its writable workspace.
+        # Sites on another host dial the server by its DNS name (the certificate's CN); nothing to wait for here.
+        compose_project = f"fedllm-{project}" if on_server_host else f"fedllm-{project}-{out.name}"
+        self._write_files(out, compose_project, services, sites)
+
+    def _write_files(self, out: Path, compose_project: str, services: dict[str, Any], sites: list[Site]) -> None:
+        """A bundle's compose file (one named volume per server and site: its writable workspace), overlays, .env."""
         volumes = {
             v["source"]: {} for svc in services.values() for v in svc["volumes"] if v["target"] == WORKSPACE_MOUNT
         }
-        base = {"name": f"fedllm-{project}", "services": services, "volumes": volumes}
-        if not on_server_host:
-            # Sites on another host dial the server by its DNS name (the certificate's CN); nothing to wait for here.
-            base["name"] = f"fedllm-{project}-{out.name}"
-        _dump(out / "compose.yaml", base, self.source)
+        _dump(out / "compose.yaml", {"name": compose_project, "services": services, "volumes": volumes}, self.source)
         _dump(out / "compose.gpu.yaml", self._gpu_overlay(sites), self.source)
         _dump(out / "compose.cpu.yaml", self._cpu_overlay(sites), self.source)
-        _write_env(out / ".env", self._env_values(on_server_host))
+        _write_env(out / ".env", self._env_values(with_admin=ADMIN_SERVICE in services))
 
     def _env_values(self, with_admin: bool) -> dict[str, str]:
         uid, gid = self._container_ids()
@@ -355,14 +356,8 @@ class ComposeBuilder(Builder):
             services = {name: self._site(sites[0], "..", digest, with_server=False)}
         else:
             services = {ADMIN_SERVICE: self._admin("..", name, with_server=False)}
-        volumes = {
-            v["source"]: {} for svc in services.values() for v in svc["volumes"] if v["target"] == WORKSPACE_MOUNT
-        }
         compose_project = f"fedllm-{self.config.project}-" + re.sub(r"[^a-z0-9_-]+", "-", name.lower())
-        _dump(out / "compose.yaml", {"name": compose_project, "services": services, "volumes": volumes}, self.source)
-        _dump(out / "compose.gpu.yaml", self._gpu_overlay(sites), self.source)
-        _dump(out / "compose.cpu.yaml", self._cpu_overlay(sites), self.source)
-        _write_env(out / ".env", self._env_values(with_admin=ADMIN_SERVICE in services))
+        self._write_files(out, compose_project, services, sites)
 
     def finalize(self, project: Project, ctx: ProvisionContext) -> None:
         # Runs after every Builder's build() (so the kits are complete and their digests final) and before

@@ -172,8 +172,8 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
             f"({', '.join(alive)}); run `fedllm down` first"
         )
     _preflight(kits, ports=kits.config.server.name not in alive)
-    started = [_start(kits, name, echo) for name in names if name not in alive]
-    procs = [alive.get(name) or next(p for p in started if p.name == name) for name in names]
+    started = {name: _start(kits, name, echo) for name in names if name not in alive}
+    procs = [alive.get(name) or started[name] for name in names]
     _write_state(kits, procs)
 
     def check_alive() -> None:
@@ -187,8 +187,8 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
             wait_for_sites(session, kits.config.site_names, timeout=timeout, check=check_alive)
         echo(f"all {len(kits.config.sites)} sites registered in {time.monotonic() - t0:.1f}s")
     except (AdminError, NativeRuntimeError):
-        _terminate(started, grace=5.0)
-        survivors = [p for p in procs if p not in started and _alive(p.pid)]
+        _terminate(list(started.values()), grace=5.0)
+        survivors = [p for p in procs if p.name not in started and _alive(p.pid)]
         if survivors:
             _write_state(kits, survivors)
         else:
@@ -241,8 +241,14 @@ def _descendants(procs: list[Process]) -> list[int]:
     return pids
 
 
-def _terminate(procs: list[Process], grace: float, job_pids: Sequence[int] = ()) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _terminate(
+    procs: list[Process],
+    grace: float,
+    job_pids: Sequence[int] = (),
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGKILL),
+) -> None:
+    """Signal each process group and job process, waiting up to `grace` after each signal for them to go."""
+    for sig in signals:
         for p in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, sig)
@@ -310,11 +316,4 @@ def kill(kits: Kits, name: str) -> None:
     """
     proc = _participant(kits, name)
     job_pids = _descendants([proc])  # in sessions of their own (NVFlare), found while the parent lives
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in job_pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline and any(_alive(pid) for pid in [proc.pid, *job_pids]):
-        time.sleep(0.1)
+    _terminate([proc], grace=10.0, job_pids=job_pids, signals=(signal.SIGKILL,))
