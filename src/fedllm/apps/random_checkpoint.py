@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedllm.training.nemo.config import trainer_config
-from fedllm.training.nemo.site import machine_trainer_settings, optimizer_name
+from fedllm.training.nemo.config import optimizer_name, trainer_config
+from fedllm.training.nemo.site import build_trainer, machine_trainer_settings, start_nemo
 
 SHAPES = {
     # Megatron-GPT 345M (nvidia/megatron_gpt_345m): 24 layers, hidden 1024, 16 heads, ffn 4 × hidden.
@@ -149,11 +149,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from fedllm.training.nemo.site import start_nemo
-
     start_nemo()
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
-    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
     from omegaconf import OmegaConf
 
     gpu = torch.cuda.is_available()
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg["seed"] = args.seed
         settings = machine_trainer_settings(args.tp, "bf16-mixed", max_steps=1)
         cfg = OmegaConf.create({"trainer": trainer_config(settings), "model": model_cfg})
-        trainer = MegatronTrainerBuilder(cfg).create_trainer()
+        trainer = build_trainer(cfg, 1)  # a fresh model: no .nemo shards to place in AppState
         model = MegatronGPTModel(cfg.model, trainer=trainer)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         partial = args.out.with_name(f".{args.out.name}.partial")

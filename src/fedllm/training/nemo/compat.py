@@ -588,13 +588,13 @@ NEMO_FIXES: tuple[NemoFix, ...] = (
 
 
 def apply_nemo_fixes(skip: frozenset[str] = frozenset()) -> dict[str, str]:
-    """Apply every fix this NeMo needs (idempotent); returns what was applied, for the site log.
+    """Apply every fix this NeMo needs, each once per process; returns what was applied, for the site log.
 
     `skip` leaves fixes out by name: the tests use it to show unfixed NeMo failing.
     """
     version = parse_version(require_nemo_nlp())
     for fix in NEMO_FIXES:
-        if fix.name in skip or not fix.first <= version < fix.last_exclusive:
+        if fix.name in skip or fix.name in APPLIED or not fix.first <= version < fix.last_exclusive:
             continue
         if fix.apply():
             APPLIED[fix.name] = fix.symptom

@@ -15,6 +15,7 @@ config is the checkpoint's model_config.yaml with these keys merged over it (NeM
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +47,14 @@ class TrainerSettings:
     log_every_n_steps: int = 10
 
 
+def optimizer_name() -> str:
+    """apex's fused Adam where apex is installed (NVIDIA's containers), NeMo's plain Adam otherwise (same rule)."""
+    return "fused_adam" if importlib.util.find_spec("apex") is not None else "adam"
+
+
 @dataclass(frozen=True)
 class OptimSettings:
-    # apex's fused Adam where apex is installed (NVIDIA's containers), torch's Adam otherwise (same update rule).
-    name: str = "fused_adam"
+    name: str = field(default_factory=optimizer_name)
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 50

@@ -131,18 +131,16 @@ def activate() -> dict[str, str]:
     torch.cuda.manual_seed = torch.manual_seed
     megatron_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
-    if not getattr(megatron_init._set_random_seed, "_fedllm", False):
-        seed_without_gpu = megatron_init._set_random_seed
+    seed_without_gpu = megatron_init._set_random_seed  # wrapped once: activate() runs once per process
 
-        def _set_random_seed(seed: int) -> None:
-            seed_without_gpu(seed)
-            from megatron.core import tensor_parallel
+    def _set_random_seed(seed: int) -> None:
+        seed_without_gpu(seed)
+        from megatron.core import tensor_parallel
 
-            rank = megatron_init.get_pipeline_model_parallel_rank()
-            tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * rank)
+        rank = megatron_init.get_pipeline_model_parallel_rank()
+        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * rank)
 
-        _set_random_seed._fedllm = True
-        megatron_init._set_random_seed = _set_random_seed
+    megatron_init._set_random_seed = _set_random_seed
     # fork() swaps the tracker's state into the (device = CPU) generator and back, and warns that the CPU
     # state moved inside the context: here that is the tracker's own stream advancing, as it should.
     logging.getLogger(megatron_random.__name__).addFilter(_TrackerStreamAdvanced())

@@ -26,7 +26,7 @@ from fedllm.training.nemo.config import (
 )
 from fedllm.training.nemo.errors import NemoLaunchError
 from fedllm.training.nemo.prompt_encoder import load_prompt_encoder_state
-from fedllm.training.nemo.site import build_trainer, machine_trainer_settings, optimizer_name, start_nemo
+from fedllm.training.nemo.site import build_trainer, machine_trainer_settings, start_nemo
 from fedllm.training.nemo.weights import load_weights
 
 GREEDY = {
@@ -81,7 +81,7 @@ def generate_sentiment(
             language_model_path=str(language_model), train_files=[], validation_files=[],
             nemo_path=os.path.join(tmp, "ptuned.nemo"), encoder_hidden=encoder_hidden, virtual_tokens=virtual_tokens,
             global_batch_size=1, micro_batch_size=1, max_seq_length=seq_length, num_workers=0,
-            trainer=_trainer_settings(), optim=OptimSettings(name=optimizer_name()),
+            trainer=_trainer_settings(), optim=OptimSettings(),
         )  # fmt: skip
         cfg = OmegaConf.create(ptuning_config(settings))
         model = MegatronGPTPromptLearningModel(cfg.model, trainer=build_trainer(cfg, 1))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -109,13 +108,8 @@ def trainer_settings(args: argparse.Namespace, max_steps: int = -1) -> TrainerSe
     )
 
 
-def optimizer_name() -> str:
-    """NeMo's apex-fused Adam where apex is installed (the NeMo image), its plain Adam otherwise."""
-    return "fused_adam" if importlib.util.find_spec("apex") is not None else "adam"
-
-
 def optim_settings(args: argparse.Namespace) -> OptimSettings:
-    return OptimSettings(name=optimizer_name(), lr=args.lr)
+    return OptimSettings(lr=args.lr)
 
 
 def shared_settings(args: argparse.Namespace, site: str, info: ModelSpec) -> dict[str, Any]:
