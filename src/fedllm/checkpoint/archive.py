@@ -249,16 +249,19 @@ class NemoArchive:
         """How many tensor-parallel weight shards `open_rank` gives: the TP, or 1 for a distributed checkpoint."""
         return 1 if self.distributed else self.tp
 
-    def weights_bytes(self) -> int:
-        """Bytes of the weights in the archive (all rank files, or the distributed checkpoint's folder)."""
+    def weight_members(self) -> list[str]:
+        """The members that hold weights: every rank file, or the distributed checkpoint's folder."""
         if self.distributed:
-            return sum(m.size for n, m in self.members.items() if n.startswith(DIST_DIR + "/"))
-        return sum(self.members[n].size for n in self.ranks.values())
+            return [n for n in self.members if n.startswith(DIST_DIR + "/")]
+        return list(self.ranks.values())
+
+    def weights_bytes(self) -> int:
+        return sum(self.members[n].size for n in self.weight_members())
 
     def artifact_names(self) -> list[str]:
         """Members that are neither the config nor weights: tokenizer files and the like."""
-        weights = set(self.ranks.values())
-        return [n for n in self.members if n != CONFIG_NAME and n not in weights and not n.startswith(DIST_DIR + "/")]
+        weights = {CONFIG_NAME, *self.weight_members()}
+        return [n for n in self.members if n not in weights]
 
     def read_member(self, name: str) -> bytes:
         with self.open_member(name) as f:

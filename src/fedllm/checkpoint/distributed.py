@@ -247,7 +247,7 @@ class DistributedWeights:
             c_lo, c_hi = chunk.offsets, [o + s for o, s in zip(chunk.offsets, chunk.sizes, strict=True)]
             i_lo = [max(a, b) for a, b in zip(lo, c_lo, strict=True)]
             i_hi = [min(a, b) for a, b in zip(hi, c_hi, strict=True)]
-            if any(a >= b for a, b in zip(i_lo, i_hi, strict=True)) and shape:
+            if any(a >= b for a, b in zip(i_lo, i_hi, strict=True)):
                 continue
             data = self._load_chunk(chunk)
             src = tuple(slice(a - o, b - o) for a, b, o in zip(i_lo, i_hi, c_lo, strict=True))

@@ -74,12 +74,12 @@ def _hf_tokenizer_size(data: dict[str, Any]) -> int:
     return max(ids) + 1
 
 
-def _named_artifacts(archive: NemoArchive, reference: Any) -> list[str]:
-    """Artifacts a tokenizer config field names (e.g. "nemo:1a2b_tokenizer.model")."""
+def _named_artifacts(names: list[str], reference: Any) -> list[str]:
+    """The artifacts among `names` that a tokenizer config field names (e.g. "nemo:1a2b_tokenizer.model")."""
     if not isinstance(reference, str) or not reference:
         return []
     base = reference.removeprefix("nemo:").rsplit("/", 1)[-1]
-    return [n for n in archive.artifact_names() if n.rsplit("/", 1)[-1] == base]
+    return [n for n in names if n.rsplit("/", 1)[-1] == base]
 
 
 def vocabulary_from_archive(archive: NemoArchive) -> Vocabulary | None:
@@ -87,8 +87,8 @@ def vocabulary_from_archive(archive: NemoArchive) -> Vocabulary | None:
     tok: dict[str, Any] = archive.config.get("tokenizer") or {}
     names = archive.artifact_names()
     readers = [
-        (_named_artifacts(archive, tok.get("vocab_file")) + [n for n in names if n.endswith("vocab.json")], "vocab"),
-        (_named_artifacts(archive, tok.get("model")) + [n for n in names if n.endswith(".model")], "spm"),
+        (_named_artifacts(names, tok.get("vocab_file")) + [n for n in names if n.endswith("vocab.json")], "vocab"),
+        (_named_artifacts(names, tok.get("model")) + [n for n in names if n.endswith(".model")], "spm"),
         ([n for n in names if n.endswith("tokenizer.json")], "hf"),
     ]
     for candidates, kind in readers:
