@@ -13,3 +13,11 @@ from tests.support.sites import local_config_dict, write_yaml
 def local_config(tmp_path: Path) -> Path:
     """A valid 3-site, one-machine site config file with free ports."""
     return write_yaml(tmp_path / "site.yaml", local_config_dict())
+
+
+@pytest.fixture(scope="session")
+def nemo_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Megatron-GPT NeMo builds (legacy and mcore layouts), once per session for every NeMo test."""
+    from tests.support.nemo_runs import tiny_gpts
+
+    return tiny_gpts(tmp_path_factory.mktemp("nemo-models"))

@@ -16,18 +16,12 @@ import torch
 
 from fedllm.checkpoint import convert, summarize
 from fedllm.checkpoint.hf_export import export_hf
-from tests.support.nemo_runs import VOCAB, sentiment_data, tiny_gpt
+from tests.support.nemo_runs import VOCAB
+from tests.support.nemo_runs import fedllm_cli as fedllm
 
 pytest.importorskip("nemo", reason="NeMo runs in its own environment: make test-nemo (.venv-nemo)")
 pytestmark = pytest.mark.nemo
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nemo-ckpt")
-    text = sentiment_data(root / "data", ["site-1"])
-    return {layout: tiny_gpt(root / f"{layout}.nemo", text, layout=layout) for layout in ("legacy", "mcore")}
 
 
 def nemo_logits(model: Path, out: Path, processes: int = 1) -> torch.Tensor:
@@ -39,25 +33,21 @@ def nemo_logits(model: Path, out: Path, processes: int = 1) -> torch.Tensor:
     return torch.load(out)["logits"][..., :VOCAB]  # the padding rows differ with the TP; the vocabulary must not
 
 
-def fedllm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedllm.cli.main", *args], capture_output=True, text=True, timeout=600)
-
-
-def test_fedllm_reads_nemos_distributed_checkpoint(models, tmp_path):
-    info = fedllm("ckpt", "info", str(models["mcore"]))
+def test_fedllm_reads_nemos_distributed_checkpoint(nemo_models, tmp_path):
+    info = fedllm("ckpt", "info", str(nemo_models["mcore"]))
     assert info.returncode == 0, info.stderr
     assert "mcore (distributed checkpoint) Megatron-GPT" in info.stdout and "2 layers, hidden 64" in info.stdout
     assert "136,960 (137 K) in 28 tensors" in info.stdout, info.stdout
-    verified = fedllm("ckpt", "verify", str(models["mcore"]))
+    verified = fedllm("ckpt", "verify", str(nemo_models["mcore"]))
     assert verified.returncode == 0 and "CRCs intact" in verified.stdout, verified.stderr
-    summary = summarize(models["mcore"])
+    summary = summarize(nemo_models["mcore"])
     assert summary.tensors == 4 + 2 * 12 and summary.padded_vocab >= VOCAB
 
 
-def test_the_hugging_face_export_of_nemos_checkpoint_gives_nemos_logits(models, tmp_path):
+def test_the_hugging_face_export_of_nemos_checkpoint_gives_nemos_logits(nemo_models, tmp_path):
     transformers = pytest.importorskip("transformers")
-    want = nemo_logits(models["mcore"], tmp_path / "nemo.pt")
-    folder = export_hf(models["mcore"], tmp_path / "hf")
+    want = nemo_logits(nemo_models["mcore"], tmp_path / "nemo.pt")
+    folder = export_hf(nemo_models["mcore"], tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     from tests.support.nemo_logits import TOKENS
 
@@ -67,8 +57,8 @@ def test_the_hugging_face_export_of_nemos_checkpoint_gives_nemos_logits(models, 
 
 
 @pytest.mark.parametrize("layout", ["legacy", "mcore"])
-def test_tp1_to_tp2_and_back_restored_by_nemo_keep_the_logits(models, tmp_path, layout):
-    source = models[layout]
+def test_tp1_to_tp2_and_back_restored_by_nemo_keep_the_logits(nemo_models, tmp_path, layout):
+    source = nemo_models[layout]
     want = nemo_logits(source, tmp_path / "source.pt")
     tp2 = convert(source, tmp_path / "tp2.nemo", 2, progress=False).target
     torch.testing.assert_close(nemo_logits(tp2, tmp_path / "tp2.pt", processes=2), want, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """Real NeMo runs for the tests in the NeMo environment (.venv-nemo): a tiny Megatron-GPT and site data.
 
 The model is built and saved by NeMo itself (fedllm.apps.random_checkpoint --shape tiny, a subprocess: NeMo's
-save_to starts processes that re-import their main module), once per test session and layout.
+save_to starts processes that re-import their main module), once per test session and layout
+(the `nemo_models` fixture in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def tiny_gpt(out: Path, text: Path, layout: str = "legacy") -> Path:
             check=True, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     return out
+
+
+def tiny_gpts(root: Path) -> dict[str, Path]:
+    """The tiny GPT in both layouts, its tokenizer trained on the sentiment validation text."""
+    text = sentiment_data(root / "data", ["site-1"])
+    return {layout: tiny_gpt(root / f"{layout}.nemo", text, layout=layout) for layout in ("legacy", "mcore")}
+
+
+def fedllm_cli(*args: str) -> subprocess.CompletedProcess:
+    """The `fedllm` command as a user runs it (its own process: NeMo and its fixes stay out of the test's)."""
+    return subprocess.run([sys.executable, "-m", "fedllm.cli.main", *args], capture_output=True, text=True, timeout=600)
 
 
 def sentiment_data(root: Path, sites: list[str], per_site: int = 160, val: int = 48) -> Path:

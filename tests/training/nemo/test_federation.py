@@ -7,9 +7,6 @@ the models, their training and validation are NeMo's, the federation is NVFlare'
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -21,7 +18,8 @@ from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED
 from fedllm.jobs.template import InitialModel, load_template
 from fedllm.results.metrics import load_global_state, read_round_metrics
-from tests.support.nemo_runs import SEQ_LENGTH, sentiment_data, sft_data, tiny_gpt
+from tests.support.nemo_runs import SEQ_LENGTH, sentiment_data, sft_data
+from tests.support.nemo_runs import fedllm_cli as _fedllm
 from tests.support.sites import local_config_dict, write_yaml
 
 pytest.importorskip("nemo", reason="NeMo runs in its own environment: make test-nemo (.venv-nemo)")
@@ -33,15 +31,14 @@ COMMON = {"global_batch_size": 8, "micro_batch_size": 4, "max_seq_length": SEQ_L
 
 
 @pytest.fixture(scope="module")
-def nemo_world(tmp_path_factory):
+def nemo_world(tmp_path_factory, nemo_models):
     """Data, the tiny GPT (legacy as NVIDIA's public checkpoints: TP1, and TP2 for site-3; Megatron-core as NeMo 2
     writes it: a distributed checkpoint) and a running 3-site federation."""
     root = tmp_path_factory.mktemp("nemo-fed")
-    val = sentiment_data(root / "data", SITES)
+    sentiment_data(root / "data", SITES)
     sft_data(root / "data", SITES)
-    base = tiny_gpt(root / "models" / "tiny.nemo", val)
-    tp2 = convert(base, root / "models" / "tiny_tp2.nemo", 2, progress=False).target
-    mcore = tiny_gpt(root / "models" / "tiny_mcore.nemo", val, layout="mcore")
+    base, mcore = nemo_models["legacy"], nemo_models["mcore"]
+    tp2 = convert(base, root / "tiny_tp2.nemo", 2, progress=False).target
     cfg = load_site_config(write_yaml(root / "site.yaml", local_config_dict(project="nemofed")))
     with local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed:
         yield {"fed": fed, "root": root, "base": base, "tp2": tp2, "mcore": mcore}
@@ -149,11 +146,6 @@ def test_local_only_and_centralized_modes(nemo_world, tmp_path, mode):
     (only,) = read_round_metrics(result.result_dir)
     assert len(only["sites"]) == (3 if mode == "local" else 1)
     assert all(m["val_loss"] < m["global_val_loss"] for m in only["sites"].values())
-
-
-def _fedllm(*args: str) -> subprocess.CompletedProcess:
-    """The `fedllm` command as a user runs it (its own process: NeMo and its fixes stay out of this one)."""
-    return subprocess.run([sys.executable, "-m", "fedllm.cli.main", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_inference_with_the_global_prompt_encoder_through_nemo(nemo_world, ptuning_fedavg):
