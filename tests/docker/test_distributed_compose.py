@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -65,20 +64,14 @@ def test_distributed_kits_run_the_demo_job_from_their_own_compose_bundles(fedllm
         binds = {v["target"]: v["source"] for v in service["volumes"] if v["type"] == "bind"}
         assert Path(binds["/fedllm/kit"]).resolve() == kit.resolve()
         assert "depends_on" not in service, "a participant's own bundle waits on nothing it does not hold"
+        assert name not in cfg.site_names or "healthcheck" in service, "`up --wait` below waits for registration"
 
     try:
         with open(HEAVY_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # three site containers + one job process each: take turns
             compose("up", "-d", "--wait", "server", timeout=180)
-            compose("up", "-d", *cfg.site_names, timeout=180)
-            deadline = time.monotonic() + 120
-            while True:
-                logs = compose("logs", "--no-color", *cfg.site_names).stdout
-                done = [s for s in cfg.site_names if f"Successfully registered client:{s}" in logs]
-                if len(done) == len(cfg.site_names):
-                    break
-                assert time.monotonic() < deadline, f"registered: {done}\n{logs[-6000:]}"
-                time.sleep(2)
+            # Healthy = registered with the server (each kit's RegistrationMarker, as in central kits' bundles).
+            compose("up", "-d", "--wait", "--wait-timeout", "240", *cfg.site_names, timeout=300)
             admin = ["run", "--rm", "-T", "admin"]
             compose(
                 *admin,
