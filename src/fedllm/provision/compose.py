@@ -172,11 +172,16 @@ class ComposeBuilder(Builder):
         self.participant = participant
 
     # ---- services -------------------------------------------------------------------------------
+    def _user_ids(self) -> tuple[str, str]:
+        """The containers' uid and gid as compose variables (.env sets them; the config's uid otherwise)."""
+        default = str(self.config.container.uid)
+        return "${FEDLLM_UID:-" + default + "}", "${FEDLLM_GID:-" + default + "}"
+
     def _common(self, kit_rel: str) -> dict[str, Any]:
         c = self.config.container
         return {
             "image": "${FEDLLM_IMAGE:-" + c.image + "}",
-            "user": "${FEDLLM_UID:-" + str(c.uid) + "}:${FEDLLM_GID:-" + str(c.uid) + "}",
+            "user": ":".join(self._user_ids()),
             # An init as PID 1: python as PID 1 ignores SIGTERM, so `docker compose down` would wait 10 s and kill.
             "init": True,
             "restart": c.restart,
@@ -235,10 +240,7 @@ class ComposeBuilder(Builder):
 
     def _admin(self, kit_rel: str, name: str | None = None, with_server: bool = True) -> dict[str, Any]:
         admin = next((a for a in self.config.admins if a.name == name), self.config.admin)
-        uid, gid = (
-            "${FEDLLM_UID:-" + str(self.config.container.uid) + "}",
-            "${FEDLLM_GID:-" + str(self.config.container.uid) + "}",
-        )
+        uid, gid = self._user_ids()
         svc = self._common(kit_rel)
         svc["restart"] = "no"
         svc["profiles"] = [ADMIN_PROFILE]
