@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedllm.apps.local_federation import local_federation
 from fedllm.config import load_site_config
@@ -23,6 +24,7 @@ from fedllm.config.problems import display_path
 from fedllm.data.io import write_jsonl_files
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.template import load_template
+from fedllm.output import make_console, styled
 from fedllm.resources import resource_dir
 from fedllm.results.metrics import read_round_metrics
 
@@ -58,15 +60,19 @@ def run_demo(
     from fedllm.results.report import run_curves, write_report
     from fedllm.training.hf.tiny_gpt import build_tiny_gpt
 
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or make_console()
     echo = console.print
+
+    def step(n: int, message: str) -> None:
+        echo(styled(f"{n}/6", "bold", f" {message}"))
+
     t0 = time.monotonic()
     config_path = config_path or resource_dir("site_configs") / DEMO_CONFIG
     cfg = load_site_config(config_path)
     workspace = workspace.resolve()
     data_root = workspace / "data"
 
-    echo("[bold]1/6[/] base model: a tiny GPT-2 pretrained on CPU (built once, then cached)")
+    step(1, "base model: a tiny GPT-2 pretrained on CPU (built once, then cached)")
     model_dir = build_tiny_gpt(log=echo)
     echo(f"      {display_path(model_dir)}")
 
@@ -75,7 +81,7 @@ def run_demo(
     val = read_jsonl(data_root / "val.jsonl")
     majority = Counter(r["label"] for r in val).most_common(1)[0][1] / len(val)
     shown = "; ".join(f"{site}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) for site, c in labels.items())
-    echo(f"[bold]2/6[/] wrote label-skewed training data per site ({shown}) and a shared validation set")
+    step(2, f"wrote label-skewed training data per site ({shown}) and a shared validation set")
 
     template = load_template(TEMPLATE)
     common = {
@@ -87,16 +93,17 @@ def run_demo(
     fedavg_job = create_job(resolve_spec(template, "fedavg", rounds=rounds, **common), workspace / "jobs")
     common["local_epochs"] = rounds * local_epochs  # local-only: the same number of passes over the data
     local_job = create_job(resolve_spec(template, "local", **common), workspace / "jobs")
-    echo(
-        f"[bold]3/6[/] jobs: FedAvg {rounds} rounds × {local_epochs} epochs, local-only 1 round × "
-        f"{rounds * local_epochs} epochs → {display_path(workspace / 'jobs')}"
+    step(
+        3,
+        f"jobs: FedAvg {rounds} rounds × {local_epochs} epochs, local-only 1 round × "
+        f"{rounds * local_epochs} epochs → {display_path(workspace / 'jobs')}",
     )
 
     say = lambda m: echo("      " + m)  # noqa: E731
-    echo("[bold]4/6[/] mTLS startup kits, then the federation up (server + sites as local processes)")
+    step(4, "mTLS startup kits, then the federation up (server + sites as local processes)")
     source = display_path(config_path)
     with local_federation(cfg, workspace / "kits", data_root=workspace, source=source, echo=say) as fed:
-        echo(f"[bold]5/6[/] running both jobs (kits: {display_path(fed.kits.prod_dir)})")
+        step(5, f"running both jobs (kits: {display_path(fed.kits.prod_dir)})")
         fedavg = fed.submit(fedavg_job, download=workspace / "results", timeout=1200, echo=say)
         local = fed.submit(local_job, download=workspace / "results", timeout=1200, echo=say)
 
@@ -112,12 +119,20 @@ def run_demo(
         {"FedAvg": fedavg.result_dir, "local-only": local.result_dir}, workspace / "report", title="demo p-tuning"
     )
     echo(
-        f"[bold]6/6[/] [green]done[/] in {time.monotonic() - t0:.0f}s — validation accuracy "
-        f"(exact match of the generated label, {len(val)} sentences):"
+        Text.assemble(
+            ("6/6", "bold"),
+            " ",
+            ("done", "green"),
+            f" in {time.monotonic() - t0:.0f}s — validation accuracy "
+            f"(exact match of the generated label, {len(val)} sentences):",
+        )
     )
     echo(
-        f"      FedAvg final global prompt encoder: [bold]{final['val_accuracy']:.3f}[/] "
-        f"(macro-F1 {final['val_macro_f1']:.3f})"
+        Text.assemble(
+            "      FedAvg final global prompt encoder: ",
+            (f"{final['val_accuracy']:.3f}", "bold"),
+            f" (macro-F1 {final['val_macro_f1']:.3f})",
+        )
     )
     echo(
         "      local-only (each site alone): "

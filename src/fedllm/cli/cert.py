@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import DEFAULT_CONFIG, DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console
-from fedllm.config import load_site_config
+from fedllm.cli.common import DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console, done, load_config
 from fedllm.config.problems import display_path
 
 app = typer.Typer(
@@ -31,7 +30,7 @@ def _ca_dir(ca_dir: Path | None, workspace: Path, project: str) -> Path:
 
 @app.command()
 def init(
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     ca_dir: CaDirOpt = None,
     valid_days: Annotated[int, typer.Option(min=1, help="Validity of the root CA in days.")] = 3650,
@@ -39,11 +38,9 @@ def init(
     """Project admin: create the project's root CA (once per federation)."""
     from fedllm.provision.distributed import init_ca
 
-    cfg = load_site_config(config)
+    cfg, _ = load_config(config)
     ca = init_ca(cfg, _ca_dir(ca_dir, workspace, cfg.project), valid_days=valid_days)
-    console.print(
-        f"[green]root CA[/] for project '{cfg.project}' in {display_path(ca.ca_dir)} (keep rootCA.key private)"
-    )
+    done("root CA", f" for project '{cfg.project}' in {display_path(ca.ca_dir)} (keep rootCA.key private)")
     console.print(f"  fingerprint: {ca.fingerprint}")
     console.print("  give the fingerprint to every participant out of band (not with the signed zips)")
 
@@ -54,7 +51,7 @@ def request(
         str,
         typer.Option("--name", "--site", "-n", help="The participant: a site, the server or an admin of the config."),
     ],
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     out: Annotated[
         Path | None, typer.Option(help="Request folder; holds the private key (default: WORKSPACE/requests/NAME).")
@@ -64,11 +61,11 @@ def request(
     """Participant: make a private key and a certificate request from its entry in the site config."""
     from fedllm.provision.distributed import request_certificate
 
-    cfg = load_site_config(config)
+    cfg, path = load_config(config)
     req = request_certificate(
-        cfg, name, out or workspace / "requests" / name, source=display_path(config), data_root=Path.cwd(), force=force
+        cfg, name, out or workspace / "requests" / name, source=display_path(path), data_root=Path.cwd(), force=force
     )
-    console.print(f"[green]requested[/] a certificate for '{name}'")
+    done("requested", f" a certificate for '{name}'")
     console.print(f"  private key: {display_path(req.request_dir / f'{name}.key')} (stays here)")
     console.print(f"  send {display_path(req.request_zip)} to the project admin")
 
@@ -76,7 +73,7 @@ def request(
 @app.command()
 def sign(
     request_zip: Annotated[Path, typer.Argument(help="A <name>.request.zip from `fedllm cert request`.")],
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     ca_dir: CaDirOpt = None,
     out: Annotated[
@@ -88,7 +85,7 @@ def sign(
     """Project admin: sign a request, only for a name, kind, org and role the site config holds."""
     from fedllm.provision.distributed import sign_request
 
-    cfg = load_site_config(config)
+    cfg, path = load_config(config)
     signed = sign_request(
         cfg,
         request_zip,
@@ -96,9 +93,9 @@ def sign(
         out=out,
         valid_days=valid_days,
         force=force,
-        source=display_path(config),
+        source=display_path(path),
     )
-    console.print(f"[green]signed[/] '{signed.name}' until {signed.valid_until}")
+    done("signed", f" '{signed.name}' until {signed.valid_until}")
     console.print(
         f"  return {display_path(signed.signed_zip)} to '{signed.name}'; root CA fingerprint {signed.fingerprint}"
     )
@@ -130,7 +127,7 @@ def package(
     name = _signed_name(signed_zip)
     kit = package_kit(signed_zip, request_dir or workspace / "requests" / name, workspace, fingerprint, force=force)
     cert = read_certificate(kit_certificate_path(kit))
-    console.print(f"[green]packaged[/] {display_path(kit)} (certificate valid until {cert.not_after:%Y-%m-%d})")
+    done("packaged", f" {display_path(kit)} (certificate valid until {cert.not_after:%Y-%m-%d})")
     if (kit / "compose" / "compose.yaml").is_file():
         console.print(f"  containers: cd {display_path(kit / 'compose')} && docker compose up -d")
 

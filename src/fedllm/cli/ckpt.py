@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import console
+from fedllm.cli.common import console, done
+from fedllm.output import styled
 
 app = typer.Typer(
     help="Megatron-GPT .nemo checkpoints: info, verify, convert (TP reshard), download, export-hf.",
@@ -34,7 +35,7 @@ def info(path: Annotated[Path, typer.Argument(help="A .nemo file.")]) -> None:
 
     s = summarize(path)
     spec = s.spec
-    console.print(f"[bold]{s.path}[/]")
+    console.print(styled(str(s.path), "bold"))
     console.print(f"  layout       {s.layout} Megatron-GPT{' (megatron_legacy QKV)' if spec.megatron_legacy else ''}")
     console.print(f"  parallel     TP={s.tp} PP={s.pp}")
     console.print(
@@ -60,10 +61,10 @@ def verify(
     from fedllm.checkpoint.verify import compare_merged, summarize
 
     s = summarize(path, check_records=True)
-    console.print(f"[green]ok[/] {s.path}: {s.tensors} tensors × TP{s.tp}, shapes match model_config.yaml, CRCs intact")
+    done("ok", f" {s.path}: {s.tensors} tensors × TP{s.tp}, shapes match model_config.yaml, CRCs intact")
     if against is not None:
         n = compare_merged(path, against)
-        console.print(f"[green]ok[/] merged weights equal to {against}'s bit for bit ({n} tensors)")
+        done("ok", f" merged weights equal to {against}'s bit for bit ({n} tensors)")
 
 
 @app.command()
@@ -95,10 +96,11 @@ def convert(
     result = run_convert(
         source, target, target_tp, vocab_size=vocab_size, overwrite=overwrite, progress=progress, verify=check
     )
-    console.print(
-        f"[green]converted[/] {source} (TP{result.source_tp}) → {result.target} (TP{result.target_tp}): "
+    done(
+        "converted",
+        f" {source} (TP{result.source_tp}) → {result.target} (TP{result.target_tp}): "
         f"{result.tensors} tensors, vocabulary {result.vocab_size} padded {result.source_padded_vocab} → "
-        f"{result.target_padded_vocab}, verified"
+        f"{result.target_padded_vocab}, verified",
     )
 
 
@@ -121,7 +123,7 @@ def download(
     dest = run_download(
         resolve_url(repo, file, revision, endpoint), models_dir / file, sha256=sha256, progress=progress
     )
-    console.print(f"[green]downloaded[/] {dest} ({_gib(dest.stat().st_size)}), sha256 verified")
+    done("downloaded", f" {dest} ({_gib(dest.stat().st_size)}), sha256 verified")
 
 
 @app.command("export-hf")
@@ -135,9 +137,7 @@ def export_hf(
     from fedllm.checkpoint.hf_export import export_hf as run_export
 
     folder = run_export(source, out, vocab_size=vocab_size, overwrite=overwrite)
-    console.print(
-        f"[green]exported[/] {source} → {folder} ({_arch(folder)}; load with transformers.AutoModelForCausalLM)"
-    )
+    done("exported", f" {source} → {folder} ({_arch(folder)}; load with transformers.AutoModelForCausalLM)")
 
 
 def _arch(folder: Path) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import DEFAULT_CONFIG, DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console
+from fedllm.cli.common import DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console, done, federation_kits, load_config
 from fedllm.errors import FedllmError
 
 
@@ -16,7 +16,7 @@ class PreflightFailed(FedllmError):
 
 
 def preflight(
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     site: Annotated[
         list[str] | None,
         typer.Option("--site", help="Check only this site (repeatable); default: the sites on this host."),
@@ -27,18 +27,19 @@ def preflight(
     ] = None,
 ) -> None:
     """Check GPUs before starting: driver, each GPU exists, none shared, free memory, bf16 capability."""
-    from fedllm.config import load_site_config
+    from fedllm.config.problems import display_path
+    from fedllm.output import styled
     from fedllm.runtime.preflight import check_sites
 
-    cfg = load_site_config(config)
+    cfg, path = load_config(config)
     report = check_sites(cfg, site_names=site or None, hosts=set(host) if host else None)
     for finding in report.findings:
-        colour = "green" if finding.ok else "red"
-        console.print(f"[{colour}]{'PASS' if finding.ok else 'FAIL'}[/]  {finding.subject}: {finding.message}")
+        head = styled("PASS", "green") if finding.ok else styled("FAIL", "red")
+        console.print(head, f" {finding.subject}: {finding.message}")
     if not report.ok:
         failed = sum(not f.ok for f in report.findings)
-        raise PreflightFailed(f"GPU preflight failed ({failed} check(s)) for {config}")
-    console.print("[green]preflight passed[/]")
+        raise PreflightFailed(f"GPU preflight failed ({failed} check(s)) for {display_path(path)}")
+    done("preflight passed")
 
 
 def container_entry(
@@ -58,7 +59,7 @@ k8s_app = typer.Typer(help="Kubernetes deployment through NVFlare's `nvflare dep
 
 @k8s_app.command("render")
 def k8s_render(
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     image: Annotated[
         str | None, typer.Option(help="Image the pods run (default: the site config's container.image).")
@@ -67,12 +68,10 @@ def k8s_render(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <prod dir>/k8s).")] = None,
 ) -> None:
     """Render a Helm chart per participant from the newest kits, GPU requests from the site config."""
-    from fedllm.config import load_site_config
-    from fedllm.provision import latest_kits
     from fedllm.runtime.k8s import render
 
-    cfg = load_site_config(config)
-    render(latest_kits(workspace, cfg), image or cfg.container.image, namespace, out, echo=console.print)
+    kits = federation_kits(config, workspace)
+    render(kits, image or kits.config.container.image, namespace, out, echo=console.print)
 
 
 def register(app: typer.Typer) -> None:

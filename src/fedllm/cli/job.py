@@ -7,10 +7,20 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import DEFAULT_CONFIG, DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console, echo
-from fedllm.config import load_site_config
+from fedllm.cli.common import (
+    DEFAULT_WORKSPACE,
+    ConfigOpt,
+    WorkspaceOpt,
+    console,
+    done,
+    echo,
+    federation_kits,
+    load_config,
+    site_config_path,
+)
 from fedllm.config.problems import display_path
 from fedllm.jobs.template import available_templates
+from fedllm.output import styled
 
 app = typer.Typer(help="Create NVFlare job folders from templates and submit them.", no_args_is_help=True)
 
@@ -37,7 +47,7 @@ def create(
         list[str] | None,
         typer.Option("--arg", "-a", help="Trainer argument KEY=VALUE over the template's (e.g. -a quantize=4bit)."),
     ] = None,
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
     """Render a job folder for local-only, centralized or FedAvg training; print how to submit it."""
@@ -46,7 +56,7 @@ def create(
 
     if mode not in ("local", "central", "fedavg"):
         raise typer.BadParameter(f"'{mode}' is not a mode; use local, central or fedavg", param_hint="--mode")
-    sites = load_site_config(config).site_names if data and len(data) > 1 else None
+    sites = load_config(config, workspace)[0].site_names if data and len(data) > 1 else None
     extra_args = {}
     for item in arg or []:
         key, sep, value = item.partition("=")
@@ -71,14 +81,15 @@ def create(
         extra_args=extra_args,
     )
     job_dir = create_job(spec, out)
-    console.print(
-        f"[green]created[/] {display_path(job_dir)}: {spec.mode}, {spec.num_clients} site(s), "
-        f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s), {spec.devices} device(s) per site"
+    done(
+        "created",
+        f" {display_path(job_dir)}: {spec.mode}, {spec.num_clients} site(s), "
+        f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s), {spec.devices} device(s) per site",
     )
     _print_submit_hints(job_dir, config, workspace)
 
 
-def _print_submit_hints(job_dir: Path, config: Path, workspace: Path) -> None:
+def _print_submit_hints(job_dir: Path, config: Path | None, workspace: Path) -> None:
     """The two ways to submit the job: the admin console's `submit_job` (if it sees the folder) and `job submit`."""
     import contextlib
     import os
@@ -88,9 +99,9 @@ def _print_submit_hints(job_dir: Path, config: Path, workspace: Path) -> None:
     from fedllm.provision.compose import JOBS_ENV, console_jobs_dir
 
     project = ""
-    if not os.environ.get(JOBS_ENV) and config.is_file():
+    if not os.environ.get(JOBS_ENV) and site_config_path(config, workspace).is_file():
         with contextlib.suppress(FedllmError):  # the hint needs only the project; `fedllm validate` reports the rest
-            project = load_site_config(config).project
+            project = load_config(config, workspace)[0].project
     jobs_dir = console_jobs_dir(workspace, project) if project or os.environ.get(JOBS_ENV) else None
     for line in submit_hints(job_dir, jobs_dir):
         console.print(f"  {line}")
@@ -102,7 +113,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it ends.")] = True,
     download: Annotated[Path | None, typer.Option(help="Download the result (and site logs) here.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the job before aborting it.")] = 3600.0,
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     admin_kit: Annotated[
         Path | None,
@@ -114,7 +125,6 @@ def submit(
 ) -> None:
     """Submit with the admin kit; exit non-zero with the failing site's error if the job fails."""
     from fedllm.jobs.submit import submit_job
-    from fedllm.provision import latest_kits
     from fedllm.results.metrics import read_round_metrics
     from fedllm.runtime.admin import AdminKit
 
@@ -123,11 +133,11 @@ def submit(
 
         kits = AdminKit.open(admin_kit, os.environ.get("FEDLLM_ADMIN_USER"))
     else:
-        kits = latest_kits(workspace, load_site_config(config))
+        kits = federation_kits(config, workspace)
     result = submit_job(kits, job_dir, wait=wait, download=download, timeout=timeout, echo=echo)
     if not wait:
         return
-    console.print(f"[green]{result.status}[/] job {result.job_id} in {result.duration_s:.1f}s")
+    console.print(styled(result.status, "green"), f"job {result.job_id} in {result.duration_s:.1f}s")
     if result.result_dir:
         for rnd in read_round_metrics(result.result_dir):
             metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(rnd["aggregated"].items()))

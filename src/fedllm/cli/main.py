@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from fedllm.cli import cert, ckpt, containers, federation, job, workloads
 from fedllm.cli.common import console, err_console
 from fedllm.errors import FedllmError
+from fedllm.output import styled
 
 app = typer.Typer(
     name="fedllm",
@@ -17,7 +18,28 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"fedllm {version('fedllm')} (nvflare {version('nvflare')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Federated fine-tuning of LLMs with NVIDIA FLARE: site config → kits → federation → jobs → results."""
+
+
 federation.register(app)
 cert.register(app)
 app.add_typer(job.app, name="job")
@@ -46,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=True)  # usage errors: typer prints them and exits 2
     except FedllmError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(styled("error:", "bold red", f" {exc}"))
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import DEFAULT_CONFIG, ConfigOpt, console
+from fedllm.cli.common import ConfigOpt, console, done, load_config
 from fedllm.config.problems import display_path
 
 data_app = typer.Typer(
@@ -28,7 +28,7 @@ EXAMPLE_SENTENCES = [
 
 def _written(counts: dict[Path, int]) -> None:
     for path, n in counts.items():
-        console.print(f"[green]wrote[/] {display_path(path)} ({n} records)")
+        done("wrote", f" {display_path(path)} ({n} records)")
 
 
 @data_app.command("fpb")
@@ -122,19 +122,18 @@ def data_synthetic(
 
 @data_app.command("demo")
 def data_demo(
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
     per_site: Annotated[int, typer.Option(min=1, help="Training examples per site.")] = 300,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The demo-mlp job's data (train.npz, val.npz) into every site's data dir, as the site config names it."""
-    from fedllm.config import load_site_config
     from fedllm.training.toy.demo_mlp import write_demo_data
 
-    cfg = load_site_config(config)
+    cfg, _ = load_config(config)
     # Relative data dirs resolve against this folder, as `fedllm provision` resolves them.
     site_dirs = [site.data_path(Path.cwd()) for site in cfg.sites]
     for path in write_demo_data(site_dirs, seed=seed, per_site=per_site):
-        console.print(f"[green]wrote[/] {display_path(path)}")
+        done("wrote", f" {display_path(path)}")
 
 
 @model_app.command("tiny-gpt")
@@ -160,7 +159,7 @@ def report(
         labelled[label if sep else Path(item).name] = Path(path if sep else item)
     result = write_report(labelled, out, title=title)
     console.print(result.table)
-    console.print(f"[green]wrote[/] {display_path(result.png)} and {display_path(result.markdown)}")
+    done("wrote", f" {display_path(result.png)} and {display_path(result.markdown)}")
 
 
 def infer(
@@ -228,7 +227,7 @@ def export_hf(
     folder = run_export(
         model, result, "lora" if lora else "sft", out, best=best, lora_alpha=lora_alpha, overwrite=overwrite
     )
-    console.print(f"[green]wrote[/] {display_path(folder)} (load it with AutoModelForCausalLM.from_pretrained)")
+    done("wrote", f" {display_path(folder)} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,7 @@ from nvflare.lighter.provisioner import Provisioner
 
 from fedllm.config.site_config import SiteConfig
 from fedllm.errors import FedllmError
+from fedllm.fileio import write_text
 from fedllm.provision.builders import MANIFEST_NAME
 from fedllm.resources import resource_dir
 
@@ -169,13 +170,40 @@ def prod_dirs(workspace: Path, config: SiteConfig) -> list[Path]:
     return sorted(found, key=lambda p: int(PROD_RE.match(p.name).group(1)))
 
 
-def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
-    """The newest provisioned kits for this config, or a clear error saying to provision."""
+# In the workspace root: which site config was provisioned into it last, so that the commands after
+# `fedllm provision -c FILE` (up, status, job submit, down) find that federation without `-c` again.
+PROVISIONED_RECORD = ".fedllm-provisioned.json"
+
+
+def record_provisioned(workspace: Path, config_file: Path) -> None:
+    write_text(
+        workspace / PROVISIONED_RECORD,
+        json.dumps({"config": str(config_file.absolute())}, indent=2) + "\n",
+    )
+
+
+def provisioned_config(workspace: Path) -> Path | None:
+    """The site config last provisioned into `workspace` (None if none was, or it has gone since)."""
+    try:
+        recorded = Path(json.loads((workspace / PROVISIONED_RECORD).read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return recorded if recorded.is_file() else None
+
+
+def latest_kits(workspace: Path, config: SiteConfig, source: str | None = None) -> Kits:
+    """The newest provisioned kits for this config, or a clear error saying to provision.
+
+    `source` names the config file in the messages (which config was looked for).
+    """
+    workspace = workspace.absolute()
     dirs = prod_dirs(workspace, config)
     if not dirs:
+        of = f" (site config {source})" if source else ""
         raise ProvisionError(
-            f"no startup kits for project '{config.project}' under {workspace}; "
-            f"run `fedllm provision -c <site config> -w {workspace}` first"
+            f"no startup kits for project '{config.project}'{of} under {workspace}; "
+            f"run `fedllm provision -c {source or '<site config>'} -w {workspace}` first, "
+            "or pass the config and workspace you provisioned with (-c, -w)"
         )
     kits = Kits(dirs[-1], config)
     manifest = dirs[-1] / MANIFEST_NAME
@@ -184,9 +212,11 @@ def latest_kits(workspace: Path, config: SiteConfig) -> Kits:
         return kits
     recorded = json.loads(manifest.read_text()).get("config_digest") if manifest.is_file() else None
     if recorded != config_digest(config):
+        of = f" than {source}" if source else ""
         raise ProvisionError(
-            f"the kits in {dirs[-1]} were provisioned from a different site config; "
-            "re-run `fedllm provision` so that kits, GPUs and sites match the config"
+            f"the kits in {dirs[-1]} were provisioned from a different site config{of}; "
+            "re-run `fedllm provision` so that kits, GPUs and sites match the config, "
+            "or pass the config they were provisioned from (-c)"
         )
     return kits
 
@@ -217,11 +247,18 @@ def _make_room(workspace: Path, config: SiteConfig) -> None:
             d.rename(d.with_name(f"prod_{i:02d}"))
 
 
-def provision(config: SiteConfig, workspace: Path, source: str, data_root: Path | None = None) -> Kits:
+def provision(
+    config: SiteConfig,
+    workspace: Path,
+    source: str,
+    data_root: Path | None = None,
+    config_file: Path | None = None,
+) -> Kits:
     """Provision kits for every participant of `config` into `workspace/<project>/prod_NN`.
 
     Re-provisioning keeps the project's root CA (NVFlare's state dir), so kits made before and
-    after an edit trust each other; only the newest prod dirs are kept.
+    after an edit trust each other; only the newest prod dirs are kept. `config_file`, when given,
+    is recorded as the workspace's federation (`provisioned_config`).
     """
     workspace = workspace.resolve()
     data_root = (data_root or Path.cwd()).resolve()
@@ -244,6 +281,8 @@ def provision(config: SiteConfig, workspace: Path, source: str, data_root: Path 
     if ctx.get(CtxKey.BUILD_ERROR) or not prod or errors:
         raise ProvisionError("NVFlare's provisioner failed: " + ("; ".join(errors) or "no kits were produced"))
     _point_current(root, Path(prod))
+    if config_file is not None:
+        record_provisioned(workspace, config_file)
     return Kits(Path(prod), config)
 
 

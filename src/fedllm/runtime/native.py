@@ -115,6 +115,7 @@ def _preflight(kits: Kits, ports: bool = True) -> None:
 
 
 def _spawn(name: str, kit: Path, env: dict[str, str], logs: Path) -> Process:
+    kit = kit.absolute()  # sub_start.sh runs inside its kit: a relative path would not be found there
     script = kit / "startup" / "sub_start.sh"
     if not script.is_file():
         raise NativeRuntimeError(f"startup kit {kit} has no startup/sub_start.sh; re-run `fedllm provision`")
