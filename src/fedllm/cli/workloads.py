@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedllm.cli.common import ConfigOpt, console, done, load_config
 from fedllm.config.problems import display_path
 from fedllm.output import styled
+
+if TYPE_CHECKING:
+    from fedllm.data.io import Prepared
 
 data_app = typer.Typer(
     help="Prepare datasets: Financial PhraseBank, SFT sets, site splits, the demo job's data.", no_args_is_help=True
@@ -32,7 +35,7 @@ def _written(counts: dict[Path, int]) -> None:
         done("wrote", f" {display_path(path)} ({n} records)")
 
 
-def _read(prepared) -> None:
+def _read(prepared: Prepared) -> None:
     """What each input held and every item skipped, with its reason: a data command drops nothing unsaid."""
     for source in prepared.sources:
         context = f", {source.context} of them {source.context_note}" if source.context else ""
@@ -42,7 +45,7 @@ def _read(prepared) -> None:
             console.print(styled("skipped", "yellow", where + source.reasons()))
 
 
-def _wrote(prepared) -> None:
+def _wrote(prepared: Prepared) -> None:
     _written(prepared.written)
     for path in prepared.stale:
         console.print(

@@ -53,9 +53,6 @@ class SourceReport:
         ordered = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
         return ", ".join(f"{count} {reason}" for reason, count in ordered)
 
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-
 
 @dataclass(frozen=True)
 class Prepared:

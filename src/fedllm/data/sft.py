@@ -91,10 +91,7 @@ def _read_parquet(path: Path, columns: dict[str, str], fmt: str) -> list[dict[st
             raise DataError(
                 f"{path}: column {column!r} holds {column_type}, not {kind}; is this the {fmt} dataset's file?"
             )
-    try:
-        return table.select(list(columns)).to_pylist()
-    except Exception as exc:  # a file whose pages do not decode although its footer does
-        raise DataError(f"{path} is not a readable parquet file ({str(exc)[:200]})") from exc
+    return table.select(list(columns)).to_pylist()
 
 
 def _text(value: Any) -> str:
@@ -218,6 +215,8 @@ def convert_oasst1(path: Path, rng: random.Random, lang: str | None = "en") -> t
             continue
         pairs.append({"input": _join(parent["text"], "", rng), "output": _text(row["text"])})
     report.kept = len(pairs)
+    if not rows:
+        raise DataError(f"{path} holds no messages; give the OASST1 messages table")
     if not pairs:
         raise DataError(
             f"{path}: no prompter → rank-0 assistant pairs (lang={lang}) among its {report.read} messages"
