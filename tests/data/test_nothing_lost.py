@@ -24,7 +24,8 @@ from tests.support.data_report import accounting
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the commands print paths relative to here
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # the commands print paths relative to here
 
 
 def _jsonl(path: Path, records: list) -> Path:
@@ -265,8 +266,8 @@ REFUSED = {
     ),
     "combine a file twice": (
         {"in.jsonl": ['{"input": "a", "output": "b"}']},
-        ["combine", "in.jsonl", "./in.jsonl", "--out", "all.jsonl"],
-        "error: in.jsonl is given twice (also as in.jsonl); give each file once",
+        ["combine", "in.jsonl", "../work/in.jsonl", "--out", "all.jsonl"],
+        "error: ../work/in.jsonl is given twice (also as in.jsonl); give each file once",
     ),
     "combine into one of its inputs": (
         {"in.jsonl": ['{"input": "a", "output": "b"}'], "b.jsonl": ['{"input": "c", "output": "d"}']},

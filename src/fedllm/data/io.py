@@ -116,7 +116,8 @@ def refuse_repeated_inputs(inputs: Iterable[Path]) -> None:
     for path in inputs:
         key = _identity(path)
         if key in seen:
-            raise DataError(f"{path} is given twice (also as {seen[key]}); give each file once")
+            also = f" (also as {seen[key]})" if str(seen[key]) != str(path) else ""
+            raise DataError(f"{path} is given twice{also}; give each file once")
         seen[key] = path
 
 
