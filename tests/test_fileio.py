@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,16 @@ def test_an_existing_directory_is_kept_or_replaced_as_asked(tmp_path: Path) -> N
         (staging / "second").write_text("2")
     assert [p.name for p in target.iterdir()] == ["second"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """Not mkstemp's 0600 or mkdtemp's 0700: a container running as another user reads what an operator wrote."""
+    old = os.umask(0o022)
+    try:
+        file = write_text(tmp_path / "out.txt", "x")
+        with atomic_directory(tmp_path / "model") as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert file.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

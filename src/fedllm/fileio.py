@@ -2,7 +2,9 @@
 
 fedllm's outputs are written through here (data sets through fedllm.data.io's all-or-nothing writer,
 checkpoints through fedllm.checkpoint's): a crash, a full disk or an error half way leaves the previous
-file in place and no stray temp file. `durable=True` also fsyncs the data and the folder,
+file in place and no stray temp file. Files and folders get the mode the umask gives any new one
+(0644 / 0755 under umask 022), as a plain `open` or `mkdir` would, so containers that run as another
+user read them. `durable=True` also fsyncs the data and the folder,
 for files that must survive a machine crash once written (checkpoints, downloaded models).
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,10 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    # mkdir, not tempfile.mkdtemp: the folder gets the mode the umask gives (mkdtemp's is 0700, which a
+    # container running as another user could not read once the folder is renamed into place).
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    staging.mkdir()
     try:
         yield staging
         if path.exists() and not replace:

@@ -30,16 +30,16 @@ def _fpb_folder(root: Path, n: int = 40) -> Path:
 
 def test_fpb_reads_latin1_splits_80_10_10_and_is_seeded(tmp_path: Path) -> None:
     raw = _fpb_folder(tmp_path)
-    counts = prepare_fpb(raw, tmp_path / "out", seed=1)
+    counts = prepare_fpb(raw, tmp_path / "out", seed=1).written
     assert [n for n in counts.values()] == [32, 4, 4]
     train = read_jsonl(tmp_path / "out" / "financial_phrase_bank_train.jsonl")
     assert set(train[0]) == {"taskname", "sentence", "label"} and train[0]["taskname"] == "sentiment"
     assert "Äbc" in train[0]["sentence"] and train[0]["sentence"].endswith("@ home .")  # the label is after the last @
     all_sentences = sorted(r["sentence"] for f in counts for r in read_jsonl(f))
     assert len(set(all_sentences)) == 40
-    again = prepare_fpb(raw, tmp_path / "again", seed=1)
+    again = prepare_fpb(raw, tmp_path / "again", seed=1).written
     assert read_jsonl(next(iter(again))) == train
-    assert sum(prepare_fpb(raw, tmp_path / "all", agreement="all").values()) == 10
+    assert sum(prepare_fpb(raw, tmp_path / "all", agreement="all").written.values()) == 10
 
 
 def test_fpb_bad_inputs_fail_clearly_without_partial_output(tmp_path: Path) -> None:
@@ -62,7 +62,8 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
 
 def test_even_split_partitions_every_record_once(tmp_path: Path) -> None:
     source = _jsonl(tmp_path / "train.jsonl", sentiment_records(100, seed=3))
-    counts, labels = split_file(source, 3, tmp_path / "sites", seed=0)
+    prepared, labels = split_file(source, 3, tmp_path / "sites", seed=0)
+    counts = prepared.written
     assert [p.name for p in counts] == ["site-1.jsonl", "site-2.jsonl", "site-3.jsonl"]
     assert sorted(counts.values()) == [33, 33, 34]
     sentences = [r["sentence"] for p in counts for r in read_jsonl(p)]
@@ -72,7 +73,8 @@ def test_even_split_partitions_every_record_once(tmp_path: Path) -> None:
 
 def test_dirichlet_split_skews_labels_and_keeps_a_minimum(tmp_path: Path) -> None:
     source = _jsonl(tmp_path / "train.jsonl", sentiment_records(600, seed=3))
-    counts, labels = split_file(source, 3, tmp_path / "sites", alpha=0.3, seed=1, min_per_site=30)
+    prepared, labels = split_file(source, 3, tmp_path / "sites", alpha=0.3, seed=1, min_per_site=30)
+    counts = prepared.written
     assert min(counts.values()) >= 30 and sum(counts.values()) == 600
     # Strong skew: some site's most common label is well over the even share (1/3).
     assert max(c.most_common(1)[0][1] / sum(c.values()) for c in labels) > 0.6
@@ -103,7 +105,7 @@ def test_alpaca_parquet_to_input_output(tmp_path: Path) -> None:
         "output": [f"out {i}" for i in range(10)],
     }
     pq.write_table(pa.table(rows), tmp_path / "alpaca.parquet")
-    counts = prepare_sft("alpaca", tmp_path / "alpaca.parquet", tmp_path / "out", seed=0)
+    counts = prepare_sft("alpaca", tmp_path / "alpaca.parquet", tmp_path / "out", seed=0).written
     assert [p.name for p in counts] == ["training.jsonl", "validation.jsonl", "testing.jsonl"]
     assert list(counts.values()) == [8, 1, 1]
     records = [r for p in counts for r in read_jsonl(p)]
@@ -118,7 +120,7 @@ def test_dolly_jsonl_and_oasst1_trees(tmp_path: Path) -> None:
         tmp_path / "dolly.jsonl",
         [{"instruction": f"Q{i}", "context": "", "response": f"A{i}", "category": "qa"} for i in range(5)],
     )
-    counts = prepare_sft("dolly", dolly, tmp_path / "dolly", name="dolly")
+    counts = prepare_sft("dolly", dolly, tmp_path / "dolly", name="dolly").written
     assert sorted(r["input"] for p in counts for r in read_jsonl(p)) == [f"Q{i}" for i in range(5)]
 
     messages = {
@@ -135,7 +137,7 @@ def test_dolly_jsonl_and_oasst1_trees(tmp_path: Path) -> None:
     pq.write_table(pa.table(validation), tmp_path / "oasst_val.parquet")
     counts = prepare_sft(
         "oasst1", tmp_path / "oasst.parquet", tmp_path / "oasst", extra_input=tmp_path / "oasst_val.parquet"
-    )
+    ).written
     pairs = sorted((r["input"], r["output"]) for p in counts for r in read_jsonl(p))
     # Only rank-0 English replies with their prompter parent; the validation parquet is appended before the split.
     assert pairs == [("Hi?", "Hello."), ("How are you?", "Fine."), ("Why?", "Because.")]
@@ -160,7 +162,7 @@ def test_sft_bad_input(tmp_path: Path) -> None:
 def test_combine_concatenates_sites(tmp_path: Path) -> None:
     a = _jsonl(tmp_path / "a.jsonl", [{"input": "1", "output": "x"}])
     b = _jsonl(tmp_path / "b.jsonl", [{"input": "2", "output": "y"}, {"input": "3", "output": "z"}])
-    assert combine([a, b], tmp_path / "all.jsonl") == 3
+    assert combine([a, b], tmp_path / "all.jsonl").written == {tmp_path / "all.jsonl": 3}
     assert sorted(r["input"] for r in read_jsonl(tmp_path / "all.jsonl")) == ["1", "2", "3"]
 
 

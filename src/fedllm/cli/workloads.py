@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedllm.cli.common import ConfigOpt, console, done, load_config
 from fedllm.config.problems import display_path
+from fedllm.output import styled
+
+if TYPE_CHECKING:
+    from fedllm.data.io import Prepared
 
 data_app = typer.Typer(
     help="Prepare datasets: Financial PhraseBank, SFT sets, site splits, the demo job's data.", no_args_is_help=True
@@ -31,6 +35,29 @@ def _written(counts: dict[Path, int]) -> None:
         done("wrote", f" {display_path(path)} ({n} records)")
 
 
+def _read(prepared: Prepared) -> None:
+    """What each input held and every item skipped, with its reason: a data command drops nothing unsaid."""
+    for source in prepared.sources:
+        context = f", {source.context} of them {source.context_note}" if source.context else ""
+        done("read", f" {display_path(source.path)}: {source.read} {source.unit}{context}")
+        if source.skipped:
+            where = f" {source.dropped} of the {source.read} {source.unit} of {display_path(source.path)}: "
+            console.print(styled("skipped", "yellow", where + source.reasons()))
+
+
+def _wrote(prepared: Prepared) -> None:
+    _written(prepared.written)
+    for path in prepared.stale:
+        console.print(
+            styled(
+                "note:",
+                "yellow",
+                f" {display_path(path)} is left from an earlier split into more sites, not one of these; "
+                "remove it before using the folder's files",
+            )
+        )
+
+
 @data_app.command("fpb")
 def data_fpb(
     raw: Annotated[Path, typer.Option(help="The extracted FinancialPhraseBank-v1.0 folder.")],
@@ -41,7 +68,13 @@ def data_fpb(
     """Financial PhraseBank → financial_phrase_bank_{train,val,test}.jsonl (80/10/10, seeded)."""
     from fedllm.data.fpb import prepare_fpb
 
-    _written(prepare_fpb(raw, out, agreement=agreement, seed=seed))
+    prepared = prepare_fpb(raw, out, agreement=agreement, seed=seed)
+    _read(prepared)
+    _wrote(prepared)
+
+
+# A label table wider than this is not printed (the labels are then free text, not classes).
+MAX_TABLE_LABELS = 12
 
 
 @data_app.command("split")
@@ -58,15 +91,19 @@ def data_split(
 
     from fedllm.data.split import split_file
 
-    counts, labels = split_file(input, num_sites, out, alpha=alpha, seed=seed, min_per_site=min_per_site)
+    prepared, labels = split_file(input, num_sites, out, alpha=alpha, seed=seed, min_per_site=min_per_site)
+    _read(prepared)
     names = sorted(set().union(*labels))
+    shown = names if len(names) <= MAX_TABLE_LABELS else []
     table = Table(title=f"{input.name} over {num_sites} sites" + (f" (Dirichlet α={alpha})" if alpha else " (even)"))
-    for column in ["site", *names, "total"]:
+    for column in ["site", *shown, "total"]:
         table.add_column(column, justify="right")
-    for path, counter in zip(counts, labels, strict=True):
-        table.add_row(path.stem, *(str(counter.get(n, 0)) for n in names), str(counts[path]))
+    for path, counter in zip(prepared.written, labels, strict=True):
+        table.add_row(path.stem, *(str(counter.get(n, 0)) for n in shown), str(prepared.written[path]))
     console.print(table)
-    _written(counts)
+    if len(names) > len(shown):
+        console.print(f"({len(names)} distinct labels: too many to tabulate)")
+    _wrote(prepared)
 
 
 @data_app.command("sft")
@@ -81,10 +118,12 @@ def data_sft(
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Instruction data → {training,validation,testing}.jsonl with {"input", "output"}."""
+    """Instruction data → {training,validation,testing}.jsonl with {"input", "output"}; prints what it skipped."""
     from fedllm.data.sft import prepare_sft
 
-    _written(prepare_sft(format, input, out, name=name, seed=seed, extra_input=validation))
+    prepared = prepare_sft(format, input, out, name=name, seed=seed, extra_input=validation)
+    _read(prepared)
+    _wrote(prepared)
 
 
 @data_app.command("combine")
@@ -93,10 +132,12 @@ def data_combine(
     out: Annotated[Path, typer.Option(help="The combined file (centralized baseline).")],
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Concatenate and shuffle several jsonl files: the centralized run's training set."""
+    """Concatenate and shuffle several jsonl files of one format: the centralized run's training set."""
     from fedllm.data.sft import combine
 
-    _written({out: combine(inputs, out, seed=seed)})
+    prepared = combine(inputs, out, seed=seed)
+    _read(prepared)
+    _wrote(prepared)
 
 
 @data_app.command("synthetic")
@@ -107,9 +148,10 @@ def data_synthetic(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """A synthetic financial-sentiment corpus in the Financial PhraseBank jsonl format."""
-    from fedllm.data.io import write_jsonl_files
+    from fedllm.data.io import require_output_folder, write_jsonl_files
     from fedllm.data.synthetic import sentiment_records
 
+    require_output_folder(out)
     _written(
         write_jsonl_files(
             {
