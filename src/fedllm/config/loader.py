@@ -221,7 +221,8 @@ def _parse(path: Path, file: str, kind: str) -> tuple[yaml.Node | None, Any]:
             line,
         ) from None
     try:
-        return yaml.compose(text), yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed once: the nodes give lines, then the data
+        return root, (yaml.SafeLoader("").construct_document(root) if root is not None else None)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         msg = f"malformed YAML: {exc.problem or exc}"
@@ -235,6 +236,8 @@ def _parse(path: Path, file: str, kind: str) -> tuple[yaml.Node | None, Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise refuse(f"malformed YAML: {clip(str(exc), 200)}", _FIX_SYNTAX) from None
+    except ValueError as exc:  # a scalar YAML parses but Python refuses (an integer of over 4300 digits)
+        raise refuse(f"malformed YAML: {clip(str(exc), 120)}", "shorten the value") from None
     except RecursionError:
         raise refuse(
             "malformed YAML: nested too deeply", "a site config nests a few levels; check the brackets"
