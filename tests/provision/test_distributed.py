@@ -22,6 +22,7 @@ from fedllm.provision.certificates import CertificateError, check_kit_certificat
 from fedllm.provision.distributed import (
     CertificateAuthority,
     DistributedProvisionError,
+    ca_fingerprint,
     init_ca,
     package_kit,
     participant_definition,
@@ -251,3 +252,12 @@ def test_a_ca_folder_whose_ca_json_names_another_root_signs_nothing(made: Made, 
     with pytest.raises(DistributedProvisionError, match=r"ca\.json does not match rootCA\.pem"):
         sign_request(made.config, req.request_zip, ca_dir, out=out)
     assert not out.parent.exists() or list(out.parent.iterdir()) == [], list(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"rootCA_fingerprint": 7}'])
+def test_a_damaged_ca_json_is_named(made: Made, tmp_path: Path, content: bytes) -> None:
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(made.ca.ca_dir, ca_dir)
+    (ca_dir / "ca.json").write_bytes(content)
+    with pytest.raises(DistributedProvisionError, match=r"ca\.json names no root CA fingerprint .*Fix: restore"):
+        ca_fingerprint(ca_dir)

@@ -242,7 +242,16 @@ def ca_fingerprint(ca_dir: Path) -> str:
             f"{ca_dir} holds no project CA (no ca.json). Fix: create it with `fedllm cert init -c <site config> "
             f"--ca-dir {ca_dir}`, or pass the CA folder you created"
         )
-    return json.loads(meta.read_text(encoding="utf-8"))["rootCA_fingerprint"]
+    try:
+        fingerprint = json.loads(meta.read_bytes())["rootCA_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fingerprint = f"unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(fingerprint, str) or not fingerprint.startswith("SHA256:"):
+        raise DistributedProvisionError(
+            f"{meta} names no root CA fingerprint ({str(fingerprint)[:80]}). Fix: restore the CA folder from its "
+            "backup; `fedllm cert init` made it"
+        )
+    return fingerprint
 
 
 def init_ca(config: SiteConfig, ca_dir: Path, valid_days: int = 3650) -> CertificateAuthority:
