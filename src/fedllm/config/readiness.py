@@ -34,6 +34,7 @@ def data_dir_problem(site: Site, base: Path) -> str | None:
 
 
 def data_dir_fix(config_path: Path) -> str:
+    """What to do about a missing data folder: where the demo's data comes from, and how paths resolve."""
     return (
         "put the site's data there before it starts (`fedllm data demo -c "
         f"{display_path(config_path)}` writes the demo's), or correct data_dir; a relative data_dir is "
@@ -52,10 +53,9 @@ def host_warnings(config: SiteConfig, config_path: Path, base: Path, hosts: set[
     local, _ = here(config, hosts)
     line_of = line_locator(config_path)
     out = []
-    for site in local:
-        problem = data_dir_problem(site, base)
+    for i, site in enumerate(config.sites):
+        problem = data_dir_problem(site, base) if site in local else None
         if problem:
-            i = config.sites.index(site)
             loc = ("sites", i, "data_dir") if site.data_dir else ("sites", i)
             out.append(
                 Problem(display_path(config_path), format_loc(loc), problem, data_dir_fix(config_path), line_of(loc))

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedllm.config.problems import clip
 from fedllm.config.site_config import SiteConfig
 from fedllm.errors import FedllmError
 from fedllm.fileio import atomic_path, write_text
@@ -404,7 +405,7 @@ def normalize_fingerprint(value: str) -> str:
     normalized = normalize_sha256_fingerprint(value) or normalize_sha256_fingerprint("".join(value.split()))
     if not normalized:
         raise DistributedProvisionError(
-            f"--fingerprint {value!r} is not a SHA-256 fingerprint. Fix: paste the root CA fingerprint the project "
+            f"--fingerprint {clip(repr(value), 100)} is not a SHA-256 fingerprint. Fix: paste the root CA fingerprint the project "
             "admin gave you, as `fedllm cert init` printed it (SHA256:AA:BB:… with 32 pairs; lower case, no colons "
             "or OpenSSL's `sha256 Fingerprint=…` are taken too)"
         )

@@ -99,7 +99,10 @@ def check_sites(
     base = data_root or Path.cwd()
     for s in here:
         problem = data_dir_problem(s, base)
-        report.add(problem is None, f"{s.name} data", problem or f"data folder {s.data_path(base)}")
+        fix = " — put the site's data there before it starts (`fedllm data demo` writes the demo's), or correct its data_dir"
+        report.add(
+            problem is None, f"{s.name} data", f"{problem}{fix}" if problem else f"data folder {s.data_path(base)}"
+        )
     gpu_sites = [s for s in here if s.gpus]
     for s in here:
         if not s.gpus:
