@@ -215,3 +215,102 @@ def test_an_unknown_site_name_is_a_clear_error(tmp_path) -> None:
     cfg = load_site_config(write_yaml(tmp_path / "site.yaml", local_config_dict()))
     with pytest.raises(UnknownSiteError, match=r"no site named 'site-9'.*its sites: site-1, site-2, site-3.*Fix:"):
         cfg.site("site-9")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (VALID.encode().replace(b"site-2", b"site-\xff2"), "cfg.yaml:7: not UTF-8 text: byte 0xff at column 17"),
+        (VALID.encode("utf-16"), "cfg.yaml:1: the file is UTF-16 text. Fix: save it as UTF-8"),
+        (VALID.encode().replace(b"fedllm", b"fed\x00llm"), "cfg.yaml:1: malformed YAML: special characters"),
+        (b"[" * 1000, "cfg.yaml: malformed YAML: nested too deeply"),
+    ],
+    ids=["latin-1 byte", "utf-16", "NUL", "deep nesting"],
+)
+def test_unreadable_text_is_a_located_problem(tmp_path: Path, data: bytes, expected: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_site_config(path)
+    (problem,) = info.value.problems
+    assert f"/{expected}" in str(problem) and "Fix:" in str(problem)
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(VALID.encode("utf-8-sig"))
+    assert load_site_config(path).project == "fedllm"
+
+
+def test_problems_are_sorted_by_line(tmp_path: Path) -> None:
+    # The cross-field problem (line 3) is found after the field problems (lines 6, 7) but listed first.
+    text = VALID.replace("admin_port: 8003", "admin_port: 8002").replace("gpus: [0, 1]", "gpus: [-1]")
+    text = text.replace("name: site-2,", "name: Site_2,")
+    found = problems(tmp_path, text)
+    assert [p.split("cfg.yaml:")[1].split(":")[0] for p in found] == ["2", "6", "7"], found
+
+
+def test_one_gpu_clash_is_one_problem_naming_every_site(tmp_path: Path) -> None:
+    text = (
+        VALID.replace("gpus: [2, 3]", "gpus: [0]") + "  - {name: site-3, gpus: [0, 0]}\n  - {name: site-4, gpus: [0]}\n"
+    )
+    found = problems(tmp_path, text)
+    assert len(found) == 2, found
+    assert "cfg.yaml:7: sites[1].gpus[0]: GPU 0 on host 'localhost' is already assigned to site" in found[0]
+    assert "'site-1'; also taken by 'site-3' (line 8), 'site-4' (line 9)" in found[0]
+    assert found[1].endswith("cfg.yaml:8: sites[2].gpus: GPU 0 is listed twice. Fix: list each GPU once")
+
+
+def test_a_gpu_listed_twice_is_refused_even_when_sharing_is_allowed(tmp_path: Path) -> None:
+    msg = only(tmp_path, VALID.replace("gpus: [2, 3]", "gpus: [2, 2]") + "allow_gpu_sharing: true\n")
+    assert "sites[1].gpus: GPU 2 is listed twice" in msg
+
+
+def test_a_workload_needs_its_number_of_gpus(tmp_path: Path) -> None:
+    msg = only(tmp_path, VALID.replace("gpus: [2, 3]}", "gpus: [2], workload: gpt-20b-ptuning-tp2}"))
+    assert "cfg.yaml:7: sites[1].workload: gpt-20b-ptuning-tp2 needs 2 GPU(s) per site" in msg
+    assert "the site has 1. Fix: list 2 GPUs in its gpus" in msg
+    msg = only(tmp_path, VALID.replace("gpus: [2, 3]}", "workload: gpt-345m-ptuning}"))
+    assert "gpt-345m-ptuning needs 1 GPU(s) per site" in msg and "the site has 0" in msg
+    text = VALID.replace("gpus: [2, 3]}", "gpus: [2, 3], workload: gpt-20b-ptuning-tp2}")
+    assert load_site_config(write_yaml(tmp_path / "ok.yaml", text)).site("site-2").workload == "gpt-20b-ptuning-tp2"
+
+
+def test_an_unknown_workload_lists_the_known_ones(tmp_path: Path) -> None:
+    msg = only(tmp_path, VALID.replace("gpus: [2, 3]}", "gpus: [2, 3], workload: gpt-70b}"))
+    assert "sites[1].workload: workload 'gpt-70b' is not one fedllm knows" in msg
+    assert "use one of: none, demo-mlp, gpt-345m-ptuning" in msg
+
+
+@pytest.mark.parametrize("roles", [["member"], ["member", "org_admin"]])
+def test_a_federation_needs_an_admin_who_can_submit(tmp_path: Path, roles: list[str]) -> None:
+    admins = "".join(f"  - {{name: a{i}@x.org, role: {r}}}\n" for i, r in enumerate(roles))
+    text = VALID.replace("  - {name: admin@nvidia.com, org: nvidia, role: project_admin}\n", admins)
+    msg = only(tmp_path, text)
+    assert "cfg.yaml:3: admins: no admin can submit jobs: NVFlare lets project_admin and lead submit" in msg
+    assert "Fix: give one admin role lead" in msg
+
+
+def test_fedllm_submits_as_a_lead_when_there_is_no_project_admin(tmp_path: Path) -> None:
+    text = VALID.replace(
+        "  - {name: admin@nvidia.com, org: nvidia, role: project_admin}\n",
+        "  - {name: viewer@x.org, role: member}\n  - {name: lead@x.org, role: lead}\n",
+    )
+    assert load_site_config(write_yaml(tmp_path / "cfg.yaml", text)).admin.name == "lead@x.org"
+
+
+def test_aliases_are_read_without_blowing_up(tmp_path: Path) -> None:
+    # A recursive alias and a "billion laughs" (9^9 leaves through aliases): located problems, at once.
+    laughs = ["  l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = (
+        VALID.replace("project: fedllm", "project: &p [*p]") + "laughs:\n" + "\n".join(laughs) + "\ndescription: *l9\n"
+    )
+    found = problems(tmp_path, text)
+    assert any("cfg.yaml:1: project: Input should be a valid string" in p for p in found), found
+    assert any("laughs: unknown key 'laughs'" in p for p in found) and any("description:" in p for p in found)
+
+
+def test_a_huge_value_is_quoted_short(tmp_path: Path) -> None:
+    msg = only(tmp_path, VALID.replace("project: fedllm", "project: " + "x" * 100_000))
+    assert "project name 'xxxx" in msg and "…'" in msg and len(msg) < 400

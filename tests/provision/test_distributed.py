@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import shutil
 import stat
+import subprocess
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from fedllm.provision.certificates import CertificateError, check_kit_certificat
 from fedllm.provision.distributed import (
     CertificateAuthority,
     DistributedProvisionError,
+    ca_fingerprint,
     init_ca,
     package_kit,
     participant_definition,
@@ -225,3 +227,37 @@ def test_a_packaged_kit_stays_good_when_others_join_and_not_when_its_own_entry_c
     moved = edited(lambda d: d["sites"][1].update(gpus=[3]), "moved.yaml")
     with pytest.raises(ProvisionError, match=r"kit of 'site-2' .* packaged from a different site config.*--force"):
         latest_kits(workspace, moved)
+
+
+def test_nvflare_runs_in_this_process(made: Made, tmp_path: Path, monkeypatch) -> None:
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    ca = init_ca(made.config, tmp_path / "ca")
+    req = request_certificate(made.config, "site-1", tmp_path / "request", source="site.yaml", data_root=tmp_path)
+    signed = sign_request(made.config, req.request_zip, ca.ca_dir, out=tmp_path / "site-1.signed.zip")
+    kit = package_kit(signed.signed_zip, req.request_dir, tmp_path / "ws", ca.fingerprint)
+    assert check_kit_certificate(kit).common_name == "site-1"
+
+
+def test_a_ca_folder_whose_ca_json_names_another_root_signs_nothing(made: Made, tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(made.ca.ca_dir, ca_dir)
+    meta = json.loads((ca_dir / "ca.json").read_text())
+    meta["rootCA_fingerprint"] = "SHA256:" + ":".join(["AB"] * 32)
+    (ca_dir / "ca.json").write_text(json.dumps(meta))
+    req = request_certificate(made.config, "site-3", tmp_path / "request", source="site.yaml", data_root=tmp_path)
+    out = tmp_path / "outbox" / "site-3.signed.zip"
+    with pytest.raises(DistributedProvisionError, match=r"ca\.json does not match rootCA\.pem"):
+        sign_request(made.config, req.request_zip, ca_dir, out=out)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == [], list(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"rootCA_fingerprint": 7}'])
+def test_a_damaged_ca_json_is_named(made: Made, tmp_path: Path, content: bytes) -> None:
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(made.ca.ca_dir, ca_dir)
+    (ca_dir / "ca.json").write_bytes(content)
+    with pytest.raises(DistributedProvisionError, match=r"ca\.json names no root CA fingerprint .*Fix: restore"):
+        ca_fingerprint(ca_dir)

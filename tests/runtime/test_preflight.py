@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.cli.main import main
-from fedllm.config import load_site_config
+from fedllm.config import ConfigError, load_site_config
 from fedllm.runtime.preflight import check_container_gpus, check_sites
 from tests.support.sites import write_yaml
 
@@ -69,6 +69,11 @@ def nvml(monkeypatch):
 
 
 def _config(tmp_path: Path, sites: list[dict], **extra) -> Path:
+    """The config, with each site's data folder made (unless the site names its own)."""
+    for s in sites:
+        if "data_dir" not in s:
+            (tmp_path / "data" / s["name"]).mkdir(parents=True, exist_ok=True)
+    sites = [{"data_dir": str(tmp_path / "data" / s["name"]), **s} for s in sites]
     data = {"project": "pf", "admins": [{"name": "admin@nvidia.com"}], "sites": sites, **extra}
     return write_yaml(tmp_path / "site.yaml", data)
 
@@ -81,8 +86,9 @@ def test_six_a100s_pass_20b_tp2_with_a_message_per_site_and_gpu(nvml, tmp_path):
     report = check_sites(load_site_config(_config(tmp_path, SITES_20B)))
     assert report.ok, report.lines()
     subjects = [f.subject for f in report.findings]
-    assert subjects == ["driver", *(f"site-{i // 2 + 1} GPU {i}" for i in range(6))]
-    assert "550.54.15" in report.findings[0].message
+    data = [f"site-{i} data" for i in (1, 2, 3)]
+    assert subjects == [*data, "driver", *(f"site-{i // 2 + 1} GPU {i}" for i in range(6))]
+    assert "550.54.15" in report.findings[3].message
     assert fake.inits == fake.shutdowns == 1
 
 
@@ -101,8 +107,8 @@ def test_missing_gpu_low_memory_and_old_architecture_each_fail_on_their_gpu(nvml
 def test_no_driver_fails_clearly(nvml, tmp_path):
     nvml(None)
     report = check_sites(load_site_config(_config(tmp_path, SITES_20B)))
-    (finding,) = report.findings
-    assert not finding.ok and finding.subject == "driver" and "NVIDIA driver" in finding.message
+    (finding,) = [f for f in report.findings if not f.ok]
+    assert finding.subject == "driver" and "NVIDIA driver" in finding.message
 
 
 def test_shared_gpu_on_one_host_fails_unless_sharing_is_allowed(nvml, tmp_path):
@@ -113,7 +119,7 @@ def test_shared_gpu_on_one_host_fails_unless_sharing_is_allowed(nvml, tmp_path):
     ]
     report = check_sites(load_site_config(_config(tmp_path, sites, allow_gpu_sharing=True)))
     assert report.ok  # 2 × 25 GiB fit in 79 GiB
-    assert "needs 50 GiB" in report.findings[1].message
+    assert "needs 50 GiB" in report.findings[-1].message
     # The same GPU shared by two sites on different hosts is not sharing; only sites on this host are checked.
     sites[1]["host"] = "node-2"
     report = check_sites(load_site_config(_config(tmp_path, sites)))
@@ -128,12 +134,32 @@ def test_config_refuses_a_gpu_given_to_two_sites_on_one_host(nvml, tmp_path):
         load_site_config(_config(tmp_path, sites))
 
 
-def test_too_few_gpus_for_tensor_parallel_fails(nvml, tmp_path):
-    nvml([A100] * 2)
-    report = check_sites(
+def test_too_few_gpus_for_tensor_parallel_are_refused_by_the_config_and_in_the_container(nvml, tmp_path):
+    # One rule (fedllm.config.workloads): the site config refuses it, so preflight never meets such a site ...
+    with pytest.raises(ConfigError, match=r"sites\[0\].workload: gpt-20b-ptuning-tp2 needs 2 GPU\(s\) per site"):
         load_site_config(_config(tmp_path, [{"name": "s", "gpus": [0], "workload": "gpt-20b-ptuning-tp2"}]))
-    )
-    assert not report.ok and "needs 2 GPU(s)" in report.findings[-1].message
+    # ... and a container given fewer GPUs than its kit's workload needs fails its entry check with the same words.
+    nvml([A100])
+    report = check_container_gpus({"name": "s", "gpus": [0], "workload": "gpt-20b-ptuning-tp2"})
+    assert not report.ok and "gpt-20b-ptuning-tp2 needs 2 GPU(s) per site" in report.findings[-1].message
+
+
+def test_a_missing_data_folder_fails_on_its_host_only(nvml, tmp_path):
+    nvml([A100] * 2)
+    sites = [
+        {"name": "here", "gpus": [0], "data_dir": str(tmp_path / "absent")},
+        {"name": "file", "gpus": [1], "data_dir": str(tmp_path / "a-file")},
+        {"name": "away", "gpus": [0], "host": "node-2", "data_dir": str(tmp_path / "absent")},
+        {"name": "relative", "data_dir": "rel/data"},
+    ]
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "base" / "rel" / "data").mkdir(parents=True)
+    report = check_sites(load_site_config(_config(tmp_path, sites)), data_root=tmp_path / "base")
+    by_subject = {f.subject: f for f in report.findings}
+    assert not by_subject["here data"].ok and "does not exist on this host" in by_subject["here data"].message
+    assert not by_subject["file data"].ok and "is not a folder" in by_subject["file data"].message
+    assert "away data" not in by_subject and "runs on host 'node-2'" in by_subject["away"].message
+    assert by_subject["relative data"].ok, "a relative data_dir resolves against data_root"
 
 
 def test_cli_exits_non_zero_on_failure_and_zero_on_success(nvml, tmp_path, capsys):
@@ -141,7 +167,7 @@ def test_cli_exits_non_zero_on_failure_and_zero_on_success(nvml, tmp_path, capsy
     nvml([A100] * 5)
     assert main(["preflight", "-c", str(cfg)]) == 1
     out = capsys.readouterr()
-    assert "FAIL  site-3 GPU 5" in out.out and "GPU preflight failed" in out.err
+    assert "FAIL  site-3 GPU 5" in out.out and "preflight failed (1 check(s))" in out.err
     nvml([A100] * 6)
     assert main(["preflight", "-c", str(cfg), "--site", "site-2"]) == 0
     out = capsys.readouterr().out

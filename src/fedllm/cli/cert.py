@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -102,17 +100,20 @@ def sign(
 
 
 def _signed_name(signed_zip: Path) -> str:
-    try:
-        with zipfile.ZipFile(signed_zip) as zf:
-            return str(json.loads(zf.read("signed.json"))["name"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return signed_zip.name.removesuffix(".signed.zip")
+    """The participant a signed zip is for (its request folder's name), read without trusting the zip."""
+    from fedllm.provision.distributed import signed_participant
+
+    return signed_participant(signed_zip) or signed_zip.name.removesuffix(".signed.zip")
 
 
 def package(
     signed_zip: Annotated[Path, typer.Argument(help="The <name>.signed.zip the project admin returned.")],
     fingerprint: Annotated[
-        str, typer.Option(help="The root CA's SHA-256 fingerprint, as the project admin gave it out of band.")
+        str,
+        typer.Option(
+            help="The root CA's SHA-256 fingerprint, as the project admin gave it out of band "
+            "(SHA256:AA:BB:…; lower case, without colons or OpenSSL's form are taken too)."
+        ),
     ],
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     request_dir: Annotated[

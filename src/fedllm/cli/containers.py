@@ -26,7 +26,7 @@ def preflight(
         typer.Option("--host", help="Treat these names as this machine (default: localhost + hostname)."),
     ] = None,
 ) -> None:
-    """Check GPUs before starting: driver, each GPU exists, none shared, free memory, bf16 capability."""
+    """Check this host before its sites start: data folders, driver, each GPU exists, none shared, free memory, bf16."""
     from fedllm.config.problems import display_path
     from fedllm.output import styled
     from fedllm.runtime.preflight import check_sites
@@ -38,7 +38,7 @@ def preflight(
         console.print(head, f" {finding.subject}: {finding.message}")
     if not report.ok:
         failed = sum(not f.ok for f in report.findings)
-        raise PreflightFailed(f"GPU preflight failed ({failed} check(s)) for {display_path(path)}")
+        raise PreflightFailed(f"preflight failed ({failed} check(s)) for {display_path(path)}")
     done("preflight passed")
 
 

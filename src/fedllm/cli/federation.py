@@ -22,10 +22,24 @@ from fedllm.provision import provision
 
 
 def validate(config: ConfigOpt = None) -> None:
-    """Check a site config and report every problem at once (file, line, field, fix)."""
+    """Check a site config and report every problem at once (file, line, field, fix).
+
+    Errors (exit 1) are faults of the file. Warnings (exit 0) are about this host: a data folder of a
+    site that runs here is missing (it may be made later; `fedllm preflight` fails on it at start).
+    """
+    from pathlib import Path
+
+    from fedllm.config.readiness import here, host_warnings
+
     cfg, path = load_config(config)
     sites = ", ".join(f"{s.name} (GPUs {','.join(map(str, s.gpus)) or 'none'})" for s in cfg.sites)
     done("OK", f" {display_path(path)}: project '{cfg.project}', server '{cfg.server.name}', {sites}")
+    for problem in host_warnings(cfg, path, Path.cwd()):
+        console.print(styled("warning:", "yellow", f" {problem}"))
+    _, elsewhere = here(cfg)
+    if elsewhere:
+        names = ", ".join(f"{s.name} ({s.host})" for s in elsewhere)
+        console.print(f"  not checked here, `fedllm preflight` checks them on their hosts: data folders of {names}")
 
 
 def provision_cmd(config: ConfigOpt = None, workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:

@@ -15,35 +15,45 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from fedllm.config.problems import ConfigError, FixableError, Problem, display_path
+from fedllm.config.problems import ConfigError, FixableError, Problem, clip, display_path
 
 M = TypeVar("M", bound=BaseModel)
 Path_ = tuple[str | int, ...]
 
+# A config file is a page of YAML; anything this large is the wrong file (or a runaway generator).
+MAX_CONFIG_BYTES = 4 << 20
+_FIX_SYNTAX = "fix the YAML syntax at this line (indentation, ':' and quotes)"
 
-def _line_map(node: yaml.Node, path: Path_, lines: dict[Path_, int], dups: list[tuple[Path_, int]]) -> None:
+
+def _line_map(
+    node: yaml.Node, path: Path_, lines: dict[Path_, int], dups: list[tuple[Path_, int]], seen: set[int]
+) -> None:
+    """Line of every key and item; a node reached again through an alias is mapped once (no blow-up, no cycle)."""
+    if id(node) in seen:
+        return  # an alias: its path takes the line of its key
+    seen.add(id(node))
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
+        keys: set[str] = set()
         for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.id} key>"
+            if key in keys:
                 dups.append(((*path, key), key_node.start_mark.line + 1))
-            seen.add(key)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), lines, dups)
+            keys.add(key)
+            _line_map(value_node, (*path, key), lines, dups, seen)
             # Keep the key's own line for the mapping entry (values may start on the next line).
             lines[(*path, key)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), lines, dups)
+            _line_map(item, (*path, i), lines, dups, seen)
 
 
 def format_loc(loc: Path_) -> str:
     """`('sites', 1, 'gpus', 0)` -> `sites[1].gpus[0]`."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        name = clip(str(part), 40)
+        out += f"[{part}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out
 
 
@@ -117,7 +127,7 @@ def problems_from_validation_error(
             problems.append(Problem(file, field, ctx_error.message, ctx_error.fix, line))
             continue
         if e["type"] == "extra_forbidden":
-            key = str(loc[-1])
+            key = clip(str(loc[-1]), 40)
             allowed = _allowed_keys(model, loc[:-1])
             close = difflib.get_close_matches(key, allowed, n=1)
             fix = f"did you mean '{close[0]}'? " if close else "remove it or correct its spelling; "
@@ -125,7 +135,7 @@ def problems_from_validation_error(
             problems.append(Problem(file, field, f"unknown key '{key}'", fix.rstrip("; "), line))
             continue
         value = e.get("input")
-        shown = f" (got {value!r})" if e["type"] != "missing" and not isinstance(value, dict | list) else ""
+        shown = f" (got {clip(repr(value))})" if e["type"] != "missing" and not isinstance(value, dict | list) else ""
         named = [p for p in loc if isinstance(p, str)]
         fix = (field_fixes or {}).get(named[-1] if named else "") if e["type"] != "missing" else None
         fix = fix or _GENERIC_FIXES.get(e["type"], "correct the value")
@@ -151,37 +161,20 @@ def load_model(
     """
     path = Path(path)
     file = display_path(path)
-    if not path.is_file():
-        raise ConfigError(
-            [Problem(file, "", "file not found", "check the path, or copy a template from site_configs/")], kind
-        )
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        msg = f"malformed YAML: {exc.problem or exc}"
-        if exc.context and exc.context_mark and exc.context_mark is not mark:
-            msg += f" ({exc.context}, which starts at line {exc.context_mark.line + 1})"
-        raise ConfigError(
-            [Problem(file, "", msg, "fix the YAML syntax at this line (indentation, ':' and quotes)", line)], kind
-        ) from None
-
+    root, raw = _parse(path, file, kind)
     lines: dict[Path_, int] = {}
     dups: list[tuple[Path_, int]] = []
     if root is not None:
-        _line_map(root, (), lines, dups)
+        _line_map(root, (), lines, dups, set())
     problems = [
-        Problem(file, format_loc(loc), f"key '{loc[-1]}' appears twice", "keep only one of them", line)
+        Problem(file, format_loc(loc), f"key '{clip(str(loc[-1]), 40)}' appears twice", "keep only one of them", line)
         for loc, line in dups
     ]
     if not isinstance(raw, dict):
         problems.append(
             Problem(file, "", "the file must contain a YAML mapping at the top level", "see site_configs/", 1)
         )
-        raise ConfigError(problems, kind)
+        raise ConfigError(sorted(problems, key=lambda p: p.line or 0), kind)
 
     def line_of(loc: Path_) -> int | None:
         return _nearest_line(lines, loc)
@@ -196,5 +189,65 @@ def load_model(
             Problem(file, format_loc(loc), msg, fix, line_of(loc)) for loc, msg, fix in extra_checks(raw, line_of)
         ]
     if problems or result is None:
-        raise ConfigError(problems, kind)
+        raise ConfigError(sorted(problems, key=lambda p: p.line or 0), kind)
     return result
+
+
+def _parse(path: Path, file: str, kind: str) -> tuple[yaml.Node | None, Any]:
+    """The file's YAML node tree (for lines) and its data; a located Problem for anything unreadable."""
+
+    def refuse(message: str, fix: str, line: int | None = None) -> ConfigError:
+        return ConfigError([Problem(file, "", message, fix, line)], kind)
+
+    if not path.is_file():
+        raise refuse("file not found", "check the path, or copy a template from site_configs/")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror or exc})", "check the file's permissions") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise refuse(f"is larger than {MAX_CONFIG_BYTES >> 20} MiB; not a {kind}", "pass the YAML file you wrote")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise refuse("the file is UTF-16 text", "save it as UTF-8 (your editor's 'Save with encoding')", 1)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise refuse(
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column {column} cannot be decoded",
+            "save the file as UTF-8 (your editor's 'Save with encoding'), or retype the character",
+            line,
+        ) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed once: the nodes give lines, then the data
+        return root, (yaml.SafeLoader("").construct_document(root) if root is not None else None)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = f"malformed YAML: {exc.problem or exc}"
+        if exc.context and exc.context_mark and exc.context_mark is not mark:
+            msg += f" ({exc.context}, which starts at line {exc.context_mark.line + 1})"
+        raise refuse(msg, _FIX_SYNTAX, mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (control characters, NUL)
+        line = text[: exc.position].count("\n") + 1
+        raise refuse(
+            f"malformed YAML: {exc.reason} (character {exc.character!r})", "remove the character", line
+        ) from None
+    except yaml.YAMLError as exc:
+        raise refuse(f"malformed YAML: {clip(str(exc), 200)}", _FIX_SYNTAX) from None
+    except ValueError as exc:  # a scalar YAML parses but Python refuses (an integer of over 4300 digits)
+        raise refuse(f"malformed YAML: {clip(str(exc), 120)}", "shorten the value") from None
+    except RecursionError:
+        raise refuse(
+            "malformed YAML: nested too deeply", "a site config nests a few levels; check the brackets"
+        ) from None
+
+
+def line_locator(path: Path | str) -> Callable[[Path_], int | None]:
+    """The line of each field of a file `load_model` accepted: for reporting what is found about it later."""
+    root, _ = _parse(Path(path), display_path(path), "config")
+    lines: dict[Path_, int] = {}
+    if root is not None:
+        _line_map(root, (), lines, [], set())
+    return lambda loc: _nearest_line(lines, loc)

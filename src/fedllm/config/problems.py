@@ -55,6 +55,11 @@ class ConfigError(FedllmError):
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
+def clip(text: str, limit: int = 60) -> str:
+    """`text` shortened to `limit` characters: a problem quotes what it found, not megabytes of it."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
 def display_path(path: Path | str) -> str:
     """Show paths relative to the working directory when they are below it."""
     p = Path(path)

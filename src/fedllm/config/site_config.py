@@ -8,14 +8,16 @@ else in fedllm parses these files.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from fedllm.config.loader import Path_, load_model
-from fedllm.config.problems import FixableError
+from fedllm.config.problems import FixableError, clip
+from fedllm.config.workloads import NEEDS, gpu_shortfall
 from fedllm.errors import FedllmError
 
 # One DNS label (RFC 1123), lowercase: usable as a host name, a compose service name and a
@@ -48,8 +50,9 @@ GpuId = Annotated[StrictInt, Field(ge=0)]
 SUPPORTED_NVFLARE = "2.9"
 # Names a site cannot take: compose services and kit folders that fedllm creates beside the sites.
 RESERVED_SITE_NAMES = ("admin",)
-# Workloads GPU preflight knows the needs of (fedllm.runtime.preflight.workloads); "none" skips the memory check.
-Workload = Literal["none", "demo-mlp", "gpt-345m-ptuning", "gpt-1.3b-sft", "gpt-5b-sft", "gpt-20b-ptuning-tp2"]
+AdminRole = Literal["project_admin", "org_admin", "lead", "member"]
+# The admin roles NVFlare's default authorization lets submit jobs (org_admin and member may not).
+SUBMIT_ROLES = ("project_admin", "lead")
 
 
 class UnknownSiteError(FedllmError):
@@ -64,7 +67,7 @@ def _check_label(value: str, what: str) -> str:
     if not LABEL_RE.fullmatch(value):
         suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:63] or "site-1"
         raise FixableError(
-            f"{what} '{value}' cannot be used as a host or service name",
+            f"{what} '{clip(value)}' cannot be used as a host or service name",
             f"use lowercase letters, digits and '-' (at most 63, not starting or ending with '-'), e.g. '{suggestion}'",
         )
     return value
@@ -72,7 +75,7 @@ def _check_label(value: str, what: str) -> str:
 
 def _check_org(value: str) -> str:
     if not ORG_RE.fullmatch(value):
-        raise FixableError(f"org '{value}' is not valid", "use letters, digits and '_' only, e.g. 'nvidia'")
+        raise FixableError(f"org '{clip(value)}' is not valid", "use letters, digits and '_' only, e.g. 'nvidia'")
     return value
 
 
@@ -104,7 +107,7 @@ class Server(_Strict):
         port_range = parse_port_range(v)
         if port_range is None:
             raise FixableError(
-                f"job_ports '{v}' is not a port range",
+                f"job_ports '{clip(v)}' is not a port range",
                 f"write it as first-last with 1 ≤ first ≤ last ≤ 65535 and at most {MAX_JOB_PORTS} ports, "
                 "e.g. '8004-8013' (one port per job running at once), or null to route all traffic through "
                 "fed_learn_port",
@@ -121,7 +124,7 @@ class Server(_Strict):
     def _name(cls, v: str) -> str:
         if not HOSTNAME_RE.fullmatch(v):
             raise FixableError(
-                f"server name '{v}' is not a valid host name",
+                f"server name '{clip(v)}' is not a valid host name",
                 "use the server's DNS name (lowercase letters, digits, '-' and '.'), e.g. 'server' "
                 "or 'fl.example.org'; sites dial it and verify it as the certificate's CN",
             )
@@ -138,13 +141,13 @@ class Admin(_Strict):
 
     name: str
     org: str = "nvidia"
-    role: Literal["project_admin", "org_admin", "lead", "member"] = "project_admin"
+    role: AdminRole = "project_admin"
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not EMAIL_RE.fullmatch(v):
-            raise FixableError(f"admin name '{v}' is not an e-mail style identity", "use e.g. 'admin@nvidia.com'")
+            raise FixableError(f"admin name '{clip(v)}' is not an e-mail style identity", "use e.g. 'admin@nvidia.com'")
         return v
 
     @field_validator("org")
@@ -166,8 +169,9 @@ class Site(_Strict):
     data_dir: str | None = None
     # /dev/shm for the site's container: NeMo's data loaders need 16g (the seeds' docker run).
     shm_size: str = "16g"
-    # What the site will train, so GPU preflight can check free memory per GPU (fedllm.runtime.preflight.workloads).
-    workload: Workload = "none"
+    # What the site will train: the config checks it has enough GPUs for it, GPU preflight that they
+    # have the memory and capability (both from fedllm.config.workloads).
+    workload: str = "none"
 
     @field_validator("name")
     @classmethod
@@ -189,14 +193,23 @@ class Site(_Strict):
     @classmethod
     def _host(cls, v: str) -> str:
         if not HOSTNAME_RE.fullmatch(v):
-            raise FixableError(f"host '{v}' is not a valid host name", "use the machine's DNS name or 'localhost'")
+            raise FixableError(
+                f"host '{clip(v)}' is not a valid host name", "use the machine's DNS name or 'localhost'"
+            )
+        return v
+
+    @field_validator("workload")
+    @classmethod
+    def _workload(cls, v: str) -> str:
+        if v not in NEEDS:
+            raise FixableError(f"workload '{clip(v)}' is not one fedllm knows", f"use one of: {', '.join(NEEDS)}")
         return v
 
     @field_validator("shm_size")
     @classmethod
     def _shm(cls, v: str) -> str:
         if not SIZE_RE.fullmatch(v):
-            raise FixableError(f"shm_size '{v}' is not a size", "use a number with b, k, m or g, e.g. '16g'")
+            raise FixableError(f"shm_size '{clip(v)}' is not a size", "use a number with b, k, m or g, e.g. '16g'")
         return v
 
     def data_path(self, base: Path) -> Path:
@@ -236,7 +249,7 @@ class Container(_Strict):
     @classmethod
     def _image(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._/:@-]*", v):
-            raise FixableError(f"image '{v}' is not an image reference", "use e.g. 'fedllm:latest'")
+            raise FixableError(f"image '{clip(v)}' is not an image reference", "use e.g. 'fedllm:latest'")
         return v
 
 
@@ -263,7 +276,8 @@ class SiteConfig(_Strict):
     def _nvflare(cls, v: str) -> str:
         if not (v == SUPPORTED_NVFLARE or v.startswith(SUPPORTED_NVFLARE + ".")):
             raise FixableError(
-                f"nvflare_version '{v}' is not supported", f"use {SUPPORTED_NVFLARE}.x (fedllm pins nvflare 2.9.0)"
+                f"nvflare_version '{clip(v)}' is not supported",
+                f"use {SUPPORTED_NVFLARE}.x (fedllm pins nvflare 2.9.0)",
             )
         return v
 
@@ -302,8 +316,12 @@ class SiteConfig(_Strict):
 
     @property
     def admin(self) -> Admin:
-        """The admin fedllm uses for submissions: the first project_admin."""
-        return next((a for a in self.admins if a.role == "project_admin"), self.admins[0])
+        """The admin fedllm uses for submissions: the first project_admin, else the first lead."""
+        for role in SUBMIT_ROLES:
+            for admin in self.admins:
+                if admin.role == role:
+                    return admin
+        return self.admins[0]  # the config rule `no admin can submit jobs` keeps this from happening
 
 
 def cross_field_problems(raw: Any, line_of: Callable[[Path_], int | None]) -> list[tuple[Path_, str, str]]:
@@ -351,7 +369,7 @@ def cross_field_problems(raw: Any, line_of: Callable[[Path_], int | None]) -> li
                 out.append(
                     (
                         (key, i, "name"),
-                        f"duplicate {what} name '{name}' (also {key}[{first[name]}], line {line_of((key, first[name]))})",
+                        f"duplicate {what} name '{clip(name)}' (also {key}[{first[name]}], line {line_of((key, first[name]))})",
                         f"give every {what} a unique name",
                     )
                 )
@@ -361,36 +379,96 @@ def cross_field_problems(raw: Any, line_of: Callable[[Path_], int | None]) -> li
     server_name = server.get("name", "server")
     for i, entry in entries("sites"):
         if entry.get("name") == server_name:
-            out.append(((("sites", i, "name")), f"site name '{server_name}' is the server's name", "rename the site"))
+            out.append(
+                ((("sites", i, "name")), f"site name '{clip(server_name)}' is the server's name", "rename the site")
+            )
 
-    if not raw.get("allow_gpu_sharing", False):
-        owner: dict[tuple[str, int], tuple[int, str]] = {}
-        for i, entry in entries("sites"):
-            gpus = entry.get("gpus")
-            if not isinstance(gpus, list):
-                continue
-            host = entry.get("host", "localhost")
-            name = entry.get("name", f"sites[{i}]")
-            for j, gpu in enumerate(gpus):
-                if not isinstance(gpu, int) or isinstance(gpu, bool):
-                    continue
-                key = (host, gpu)
-                if key in owner and owner[key][0] != i:
-                    other = owner[key][1]
-                    out.append(
-                        (
-                            ("sites", i, "gpus", j),
-                            f"GPU {gpu} on host '{host}' is already assigned to site '{other}'",
-                            f"give site '{name}' other GPUs, move it to another host, or set "
-                            "allow_gpu_sharing: true if the sites are meant to share (small models only)",
-                        )
-                    )
-                else:
-                    owner[key] = (i, name)
-            dupes = {g for g in gpus if isinstance(g, int) and gpus.count(g) > 1}
-            for g in sorted(dupes):
-                out.append((("sites", i, "gpus"), f"GPU {g} is listed twice", "list each GPU once"))
+    out += _gpu_problems(raw, entries("sites"), line_of)
+    out += _submitter_problems(entries("admins"))
     return out
+
+
+def _gpu_ids(entry: dict) -> tuple[dict[int, int], bool]:
+    """The site's valid GPU indices (gpus index -> GPU), and whether all of them are (the field check reports the rest)."""
+    gpus = entry.get("gpus", [])
+    if not isinstance(gpus, list):
+        return {}, False
+    valid = {j: g for j, g in enumerate(gpus) if isinstance(g, int) and not isinstance(g, bool) and g >= 0}
+    return valid, len(valid) == len(gpus)
+
+
+def _gpu_problems(
+    raw: dict, sites: list[tuple[int, dict]], line_of: Callable[[Path_], int | None]
+) -> list[tuple[Path_, str, str]]:
+    """A GPU listed twice by one site, shared by sites of one host, or too few GPUs for a site's workload.
+
+    Each clash is reported once, at the first site that takes a GPU another site already has,
+    naming every site that has it.
+    """
+    out: list[tuple[Path_, str, str]] = []
+    holders: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (host, gpu) -> [(site index, gpus index)]
+    for i, entry in sites:
+        gpus, all_valid = _gpu_ids(entry)
+        first: dict[int, int] = {}  # GPU -> where the site lists it first
+        for j, g in gpus.items():
+            first.setdefault(g, j)
+        for g in sorted(g for g, n in Counter(gpus.values()).items() if n > 1):
+            out.append((("sites", i, "gpus"), f"GPU {g} is listed twice", "list each GPU once"))
+        host = entry.get("host", "localhost")
+        if isinstance(host, str):
+            for g, j in first.items():
+                holders.setdefault((host, g), []).append((i, j))
+        workload = entry.get("workload", "none")
+        known = isinstance(workload, str) and workload in NEEDS
+        shortfall = gpu_shortfall(workload, len(first)) if known and all_valid else None
+        if shortfall:
+            out.append(
+                (
+                    ("sites", i, "workload"),
+                    shortfall,
+                    f"list {NEEDS[workload].min_gpus} GPUs in its gpus, or give it a workload its GPUs can run",
+                )
+            )
+    if raw.get("allow_gpu_sharing", False) is True:
+        return out
+    names = {i: entry.get("name") for i, entry in sites}
+
+    def site(i: int) -> str:
+        return f"'{names[i]}'" if isinstance(names[i], str) else f"sites[{i}]"
+
+    for (host, g), held in holders.items():
+        if len(held) < 2:
+            continue
+        (owner, _), (second, j) = held[0], held[1]
+        message = f"GPU {g} on host '{clip(host)}' is already assigned to site {site(owner)}"
+        if len(held) > 2:
+            message += "; also taken by " + ", ".join(f"{site(i)} (line {line_of(('sites', i))})" for i, _ in held[2:])
+        out.append(
+            (
+                ("sites", second, "gpus", j),
+                message,
+                f"give site {site(second)} other GPUs, move it to another host, or set allow_gpu_sharing: true "
+                "if the sites are meant to share (small models only)",
+            )
+        )
+    return out
+
+
+def _submitter_problems(admins: list[tuple[int, dict]]) -> list[tuple[Path_, str, str]]:
+    """A federation needs an admin who may submit jobs (NVFlare's default authorization)."""
+    roles = [a.get("role", "project_admin") for _, a in admins]
+    if not roles or any(r not in get_args(AdminRole) for r in roles):
+        return []  # no admins, or a role the field check reports
+    if any(r in SUBMIT_ROLES for r in roles):
+        return []
+    listed = ", ".join(f"{a.get('name')} ({a.get('role', 'project_admin')})" for _, a in admins)
+    return [
+        (
+            ("admins",),
+            f"no admin can submit jobs: NVFlare lets {' and '.join(SUBMIT_ROLES)} submit, the admins are {listed}",
+            "give one admin role lead (or project_admin, for a federation `fedllm provision` makes centrally)",
+        )
+    ]
 
 
 _FIELD_FIXES = {

@@ -2,7 +2,8 @@
 
 Beside the central `fedllm provision` (one operator makes every kit, keys included), for federations
 that span organizations. Built on NVFlare's own commands (`nvflare cert init | request | approve`,
-`nvflare package`); fedllm adds what the site config knows:
+`nvflare package`, run in this process through their Python handlers); fedllm adds what the site
+config knows:
 
     project admin  fedllm cert init -c site.yaml                 root CA + NVFlare's project profile
     participant    fedllm cert request -c site.yaml --name site-1
@@ -20,11 +21,15 @@ the CSR, the signed zip the certificate and the root CA.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
-import subprocess
+import re
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +37,10 @@ from typing import Any, Literal
 
 import yaml
 
+from fedllm.config.problems import clip
 from fedllm.config.site_config import SiteConfig
 from fedllm.errors import FedllmError
-from fedllm.fileio import write_text
+from fedllm.fileio import atomic_path, write_text
 from fedllm.provision.certificates import check_kit_certificate
 from fedllm.provision.provisioner import Kits, fedllm_builders
 
@@ -45,6 +51,8 @@ SCHEME = "tcp"
 # every site, and NVFlare issues that role only through central provisioning.
 DISTRIBUTED_ROLES = ("org_admin", "lead", "member")
 _MAX_REQUEST_JSON = 1 << 20
+# What may name a participant (a site, the server's host name, an admin's e-mail): also a folder name.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,253}")
 
 Kind = Literal["server", "site", "user"]
 
@@ -154,26 +162,72 @@ def participant_definition(config: SiteConfig, name: str, source: str, data_root
 
 
 def _nvflare(args: list[str], what: str) -> dict[str, Any]:
-    """Run one `nvflare` command with JSON output; its data, or its error as a DistributedProvisionError."""
-    cmd = [sys.executable, "-m", "nvflare.cli", "--format", "json", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    envelope: dict[str, Any] = {}
-    for line in reversed(proc.stdout.strip().splitlines()):
-        try:
-            envelope = json.loads(line)
-            break
-        except json.JSONDecodeError:
-            continue
-    if proc.returncode == 0 and envelope.get("status") == "ok":
+    """Run one of NVFlare's `cert` / `package` commands in this process; its result, or its error as ours.
+
+    NVFlare 2.9's Python entry points for distributed provisioning are the handlers its CLI dispatches
+    to (`handle_cert_cmd`, `handle_package_cmd`), given the arguments its own parsers make. They report
+    only through `nvflare.tool.cli_output`: in JSON mode one envelope (`status`, `data` or `error_code`,
+    `message`, `hint`), and `sys.exit` on an error. So they run with JSON output into memory, and
+    anything they raise becomes the same kind of refusal (as `nvflare`'s own `INTERNAL_ERROR`).
+    """
+    from nvflare.tool import cli_output
+    from nvflare.tool.cert.cert_cli import def_cert_cli_parser, handle_cert_cmd
+    from nvflare.tool.package.package_cli import def_package_cli_parser, handle_package_cmd
+
+    parser = argparse.ArgumentParser(prog="nvflare")
+    commands = parser.add_subparsers(dest="sub_command")
+    def_cert_cli_parser(commands)
+    def_package_cli_parser(commands)
+    handlers = {"cert": handle_cert_cmd, "package": handle_package_cmd}
+    out, err = io.StringIO(), io.StringIO()
+    output_format = "json" if cli_output.is_json_mode() else "jsonl" if cli_output.is_jsonl_mode() else "txt"
+    argv, status, failure = sys.argv, None, None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            namespace = parser.parse_args(args)
+            sys.argv = ["nvflare", *args]  # the handlers look there for --schema
+            cli_output.set_output_format("json")
+            status = handlers[args[0]](namespace)
+    except SystemExit as exc:
+        status = exc.code
+    except FedllmError:
+        raise
+    except Exception as exc:  # NVFlare raised instead of reporting: still its refusal, not a crash
+        failure = f"{type(exc).__name__}: {exc}"
+    finally:
+        sys.argv = argv
+        cli_output.set_output_format(output_format)
+    envelope = _envelope(out.getvalue())
+    if failure is None and status in (0, None) and envelope.get("status") == "ok":
         return envelope.get("data") or {}
-    message = envelope.get("message") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    message = failure or envelope.get("message") or _last_line(err.getvalue()) or f"exit status {status}"
     detail = envelope.get("detail") or (envelope.get("data") or {}).get("detail")
+    if envelope.get("error_code") == "BUILD_FAILED":  # a Builder raised; NVFlare printed its traceback
+        detail = detail or _last_line(err.getvalue())
     hint = envelope.get("hint")
+    code = envelope.get("error_code") or ("INTERNAL_ERROR" if failure else f"exit {status}")
     raise DistributedProvisionError(
-        f"{what}: NVFlare refused ({envelope.get('error_code', f'exit {proc.returncode}')}): {message}"
+        f"{what}: NVFlare refused ({code}): {message}"
         + (f" ({detail})" if detail else "")
         + (f" Fix: {hint}" if hint else "")
     )
+
+
+def _envelope(output: str) -> dict[str, Any]:
+    """The last JSON envelope in what an NVFlare handler printed (Builders may print lines of their own)."""
+    for line in reversed(output.strip().splitlines()):
+        try:
+            envelope = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(envelope, dict) and "status" in envelope:
+            return envelope
+    return {}
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def write_profile(config: SiteConfig, ca_dir: Path) -> Path:
@@ -189,7 +243,16 @@ def ca_fingerprint(ca_dir: Path) -> str:
             f"{ca_dir} holds no project CA (no ca.json). Fix: create it with `fedllm cert init -c <site config> "
             f"--ca-dir {ca_dir}`, or pass the CA folder you created"
         )
-    return json.loads(meta.read_text(encoding="utf-8"))["rootCA_fingerprint"]
+    try:
+        fingerprint = json.loads(meta.read_bytes())["rootCA_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fingerprint = f"unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(fingerprint, str) or not fingerprint.startswith("SHA256:"):
+        raise DistributedProvisionError(
+            f"{meta} names no root CA fingerprint ({str(fingerprint)[:80]}). Fix: restore the CA folder from its "
+            "backup; `fedllm cert init` made it"
+        )
+    return fingerprint
 
 
 def init_ca(config: SiteConfig, ca_dir: Path, valid_days: int = 3650) -> CertificateAuthority:
@@ -221,15 +284,26 @@ def request_certificate(
     return Request(name, out_dir, Path(data["request_zip"]))
 
 
+def _zip_json(archive: Path, member: str) -> Any:
+    """One small JSON member of a zip, read without extracting anything; ValueError for anything wrong with it."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            info = zf.getinfo(member)
+            if info.file_size > _MAX_REQUEST_JSON:
+                raise ValueError(f"{member} is {info.file_size} bytes")
+            return json.loads(zf.read(info))
+    except KeyError:
+        raise ValueError(f"it holds no {member}") from None
+    # A damaged zip fails in many ways: bad headers, CRCs, compression data, encryption, truncation.
+    except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+
+
 def read_request(request_zip: Path) -> dict[str, Any]:
     """The metadata of a request zip (NVFlare's request.json), read without extracting anything."""
     try:
-        with zipfile.ZipFile(request_zip) as zf:
-            info = zf.getinfo("request.json")
-            if info.file_size > _MAX_REQUEST_JSON:
-                raise DistributedProvisionError(f"{request_zip}: request.json is {info.file_size} bytes; not a request")
-            meta = json.loads(zf.read(info))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        meta = _zip_json(request_zip, "request.json")
+    except ValueError as exc:
         raise DistributedProvisionError(
             f"{request_zip} is not a certificate request ({exc}). Fix: pass the <name>.request.zip that "
             "`fedllm cert request` wrote at the participant"
@@ -237,6 +311,16 @@ def read_request(request_zip: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise DistributedProvisionError(f"{request_zip}: request.json is not a mapping; not a certificate request")
     return meta
+
+
+def signed_participant(signed_zip: Path) -> str | None:
+    """The participant name a signed zip's signed.json gives, if it is a name at all (NVFlare checks the rest)."""
+    try:
+        meta = _zip_json(signed_zip, "signed.json")
+    except ValueError:
+        return None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and _NAME_RE.fullmatch(name) and ".." not in name else None
 
 
 def check_request(config: SiteConfig, request_zip: Path, source: str = "the site config") -> Participant:
@@ -293,21 +377,46 @@ def sign_request(
     fingerprint = ca_fingerprint(ca_dir)
     profile = write_profile(config, ca_dir)
     signed_zip = (out or request_zip.with_name(f"{who.name}.signed.zip")).resolve()
-    args = ["cert", "approve", str(request_zip), "-c", str(ca_dir), "--profile", str(profile)]
-    args += ["--out", str(signed_zip), "--valid-days", str(valid_days), *(["--force"] if force else [])]
-    data = _nvflare(args, f"signing the request of '{who.name}'")
-    if data.get("rootca_fingerprint_sha256") != fingerprint:  # NVFlare signed with the CA it found in ca_dir
-        raise DistributedProvisionError(f"{ca_dir}: ca.json does not match rootCA.pem; restore the CA folder")
-    with zipfile.ZipFile(signed_zip) as zf:
-        valid_until = json.loads(zf.read("signed.json"))["certificate"]["valid_until"]
+    if signed_zip.exists() and not force:
+        raise DistributedProvisionError(
+            f"{signed_zip} exists: '{who.name}' was signed before. Fix: pass --force to sign again and replace it "
+            "(a new certificate for a renewed request), or --out another path"
+        )
+    # NVFlare writes beside it; the signed zip appears whole and checked, or not at all (an older one stays).
+    with atomic_path(signed_zip) as staged:
+        args = ["cert", "approve", str(request_zip), "-c", str(ca_dir), "--profile", str(profile)]
+        args += ["--out", str(staged), "--valid-days", str(valid_days)]
+        data = _nvflare(args, f"signing the request of '{who.name}'")
+        if data.get("rootca_fingerprint_sha256") != fingerprint:  # NVFlare signed with the CA it found in ca_dir
+            raise DistributedProvisionError(f"{ca_dir}: ca.json does not match rootCA.pem; restore the CA folder")
+        with zipfile.ZipFile(staged) as zf:
+            valid_until = json.loads(zf.read("signed.json"))["certificate"]["valid_until"]
     return Signed(who.name, signed_zip, fingerprint, valid_until)
+
+
+def normalize_fingerprint(value: str) -> str:
+    """A root CA fingerprint as pasted, in NVFlare's form (`SHA256:AA:BB:…`); an error naming the forms taken.
+
+    NVFlare's own normalization takes `SHA256:AA:BB:…`, `SHA256=…`, OpenSSL's `sha256 Fingerprint=AA:BB:…`
+    and 64 hex digits, in either case; whitespace a terminal or an e-mail put inside it is dropped.
+    """
+    from nvflare.tool.cert.fingerprint import normalize_sha256_fingerprint
+
+    normalized = normalize_sha256_fingerprint(value) or normalize_sha256_fingerprint("".join(value.split()))
+    if not normalized:
+        raise DistributedProvisionError(
+            f"--fingerprint {clip(repr(value), 100)} is not a SHA-256 fingerprint. Fix: paste the root CA fingerprint the project "
+            "admin gave you, as `fedllm cert init` printed it (SHA256:AA:BB:… with 32 pairs; lower case, no colons "
+            "or OpenSSL's `sha256 Fingerprint=…` are taken too)"
+        )
+    return normalized
 
 
 def package_kit(signed_zip: Path, request_dir: Path, workspace: Path, fingerprint: str, *, force: bool = False) -> Path:
     """At the participant: its startup kit from its own key and the signed zip (NVFlare's `nvflare package`)."""
     args = ["package", str(signed_zip.resolve()), "--request-dir", str(request_dir.resolve())]
-    args += ["-w", str(workspace.resolve()), "--fingerprint", fingerprint, *(["--force"] if force else [])]
-    data = _nvflare(args, f"packaging {signed_zip.name}")
+    args += ["-w", str(workspace.resolve()), f"--fingerprint={normalize_fingerprint(fingerprint)}"]
+    data = _nvflare([*args, *(["--force"] if force else [])], f"packaging {signed_zip.name}")
     kit = Path(data["output_dir"])
     check_kit_certificate(kit)
     return kit

@@ -1,18 +1,22 @@
-"""GPU preflight: does every site get GPUs that exist, are its own, and can hold its workload?
+"""Preflight: is this host ready for its sites? Data folders there; GPUs that exist, are the site's own
+and can hold its workload.
 
 `fedllm preflight -c FILE` runs it on a host before `docker compose up`; each site container runs
-`check_container_gpus` as its entry check, against the GPUs the NVIDIA runtime gave it.
+`check_container_gpus` as its entry check, against the GPUs the NVIDIA runtime gave it. What a site
+needs is the site config's (fedllm.config.workloads, fedllm.config.readiness): `fedllm validate`
+refuses too few GPUs for a workload and warns about a missing data folder; here it fails.
 """
 
 from __future__ import annotations
 
-import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from fedllm.config.readiness import data_dir_problem, local_host_names
 from fedllm.config.site_config import Site, SiteConfig
+from fedllm.config.workloads import BF16_MIN_CC, NEEDS, gpu_shortfall
 from fedllm.runtime.preflight.nvml import GpuInfo, NoDriver, query_gpus
-from fedllm.runtime.preflight.workloads import BF16_MIN_CC, NEEDS
 
 GIB = 1024**3
 
@@ -42,10 +46,6 @@ class Report:
         return [f.line() for f in self.findings]
 
 
-def local_host_names() -> set[str]:
-    return {"localhost", socket.gethostname(), socket.getfqdn()}
-
-
 def _check_gpu(report: Report, subject: str, gpu: GpuInfo, workload: str, sharers: int) -> None:
     need = NEEDS[workload]
     free_gib, total_gib = gpu.free_bytes / GIB, gpu.total_bytes / GIB
@@ -70,22 +70,25 @@ def _check_gpu(report: Report, subject: str, gpu: GpuInfo, workload: str, sharer
 
 
 def _check_count(report: Report, site: Site, count: int) -> bool:
-    need = NEEDS[site.workload]
-    if count < need.min_gpus:
-        report.add(
-            False,
-            site.name,
-            f"{site.workload} needs {need.min_gpus} GPU(s) per site ({need.why}); the site has {count} — "
-            "list more GPUs in its `gpus`",
-        )
+    shortfall = gpu_shortfall(site.workload, count)
+    if shortfall:
+        report.add(False, site.name, f"{shortfall} — list more GPUs in its `gpus`")
         return False
     return True
 
 
 def check_sites(
-    config: SiteConfig, site_names: list[str] | None = None, hosts: set[str] | None = None, query=query_gpus
+    config: SiteConfig,
+    site_names: list[str] | None = None,
+    hosts: set[str] | None = None,
+    query=query_gpus,
+    data_root: Path | None = None,
 ) -> Report:
-    """Check the sites of `config` that run on this machine (or the named ones) against NVML."""
+    """Check the sites of `config` that run on this machine (or the named ones): data folders, then NVML.
+
+    `data_root`: what relative data dirs resolve against (default: the current folder, as for
+    `fedllm provision` and `fedllm data demo`).
+    """
     report = Report()
     hosts = hosts or local_host_names()
     chosen = [config.site(n) for n in site_names] if site_names else list(config.sites)
@@ -93,6 +96,13 @@ def check_sites(
     for s in chosen:
         if s not in here:
             report.add(True, s.name, f"runs on host '{s.host}', not this one: run preflight there")
+    base = data_root or Path.cwd()
+    for s in here:
+        problem = data_dir_problem(s, base)
+        fix = " — put the site's data there before it starts (`fedllm data demo` writes the demo's), or correct its data_dir"
+        report.add(
+            problem is None, f"{s.name} data", f"{problem}{fix}" if problem else f"data folder {s.data_path(base)}"
+        )
     gpu_sites = [s for s in here if s.gpus]
     for s in here:
         if not s.gpus:
@@ -155,11 +165,9 @@ def check_container_gpus(facts: dict, query=query_gpus) -> Report:
             "re-provision and recreate the container (`docker compose up --force-recreate`)",
         )
         return report
-    need = NEEDS.get(workload, NEEDS["none"])
-    if len(gpus) < need.min_gpus:
-        report.add(
-            False, name, f"{workload} needs {need.min_gpus} GPU(s) per site ({need.why}); the site has {len(gpus)}"
-        )
+    shortfall = gpu_shortfall(workload if workload in NEEDS else "none", len(gpus))
+    if shortfall:
+        report.add(False, name, shortfall)
         return report
     for gpu, host_id in zip(gpus, host_ids, strict=True):
         _check_gpu(report, f"{name} GPU {gpu.index} (host GPU {host_id})", gpu, workload, 1)

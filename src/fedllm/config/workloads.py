@@ -1,4 +1,9 @@
-"""What each workload needs from a site's GPUs, for preflight. Numbers carry their source."""
+"""What each workload needs from a site's GPUs: one table for the site config's rules and GPU preflight.
+
+The site config refuses a workload its site cannot run whatever the machine (too few GPUs listed);
+preflight (fedllm.runtime.preflight) checks the rest on the host: free memory, bf16 capability.
+Numbers carry their source.
+"""
 
 from __future__ import annotations
 
@@ -30,3 +35,11 @@ NEEDS: dict[str, Need] = {
     # Seed 20B p-tuning README: TP2 per site, "GPUs with 64 GB memory or more each (Ampere or later)".
     "gpt-20b-ptuning-tp2": Need(64, 2, True, "20B p-tuning, tensor parallel 2 (seed: 2 GPUs >= 64 GB, Ampere+)"),
 }
+
+
+def gpu_shortfall(workload: str, gpus: int) -> str | None:
+    """Why `gpus` GPUs cannot run `workload` at one site, or None if they are enough in number."""
+    need = NEEDS[workload]
+    if gpus >= need.min_gpus:
+        return None
+    return f"{workload} needs {need.min_gpus} GPU(s) per site ({need.why}); the site has {gpus}"
