@@ -263,17 +263,16 @@ def provision(
     workspace = workspace.resolve()
     data_root = (data_root or Path.cwd()).resolve()
     root = project_dir(workspace, config)
-    root.mkdir(parents=True, exist_ok=True)
-    _make_room(workspace, config)
-
     text = render_project_yml(config, source, data_root)
-    (root / "project.yml").write_text(text, encoding="utf-8")
     project_dict = yaml.safe_load(text)
-    try:
+    try:  # before anything is written: a project NVFlare refuses leaves the workspace as it was
         project = prepare_project(project_dict)
         builders = prepare_builders(project_dict)
     except ValueError as exc:
-        raise ProvisionError(f"NVFlare rejected the rendered project ({root / 'project.yml'}): {exc}") from exc
+        raise ProvisionError(f"NVFlare rejected the project rendered from {source}: {exc}") from exc
+    root.mkdir(parents=True, exist_ok=True)
+    _make_room(workspace, config)
+    write_text(root / "project.yml", text)
 
     ctx = Provisioner(str(workspace), builders).provision(project, logger=_QuietLogger())
     errors = ctx.get_errors()
