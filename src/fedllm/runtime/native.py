@@ -89,12 +89,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running(kits: Kits, proc: Process) -> bool:
+    """Whether a recorded participant still runs: its pid is alive and works in that participant's kit.
+
+    A pid alone may by now be another program's (after a reboot, or in a damaged state file): `down`
+    must never signal that one.
+    """
+    if proc.name not in (kits.config.server.name, *kits.config.site_names) or not _alive(proc.pid):
+        return False
+    try:
+        return Path(psutil.Process(proc.pid).cwd()) == kits.kit(proc.name).resolve()
+    except psutil.Error:
+        return False
+
+
 def read_state(kits: Kits) -> list[Process]:
+    """The processes `up` recorded for this workspace (none when it recorded nothing)."""
     path = _state_path(kits)
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
-    return [Process(p["name"], p["pid"], Path(p["log"])) for p in data.get("processes", [])]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        procs = [Process(p["name"], p["pid"], Path(p["log"])) for p in data["processes"]]
+        if not all(isinstance(p.name, str) and type(p.pid) is int and p.pid > 0 for p in procs):
+            raise ValueError("a name that is not text or a pid that is not a positive number")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise NativeRuntimeError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); it records which processes `fedllm up` started "
+            "here. Fix: stop any NVFlare processes of this workspace that still run (`ps -ef | grep nvflare`), "
+            "then delete the file"
+        ) from None
+    return procs
 
 
 def _write_state(kits: Kits, procs: list[Process]) -> None:
@@ -285,7 +310,7 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
     kits = absolute_kits(kits)
     names = local_participants(kits)
     server = kits.config.server.name
-    alive = {p.name: p for p in read_state(kits) if _alive(p.pid) and p.name in names}
+    alive = {p.name: p for p in read_state(kits) if p.name in names and _running(kits, p)}
     if set(names) <= set(alive):
         raise NativeRuntimeError(
             f"{', '.join(alive)} already running from {kits.prod_dir.parent}; run `fedllm down` first"
@@ -347,7 +372,7 @@ def restart_site(kits: Kits, name: str, timeout: float = 120.0, echo=print) -> P
     """
     kits = absolute_kits(kits)
     procs = read_state(kits)
-    old = next((p for p in procs if p.name == name and _alive(p.pid)), None)
+    old = next((p for p in procs if p.name == name and _running(kits, p)), None)
     if old is None or name not in kits.config.site_names:
         raise NativeRuntimeError(
             f"site '{name}' is not running natively from {kits.prod_dir.parent}; start the federation with `fedllm up`"
@@ -408,7 +433,7 @@ def down(kits: Kits, timeout: float = 60.0, echo=print) -> None:
     """
     kits = absolute_kits(kits)
     procs = read_state(kits)
-    alive = [p for p in procs if _alive(p.pid)]
+    alive = [p for p in procs if _running(kits, p)]
     if not alive:
         echo(f"nothing runs natively from {kits.prod_dir.parent}")
         _state_path(kits).unlink(missing_ok=True)
@@ -446,7 +471,8 @@ def _quiet():
 
 def status(kits: Kits) -> dict[str, bool]:
     """Each participant started from this workspace, and whether its process still runs."""
-    return {p.name: _alive(p.pid) for p in read_state(kits)}
+    kits = absolute_kits(kits)
+    return {p.name: _running(kits, p) for p in read_state(kits)}
 
 
 @dataclass(frozen=True)
@@ -478,7 +504,7 @@ def federation_state(kits: Kits, admin_timeout: float = 10.0) -> FederationState
     kits = absolute_kits(kits)
     server = kits.config.server
     names = local_participants(kits)
-    running = {p.name: p.pid for p in read_state(kits) if _alive(p.pid)}
+    running = {p.name: p.pid for p in read_state(kits) if _running(kits, p)}
     reachable = _port_open(server.name, server.admin_port)
     listed: set[str] | None = None
     if reachable and _has_admin_kit(kits):
@@ -501,11 +527,12 @@ def federation_state(kits: Kits, admin_timeout: float = 10.0) -> FederationState
 
 def _participant(kits: Kits, name: str) -> Process:
     for proc in read_state(kits):
-        if proc.name == name:
+        if proc.name == name and _running(kits, proc):
             return proc
+    running = [p.name for p in read_state(kits) if _running(kits, p)]
     raise NativeRuntimeError(
-        f"'{name}' is not part of the native federation started from {kits.prod_dir.parent} "
-        f"(participants: {', '.join(p.name for p in read_state(kits)) or 'none: run `fedllm up`'})"
+        f"'{name}' does not run natively from {kits.prod_dir.parent} "
+        f"(running: {', '.join(running) or 'none; `fedllm up` starts them'})"
     )
 
 
@@ -515,6 +542,7 @@ def kill(kits: Kits, name: str) -> None:
     Nothing is told first: the server's job store keeps what it had, a site's job processes die with it.
     `up` starts it again.
     """
-    proc = _participant(absolute_kits(kits), name)
+    kits = absolute_kits(kits)
+    proc = _participant(kits, name)
     job_pids = _descendants([proc])  # in sessions of their own (NVFlare), found while the parent lives
     _terminate([proc], grace=10.0, job_pids=job_pids, signals=(signal.SIGKILL,))
