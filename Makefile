@@ -5,7 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel lies in this machine's local wheel folder; on GPU hosts the same pin pulls the CUDA build.
 TORCH ?= torch==2.13.0
-CONFIG ?= site_configs/default.yaml
+# CONFIG unset: `make provision` and `make validate` take site_configs/default.yaml, and the commands after
+# provisioning (up, status, submit, down, preflight) the config last provisioned into WORKSPACE.
+CONFIG ?=
+DEFAULT_CONFIG := site_configs/default.yaml
+CONFIG_OPT = $(if $(CONFIG),-c $(CONFIG))
 WORKSPACE ?= workspace
 JOB ?=
 
@@ -52,23 +56,23 @@ format: install  ## ruff: fix what it can, then format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 validate: install  ## check CONFIG (default site_configs/default.yaml)
-	$(BIN)/fedllm validate -c $(CONFIG)
+	$(BIN)/fedllm validate -c $(or $(CONFIG),$(DEFAULT_CONFIG))
 
-provision: install  ## startup kits with mTLS certificates under WORKSPACE/<project>/prod_NN
-	$(BIN)/fedllm provision -c $(CONFIG) -w $(WORKSPACE)
+provision: install  ## startup kits with mTLS certificates under WORKSPACE/<project>/prod_NN (CONFIG, default site_configs/default.yaml)
+	$(BIN)/fedllm provision -c $(or $(CONFIG),$(DEFAULT_CONFIG)) -w $(WORKSPACE)
 
-up: install  ## start server and sites as local processes (containers: docker compose up)
-	$(BIN)/fedllm up --native -c $(CONFIG) -w $(WORKSPACE)
+up: install  ## start the provisioned server and sites as local processes (containers: docker compose up -d --wait)
+	$(BIN)/fedllm up $(CONFIG_OPT) -w $(WORKSPACE)
 
-down: install  ## stop the native federation
-	$(BIN)/fedllm down -c $(CONFIG) -w $(WORKSPACE)
+down: install  ## stop what `make up` started
+	$(BIN)/fedllm down $(CONFIG_OPT) -w $(WORKSPACE)
 
-status: install  ## which native participants run and which sites the server sees
-	$(BIN)/fedllm status -c $(CONFIG) -w $(WORKSPACE)
+status: install  ## which participants run and which sites are registered
+	$(BIN)/fedllm status $(CONFIG_OPT) -w $(WORKSPACE)
 
 submit: install  ## submit JOB=<job folder>, wait, download into runs/results
 	@test -n "$(JOB)" || { echo "usage: make submit JOB=runs/jobs/<job>"; exit 2; }
-	$(BIN)/fedllm job submit $(JOB) -c $(CONFIG) -w $(WORKSPACE) --download runs/results
+	$(BIN)/fedllm job submit $(JOB) $(CONFIG_OPT) -w $(WORKSPACE) --download runs/results
 
 clean:  ## remove kits, runs and demo outputs (keeps .venv)
 	rm -rf $(WORKSPACE) runs
@@ -117,8 +121,8 @@ build:  ## build the image IMAGE on BASE_IMAGE (default: the NeMo container); FE
 build-test-base:  ## a small local Debian+CPU-torch base for machines without a registry (tests)
 	bash scripts/build-test-base.sh
 
-preflight: install  ## GPU preflight for the sites of CONFIG on this host (NVML)
-	$(BIN)/fedllm preflight -c $(CONFIG)
+preflight: install  ## GPU preflight for the provisioned sites (or CONFIG's) on this host (NVML)
+	$(BIN)/fedllm preflight $(CONFIG_OPT) -w $(WORKSPACE)
 
 compose-up:  ## docker compose up -d from the newest provisioning (FEDLLM_ACCELERATOR=cpu for no GPUs)
 	docker compose up -d

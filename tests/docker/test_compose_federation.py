@@ -6,7 +6,7 @@ console, driven in a pseudo-terminal, logs in without a prompt, submits a job cr
 with `list_jobs` and downloads it into the host's runs/results; `job submit` from the admin container lands
 there too, following its job through `docker compose kill server && docker compose up -d server` mid-round
 into the job that continues it; a GPU edit + re-provision + `up -d` recreates exactly that site, on its new
-kit; `docker compose down -v` leaves no container, volume or network.
+kit; no named volume holds a private key; `docker compose down -v` leaves no container, volume or network.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tests.support.compose import (
     HEAVY_LOCK,
     REPO,
     compose_config_dict,
+    private_keys_in_volumes,
     project_resources,
     provision_compose,
     root_compose,
@@ -203,6 +204,13 @@ def test_operator_workflow_from_the_repository_root(fedllm_image, tmp_path: Path
                 run(["docker", "exec", after["site-2"], "cat", "/fedllm/kit/local/fedllm_site.json"]).stdout
             )
             assert kit_facts["gpus"] == [5]
+            # The kits' keys stayed in the kits: the workspaces' named volumes (kept by `down` without -v)
+            # hold links to the read-only kit, never a copy of a key.
+            keys = private_keys_in_volumes(project_name, fedllm_image)
+            assert len(keys) == 1 + len(sites), keys  # the server's and each site's workspace
+            assert keys == {volume: [] for volume in keys}, f"private keys in named volumes: {keys}"
+            linked = run(["docker", "exec", after["site-1"], "readlink", "/fedllm/workspace/startup/client.key"])
+            assert linked.stdout.strip() == "/fedllm/kit/startup/client.key"
             print(
                 f"up --wait (3 sites registered): {t_up:.1f}s; console job (submit → downloaded): {t_job:.1f}s; "
                 f"job through a server kill + up (submit → downloaded): {t_resume:.1f}s"

@@ -19,7 +19,7 @@ from fedllm.config import load_site_config
 from fedllm.provision.distributed import init_ca, package_kit, request_certificate, sign_request
 from fedllm.results.metrics import read_round_metrics
 from fedllm.training.toy.demo_mlp import write_demo_data
-from tests.support.compose import HEAVY_LOCK, compose_config_dict, run
+from tests.support.compose import HEAVY_LOCK, compose_config_dict, private_keys_in_volumes, run
 from tests.support.sites import write_yaml
 
 pytestmark = [pytest.mark.docker, pytest.mark.network]
@@ -90,6 +90,9 @@ def test_distributed_kits_run_the_demo_job_from_their_own_compose_bundles(fedllm
                 "--timeout", "600", timeout=700,
             )  # fmt: skip
             assert "FINISHED:COMPLETED" in submitted.stdout, submitted.stdout
+            # Each participant's key stays in its own kit: no named volume holds one.
+            keys = private_keys_in_volumes(project, fedllm_image)
+            assert len(keys) == 1 + len(cfg.site_names) and all(v == [] for v in keys.values()), keys
         # The lead's results land on the host in runs/results of the folder its kit was packaged from.
         results = tmp_path / "runs" / "results"
         (result_dir,) = [p for p in results.iterdir() if p.is_dir()]

@@ -39,8 +39,9 @@ def test_server_name_that_does_not_resolve(tmp_path: Path) -> None:
 
 def test_down_when_nothing_runs(tmp_path: Path) -> None:
     messages: list[str] = []
-    native.down(_kits(tmp_path), echo=messages.append)
-    assert messages == ["no native federation is running"]
+    kits = _kits(tmp_path)
+    native.down(kits, echo=messages.append)
+    assert messages == [f"nothing runs natively from {kits.prod_dir.parent}"]
 
 
 def test_a_site_whose_certificate_another_ca_signed_is_refused_before_anything_starts(tmp_path: Path) -> None:

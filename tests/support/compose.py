@@ -99,3 +99,21 @@ def project_resources(project_name: str) -> dict[str, list[str]]:
         kind: run(["docker", *cmd, "--filter", label, "-q"]).stdout.split()
         for kind, cmd in (("containers", ["ps", "-a"]), ("volumes", ["volume", "ls"]), ("networks", ["network", "ls"]))
     }
+
+
+def private_keys_in_volumes(project_name: str, image: str) -> dict[str, list[str]]:
+    """Every file holding a PEM private key in each named volume of a compose project (as root, links not followed).
+
+    A volume outlives its containers (`docker compose down` without -v): what it holds stays on the host's disk.
+    """
+    found = {}
+    for volume in project_resources(project_name)["volumes"]:
+        proc = run(
+            ["docker", "run", "--rm", "--user", "0", "--network", "none", "--entrypoint", "grep",
+             "-v", f"{volume}:/volume:ro", image, "-rlI", "--", "PRIVATE KEY-----", "/volume"],
+            check=False,
+        )  # fmt: skip
+        # grep: 0 = found, 1 = nothing found, anything else = it could not read something.
+        assert proc.returncode in (0, 1), f"grep over volume {volume} failed: {proc.stderr}"
+        found[volume] = proc.stdout.split()
+    return found

@@ -17,6 +17,7 @@ class PreflightFailed(FedllmError):
 
 def preflight(
     config: ConfigOpt = None,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     site: Annotated[
         list[str] | None,
         typer.Option("--site", help="Check only this site (repeatable); default: the sites on this host."),
@@ -26,12 +27,15 @@ def preflight(
         typer.Option("--host", help="Treat these names as this machine (default: localhost + hostname)."),
     ] = None,
 ) -> None:
-    """Check this host before its sites start: data folders, driver, each GPU exists, none shared, free memory, bf16."""
+    """Check this host before its sites start: data folders, driver, each GPU exists, none shared, free memory, bf16.
+
+    The sites are those of -c, else of the config last provisioned into the workspace.
+    """
     from fedllm.config.problems import display_path
     from fedllm.output import styled
     from fedllm.runtime.preflight import check_sites
 
-    cfg, path = load_config(config)
+    cfg, path = load_config(config, workspace)
     report = check_sites(cfg, site_names=site or None, hosts=set(host) if host else None)
     for finding in report.findings:
         head = styled("PASS", "green") if finding.ok else styled("FAIL", "red")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -42,6 +44,27 @@ def validate(config: ConfigOpt = None) -> None:
         console.print(f"  not checked here, `fedllm preflight` checks them on their hosts: data folders of {names}")
 
 
+def _workspace_folder(workspace: Path) -> Path:
+    """The kits' folder, or a usage error naming the path when it cannot be one (a file, or under a file)."""
+    for path in (workspace, *workspace.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == workspace else f"cannot be created: {display_path(path)} "
+                raise typer.BadParameter(
+                    f"{display_path(workspace)} {where}is a file, not a folder; pass a folder for the kits "
+                    "(it is created if missing)",
+                    param_hint="'-w' / '--workspace'",
+                )
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise typer.BadParameter(
+                    f"cannot create or write {display_path(workspace)}: {display_path(path)} is not writable "
+                    "by this user; pass a folder you can write",
+                    param_hint="'-w' / '--workspace'",
+                )
+            break
+    return workspace
+
+
 def provision_cmd(config: ConfigOpt = None, workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
     """Render NVFlare's project.yml from the site config and provision mTLS startup kits.
 
@@ -49,7 +72,7 @@ def provision_cmd(config: ConfigOpt = None, workspace: WorkspaceOpt = DEFAULT_WO
     this federation without `-c`.
     """
     cfg, path = load_config(config)
-    kits = provision(cfg, workspace, source=display_path(path), config_file=path)
+    kits = provision(cfg, _workspace_folder(workspace), source=display_path(path), config_file=path)
     done("provisioned", f" {len(cfg.sites)} sites, {len(cfg.admins)} admin(s) → {display_path(kits.prod_dir)}")
     for kit in (kits.server(), *(kits.site(s) for s in cfg.site_names), kits.admin()):
         console.print(f"  {display_path(kit)}")
@@ -58,15 +81,17 @@ def provision_cmd(config: ConfigOpt = None, workspace: WorkspaceOpt = DEFAULT_WO
 def up(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    native: Annotated[bool, typer.Option("--native", help="Run server and sites as local processes.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for every site to register.")] = 120.0,
+    native: Annotated[
+        bool, typer.Option("--native", hidden=True, help="Accepted for older scripts: `up` runs local processes.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server and every site to be ready.")] = 120.0,
 ) -> None:
-    """Start the provisioned federation and wait until every site is registered."""
-    if not native:
-        raise typer.BadParameter(
-            "containers are started with `docker compose up` (see README); pass --native for local processes",
-            param_hint="--native",
-        )
+    """Start the server and sites as local processes; return once every site is registered.
+
+    Starts the kits this workspace holds: in a participant's own workspace (fedllm package), only its own.
+
+    Participants still running are left alone. Containers: docker compose up -d --wait (docs/containers.md).
+    """
     from fedllm.runtime import native as runtime
 
     kits = federation_kits(config, workspace)
@@ -78,7 +103,7 @@ def down(
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean shutdown.")] = 60.0,
 ) -> None:
-    """Stop a native federation through the admin API (processes are reaped afterwards)."""
+    """Stop the server and sites `fedllm up` started from this workspace (jobs' processes included)."""
     from fedllm.runtime import native as runtime
 
     kits = federation_kits(config, workspace)
@@ -86,19 +111,29 @@ def down(
 
 
 def status(config: ConfigOpt = None, workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
-    """Show which participants run natively and which sites the server sees."""
+    """Which participants run from this workspace, and which sites are registered with the server."""
     from fedllm.runtime import native as runtime
-    from fedllm.runtime.admin import admin_session, connected_sites
 
     kits = federation_kits(config, workspace)
-    for name, alive in runtime.status(kits).items():
-        console.print(f"  {name:<20}", styled("running", "green") if alive else styled("stopped", "red"))
-    with admin_session(kits, timeout=10.0) as session:
-        present = connected_sites(session)
-    for site in kits.config.site_names:
-        console.print(
-            f"  {site:<20}", styled("registered", "green") if site in present else styled("not registered", "yellow")
-        )
+    state = runtime.federation_state(kits)
+    console.print(f"project '{kits.config.project}', kits {display_path(kits.prod_dir)}")
+    for p in state.participants:
+        if p.pid is not None:
+            process = styled("running", "green", f" (pid {p.pid})")
+        elif p.here:
+            process = styled("not running", "red")
+        else:
+            process = styled("not started here", "dim")
+        if p.role == "server":
+            reach = "reachable" if state.server_reachable else "not reachable"
+            detail = styled(f"admin port {state.server_address} {reach}", "green" if state.server_reachable else "red")
+        elif p.registered is None:
+            detail = styled("registration unknown here", "dim")
+        else:
+            detail = styled("registered", "green") if p.registered else styled("not registered", "yellow")
+        console.print(f"  {p.name:<20} {p.role:<7}", process, "  ", detail)
+    if not any(p.pid for p in state.participants) and any(p.here for p in state.participants):
+        console.print("nothing runs from this workspace; `fedllm up` starts it")
 
 
 def register(app: typer.Typer) -> None:

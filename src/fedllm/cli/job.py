@@ -96,15 +96,30 @@ def _print_submit_hints(job_dir: Path, config: Path | None, workspace: Path) -> 
 
     from fedllm.errors import FedllmError
     from fedllm.jobs.create import submit_hints
-    from fedllm.provision.compose import JOBS_ENV, console_jobs_dir
+    from fedllm.provision.compose import HOST_JOBS_ENV, JOBS_ENV, console_jobs_dir
 
     project = ""
     if not os.environ.get(JOBS_ENV) and site_config_path(config, workspace).is_file():
         with contextlib.suppress(FedllmError):  # the hint needs only the project; `fedllm validate` reports the rest
             project = load_config(config, workspace)[0].project
     jobs_dir = console_jobs_dir(workspace, project) if project or os.environ.get(JOBS_ENV) else None
-    for line in submit_hints(job_dir, jobs_dir):
+    lines = submit_hints(job_dir, jobs_dir)
+    if not os.environ.get(HOST_JOBS_ENV):  # on the host, `job submit` must find this federation's kits
+        lines[-1] += _federation_options(config, workspace)
+    for line in lines:
         console.print(f"  {line}")
+
+
+def _federation_options(config: Path | None, workspace: Path) -> str:
+    """The -c/-w that `job submit` needs to find the federation this command used (none when the defaults do)."""
+    from fedllm.provision import provisioned_config
+
+    options = ""
+    if config is not None and config != provisioned_config(workspace):
+        options += f" -c {display_path(config)}"
+    if workspace != DEFAULT_WORKSPACE.absolute():
+        options += f" -w {display_path(workspace)}"
+    return options
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,19 @@ def _admin_kit(kits: Kits | AdminKit) -> tuple[AdminKit, str]:
 
 
 @contextlib.contextmanager
+def _quiet_flare() -> Iterator[None]:
+    """NVFlare's prints and log records while a session connects: what fails is said in AdminError instead."""
+    flare = logging.getLogger("nvflare")
+    level = flare.level
+    flare.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        flare.setLevel(level)
+
+
+@contextlib.contextmanager
 def admin_session(kits: Kits | AdminKit, timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Session]:
     """Open an mTLS admin session with the project admin's kit (or the given admin kit) and always close it."""
     kit, address = _admin_kit(kits)
@@ -76,8 +90,8 @@ def admin_session(kits: Kits | AdminKit, timeout: float = CONNECT_TIMEOUT_S) -> 
         raise AdminError(f"admin kit {kit.path} is incomplete (no startup/fed_admin.json); re-run `fedllm provision`")
     check_kit_certificate(kit.path)  # an expired one fails the login with no reason given
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # FLARE prints "Connecting to FLARE ..."
-            session = new_secure_session(admin, str(kit.path), timeout=timeout)
+        with _quiet_flare():  # FLARE prints "Connecting to FLARE ..." and logs every failed connection attempt
+            session = new_secure_session(admin, str(kit.path.absolute()), timeout=timeout)
     except Exception as exc:  # FLARE raises several unrelated types for "cannot reach / cannot log in"
         raise AdminError(
             f"cannot open an admin session to {address} as {admin} ({exc}); "

@@ -1,16 +1,21 @@
 """The entrypoint of fedllm's image: `fedllm container-entry server|site|admin [ARGS...]`.
 
 The participant's startup kit is mounted read-only at /fedllm/kit; /fedllm/workspace is its own
-writable volume. NVFlare runs a participant in its kit folder and writes logs and job folders there,
-so the entry copies the kit's `startup/` and `local/` into the volume (as NVFlare's own sub_start.sh
-does for a read-only kit via NVFL_WORKSPACE), then execs NVFlare's `sub_start.sh --once`: compose's
-restart policy takes the place of NVFlare's restart loop.
+writable volume. NVFlare runs a participant in a workspace folder that holds the kit's `startup/`
+and `local/` and receives its logs and job folders. The entry makes the volume that folder without
+copying a key into it: `startup/` holds links to the files of the read-only mount's `startup/`
+(certificate, private key, root CA), which NVFlare only reads; `local/` (no secrets; the server rewrites its resources.json) is
+copied. The key thus lives only in the kit on the host, and a named volume never holds it, also
+after `docker compose down` without `-v`; a `startup/` that an older image copied into the volume
+is removed at the next start. Then it execs NVFlare's `sub_start.sh --once`: compose's restart
+policy takes the place of NVFlare's restart loop.
 
 Sites first run GPU preflight on the GPUs the container sees (FEDLLM_SKIP_GPU_PREFLIGHT=1 skips it
 for CPU runs). The admin role opens NVFlare's admin console, or runs `fedllm ARGS` with the admin kit.
-The console is configured through its own fed_admin.json (in the staged copy): logged in as the kit's
-certificate name (NVFlare's `uid_source: cert`, no `User Name:` prompt), uploading jobs from the
-shared jobs folder and downloading results into the shared results folder.
+The console is configured through its own fed_admin.json, so the admin's kit is copied whole, into
+the admin container's tmpfs (memory, gone with the container): logged in as the kit's certificate
+name (NVFlare's `uid_source: cert`, no `User Name:` prompt), uploading jobs from the shared jobs
+folder and downloading results into the shared results folder.
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ def _env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name, default))
 
 
-def stage_workspace(kit: Path, workspace: Path) -> Path:
-    """Copy the kit's startup/ and local/ into the writable workspace (fresh on every start)."""
+def stage_workspace(kit: Path, workspace: Path, copy_startup: bool = False) -> Path:
+    """Make `workspace` NVFlare's folder for the kit: `local/` copied, `startup/`'s files linked (or copied), fresh.
+
+    `copy_startup` is for the admin console alone, which edits its own fed_admin.json (in a tmpfs).
+    """
     if not (kit / "startup").is_dir():
         raise ContainerEntryError(
             f"no startup kit at {kit} (expected {kit}/startup); mount the participant's kit folder there, "
@@ -57,10 +65,16 @@ def stage_workspace(kit: Path, workspace: Path) -> Path:
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.exists():
-            shutil.rmtree(target)
-        if (kit / part).is_dir():
+            shutil.rmtree(target)  # also a copy of the key an older entry left in the volume
+        if part == "startup" and not copy_startup:
+            # A folder of links, not a link to the folder: NVFlare finds its config files with os.walk,
+            # which does not descend into a linked folder but lists linked files.
+            target.mkdir()
+            for entry in sorted((kit / part).iterdir()):
+                (target / entry.name).symlink_to(entry.absolute())
+        elif (kit / part).is_dir():
             shutil.copytree(kit / part, target)
-    os.chmod(workspace / "startup", 0o700)  # it holds the private key
+    os.chmod(workspace / "startup", 0o700)  # it holds the private key, or the links to it
     (workspace / "transfer").mkdir(exist_ok=True)
     return workspace
 
@@ -163,7 +177,7 @@ def run_admin(kit: Path, workspace: Path, args: list[str]) -> None:
         raise ContainerEntryError(f"no admin kit at {kit} (no startup/fed_admin.json); mount the admin's kit there")
     name = check_admin_user(kit)
     # The console writes its history and transfers into its kit folder: use a writable copy of the read-only kit.
-    ws = stage_workspace(kit, workspace / "admin-kit")
+    ws = stage_workspace(kit, workspace / "admin-kit", copy_startup=True)
     os.environ["FEDLLM_ADMIN_KIT"] = str(ws)
     if not args:
         jobs, results = Path(JOBS_MOUNT), Path(RESULTS_MOUNT)
