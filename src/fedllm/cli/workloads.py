@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedllm.cli.common import ConfigOpt, console, done, load_config
+from fedllm.cli.common import DEFAULT_WORKSPACE, ConfigOpt, WorkspaceOpt, console, done, load_config
 from fedllm.config.problems import display_path
 from fedllm.output import styled
 
@@ -165,13 +165,17 @@ def data_synthetic(
 @data_app.command("demo")
 def data_demo(
     config: ConfigOpt = None,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     per_site: Annotated[int, typer.Option(min=1, help="Training examples per site.")] = 300,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """The demo-mlp job's data (train.npz, val.npz) into every site's data dir, as the site config names it."""
+    """The demo-mlp job's data (train.npz, val.npz) into every site's data dir, as the site config names it.
+
+    The sites are those of -c, else of the config last provisioned into the workspace.
+    """
     from fedllm.training.toy.demo_mlp import write_demo_data
 
-    cfg, _ = load_config(config)
+    cfg, _ = load_config(config, workspace)
     # Relative data dirs resolve against this folder, as `fedllm provision` resolves them.
     site_dirs = [site.data_path(Path.cwd()) for site in cfg.sites]
     for path in write_demo_data(site_dirs, seed=seed, per_site=per_site):
