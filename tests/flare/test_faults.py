@@ -34,7 +34,7 @@ def test_unset_or_another_point_does_nothing(monkeypatch) -> None:
 # A "server": a parent that starts a "job process", which reaches the crash point.
 _JOB = (
     "import sys; from fedllm.flare.faults import crash_point; sys.stdin.readline(); "
-    "crash_point('round-start', 2, job_process=True)"
+    "crash_point('round-start', 2, job_process=True); print('passed its crash point', flush=True)"
 )
 _SERVER = textwrap.dedent(
     f"""
@@ -61,8 +61,8 @@ def test_a_named_point_sigkills_the_server_and_its_job_processes(monkeypatch, sp
                 time.sleep(0.1)
             assert not _running(job_pid) and not _running(sibling_pid), "its job processes with it"
         else:
-            time.sleep(3)
-            assert server.poll() is None and _running(sibling_pid), "another point: nothing happens"
+            assert server.stdout.readline().strip() == "passed its crash point", "another point: nothing happens"
+            assert server.poll() is None and _running(sibling_pid)
     finally:
         for pid in (server.pid, job_pid, sibling_pid):
             if _running(pid):
