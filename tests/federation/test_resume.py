@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -159,6 +160,27 @@ def _round_started(fed: LocalFederation, round_number: int) -> Path:
         return None
 
     return _wait_for(f"round {round_number} to start", started, poll=0.2)
+
+
+def _training(fed: LocalFederation, round_number: int, site: str | None = None) -> str:
+    """Wait until `site` (or any site) has received round `round_number`'s task: it trains now. The job's id.
+
+    A demo round trains for well under a second, so the sites' logs are polled at once and often.
+    """
+    job = _round_started(fed, round_number).name
+    sites = [site] if site else fed.config.site_names
+
+    def now_training() -> bool:
+        started = len(re.findall(r"Round \d+ started\.", _log(fed.kits.server() / job)))
+        return any(_log(fed.kits.site(s) / job).count("got task assignment: name=train") >= started for s in sites)
+
+    _wait_for(f"{site or 'a site'} to train round {round_number}", now_training, timeout=120, poll=0.01)
+    return job
+
+
+def _log(run_dir: Path) -> str:
+    path = run_dir / "log.txt"
+    return path.read_text(errors="replace") if path.is_file() else ""
 
 
 def _died(fed: LocalFederation, name: str, timeout: float = 300) -> None:
@@ -321,8 +343,7 @@ def test_server_killed_in_aggregation_then_writing_the_checkpoint_then_with_a_si
     _start(fed, "checkpoint-write:2")
     _died(fed, server)
     _start(fed)
-    _round_started(fed, 3)
-    time.sleep(1.0)  # the sites are training round 3
+    _training(fed, 3)
     native.kill(fed.kits, server)
     native.kill(fed.kits, "site-3")
     _start(fed)
@@ -335,22 +356,29 @@ def test_server_killed_in_aggregation_then_writing_the_checkpoint_then_with_a_si
     assert training in (1, 2)
 
 
-def test_site_killed_mid_round_and_the_server_killed_handling_its_return(fed, reference, tmp_path: Path) -> None:
-    """A site dies mid-round and comes back; the server dies right after it journaled the abort of the job
-    and sent it. At its next start the server continues the job all the same."""
+def test_site_killed_mid_round_then_again_with_the_server_killed_handling_its_return(
+    fed, reference, tmp_path: Path
+) -> None:
+    """site-2 dies mid-round and comes back: the server aborts the job and continues it. Then again in the
+    continuation, and this time the server dies right after it journaled the abort and sent it: at its next
+    start it continues the job all the same."""
     server, fired = fed.config.server.name, len(_faults_fired(fed))
-    _restart_server(fed, "journal:aborted")
+    _restart_server(fed, "journal:aborted:2")  # the job's second continuation
     submitted = Submitted(fed, _job(tmp_path, "demo-chain-c"), tmp_path / "results")
-    _round_started(fed, 2)
-    time.sleep(1.0)
+    _training(fed, 1, "site-2")
+    native.kill(fed.kits, "site-2")
+    _start(fed)
+    _training(fed, 2, "site-2")
     native.kill(fed.kits, "site-2")
     _start(fed, dies_soon=True)  # site-2 registers again; the server dies handling it
     _died(fed, server)
     _start(fed)
     chain = _assert_completed(fed, submitted, reference, tmp_path / "results")
-    assert _faults_fired(fed)[fired:] == [f"{FAULT_ENV}=journal:aborted"]
-    (resumed,) = _assert_lineage(fed, "demo-chain-c", chain, ["site site-2 restarted"])
-    assert resumed["cause"] == "site restart" and resumed["site"] == "site-2" and resumed["from_round"] in (0, 1)
+    assert _faults_fired(fed)[fired:] == [f"{FAULT_ENV}=journal:aborted:2"]
+    resumed = _assert_lineage(fed, "demo-chain-c", chain, ["site site-2 restarted"] * 2)
+    assert all(r["cause"] == "site restart" and r["site"] == "site-2" for r in resumed)
+    assert resumed[0]["from_round"] == 0 and resumed[1]["from_round"] in (0, 1)
+    assert _meta(fed, chain[0])["status"] == "FINISHED:ABORTED", "aborted by the live server"
 
 
 def test_a_site_that_restarts_every_round_fails_the_job_after_its_bound(fed, tmp_path: Path) -> None:
@@ -358,8 +386,7 @@ def test_a_site_that_restarts_every_round_fails_the_job_after_its_bound(fed, tmp
     so the second restart fails it, and `fedllm job submit` says which site and why."""
     submitted = Submitted(fed, _job(tmp_path, "demo-flapping", **{MAX_SITE_RESTARTS_PROP: 1}), tmp_path / "results")
     for round_number in (1, 2):
-        _round_started(fed, round_number)
-        time.sleep(1.0)
+        _training(fed, round_number, "site-3")
         native.kill(fed.kits, "site-3")
         _start(fed)
     rc = submitted.wait()

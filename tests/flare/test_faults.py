@@ -19,6 +19,9 @@ def test_which_points_a_spec_names() -> None:
     assert not fault_matches("round-start:2", "round-start", 1)
     assert not fault_matches("round-start:2", "round-start", None)
     assert fault_matches("journal:cloned", "journal:cloned", None)
+    assert fault_matches("journal:cloned", "journal:cloned", 2), "no number: whatever the continuation"
+    assert fault_matches("journal:aborted:2", "journal:aborted", 2)
+    assert not fault_matches("journal:aborted:2", "journal:aborted", 1)
     assert not fault_matches("journal:cloned", "journal:collected", None)
     assert fault_matches("continuation-deploy", "continuation-deploy", None)
     assert not fault_matches("aggregation:1", "round-start", 1)

@@ -12,9 +12,11 @@ Points (tests/federation/test_resume.py uses each):
 - `checkpoint-write:<r>`: the server job's checkpoint writer, when round r's global checkpoint is in its
   temp file but not yet renamed over the last one;
 - `continuation-deploy`: a continuation's server job, before it takes over the checkpoint it starts from;
-- `journal:<phase>`: the server's parent process (fedllm.flare.resume.JobResumer), right after it has
-  journaled `<phase>` of continuing a job, before acting on it (`intent`, `aborted`, `collected`,
-  `cloning`, `cloned`, `marked`).
+- `journal:<phase>[:<n>]`: the server's parent process (fedllm.flare.resume.JobResumer), right after it
+  has journaled `<phase>` of continuing a job, before acting on it (`intent`, `aborted`, `collected`,
+  `cloning`, `cloned`, `marked`); with n, only while it makes the job's n-th continuation.
+
+Without `:<n>`, a point fires whatever its round.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ FAULT_ENV = "FEDLLM_FAULT"
 
 
 def crash_point(point: str, round_number: int | None = None, *, job_process: bool = False) -> None:
-    """SIGKILL the server here if FEDLLM_FAULT names this point (and round); otherwise do nothing.
+    """SIGKILL the server here if FEDLLM_FAULT names this point (and round, or continuation); otherwise nothing.
 
     `job_process`: the caller runs in a server job process, whose parent is the server's parent process.
     """

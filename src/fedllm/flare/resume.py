@@ -561,7 +561,7 @@ class JobResumer(FLComponent):
             "fail": failure,
         }
         lineage.write(journal)
-        crash_point(f"journal:{INTENT}")
+        crash_point(f"journal:{INTENT}", len(journal["history"]) + 1)  # a test hook, inert unless set
 
     def _site_restart_limit(self, journal: Mapping, job: Job, site: str) -> str | None:
         props = job.meta.get(JobMetaKey.CUSTOM_PROPS.value) or {}
@@ -643,7 +643,7 @@ class JobResumer(FLComponent):
     def _journal(self, lineage: Lineage, journal: dict, phase: str) -> None:
         journal["step"]["phase"] = phase
         lineage.write(journal)
-        crash_point(f"journal:{phase}")
+        crash_point(f"journal:{phase}", len(journal["history"]) + 1)  # a test hook, inert unless set
 
     def _collect(self, engine, lineage: Lineage, journal: dict, job: Job, fl_ctx) -> None:
         """Step 2: the continuation's folder, with the newest completed rounds; then whether to continue at all."""
