@@ -445,3 +445,16 @@ def test_a_job_that_is_not_resumable_is_abandoned_at_start(tmp_path, monkeypatch
     server.start()
     assert server.meta(job)[JobMetaKey.STATUS.value] == "FINISHED:ABANDONED" and not _continuations_of(server, job)
     assert not Path(server.workspace.get_run_dir(job)).exists(), "archived into the store, as NVFlare does"
+
+
+def test_a_malformed_bound_in_the_job_falls_back_to_the_servers(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    server = Server(tmp_path / "server")  # the server's bound: 2
+    job = server.submit({resume.MAX_SITE_RESTARTS_PROP: "three"})
+    server.run(job, range(0, 1))
+    first = _site_flaps(server, job)
+    server.run(first, range(1, 2))
+    second = _site_flaps(server, first)
+    server.run(second, range(2, 3))
+    assert _site_flaps(server, second) is None and "limit 2 per hour" in server.meta(second)[NOT_CONTINUED_META]
+    assert f"custom_props.{resume.MAX_SITE_RESTARTS_PROP} is 'three', not an integer" in caplog.text
