@@ -1,6 +1,7 @@
 """What a continuation job starts from (fedllm.flare.resume), without a federation.
 
-The end-to-end proof (a real server and site SIGKILLed mid-round) is tests/federation/test_resume.py.
+The journal's replay after a crash at every step is tests/flare/test_resume_journal.py; the end-to-end
+proof (a real server and sites SIGKILLed at named points) is tests/federation/test_resume.py.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from fedllm.flare.fedavg import MODEL_SELECTOR_ID, LeanFedAvg, LeanPTFileModelPe
 from fedllm.flare.resume import (
     METRICS_FILE,
     RESUME_ROOT,
-    JobResumer,
     ResumeFolder,
     RoundProgress,
+    collect,
     completed_round_lines,
     folder_progress,
+    manifest,
     read_progress,
-    write_info,
-    write_resume_folder,
+    verify_manifest,
 )
 from fedllm.flare.server_models import TinyClassifier
 
@@ -110,45 +111,93 @@ def test_only_completed_rounds_are_carried_over_once_each() -> None:
     assert completed_round_lines('{"round": 0}\n', last_round=2)[1] == [1, 2]
 
 
-def test_resume_folder_from_an_interrupted_run_dir_links_its_checkpoints(tmp_path: Path) -> None:
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_continuation_folder_links_the_interrupted_run_dirs_checkpoints(tmp_path: Path) -> None:
     run_dir = _interrupted_run(tmp_path / "ws")
-    folder = ResumeFolder.of(tmp_path / "ws", "job-2")
-    write_resume_folder(folder, run_dir=run_dir, archive=None)
-    write_info(folder, {"from_job": "job-1"})
-    assert sorted(p.relative_to(folder.path).as_posix() for p in folder.path.rglob("*") if p.is_file()) == [
+    target = tmp_path / "ws" / RESUME_ROOT / "job-1" / "job-2"
+    held, files = collect(target, own_run=run_dir, own_archive=None, started_from=None, info={"from_job": "job-1"})
+    assert _files(target) == [
         "app_server/FL_global_model.pt",
         "app_server/best_FL_global_model.pt",
         "metrics/round_metrics.jsonl",
         "resume.json",
-    ]
-    checkpoint = folder.checkpoint("FL_global_model.pt")
-    assert os.path.samefile(checkpoint, run_dir / "app_server" / "FL_global_model.pt"), "a link, not a copy"
-    assert folder_progress(folder) == 1, "the global checkpoint's round, not the best model's"
-    assert folder.info == {"from_job": "job-1"}
+    ], "never a temp file of a checkpoint being written"
+    assert os.path.samefile(target / "app_server" / "FL_global_model.pt", run_dir / "app_server" / "FL_global_model.pt")
+    assert held == folder_progress(target) == 1, "the global checkpoint's round, not the best model's"
+    assert json.loads((target / "resume.json").read_text()) == {"from_job": "job-1", "from_round": 1}
+    assert set(files) == set(_files(target)) and verify_manifest(target, files, 1) is None
 
 
-def test_resume_folder_from_the_workspace_nvflare_archived(tmp_path: Path) -> None:
+def test_a_continuation_folder_from_the_workspace_nvflare_archived(tmp_path: Path) -> None:
     """After a site restart the job was aborted and its run dir archived into the job store, then removed."""
     run_dir = _interrupted_run(tmp_path / "ws")
     store = FilesystemStorage(root_dir=str(tmp_path / "jobs-storage"), uri_root="/")
     store.create_object("/jobs/job-1", b"job content", {"name": "demo"}, overwrite_existing=False)
     store.update_object("/jobs/job-1", [str(run_dir)], "workspace")  # what JobRunner._save_workspace does
     store.get_data_for_download("/jobs/job-1", "workspace", str(tmp_path / "workspace.zip"))
-    folder = ResumeFolder.of(tmp_path / "ws", "job-2")
-    write_resume_folder(folder, run_dir=None, archive=tmp_path / "workspace.zip")
-    assert folder_progress(folder) == 1
+    target = tmp_path / "ws" / RESUME_ROOT / "job-1" / "job-2"
+    held, _ = collect(target, own_run=None, own_archive=tmp_path / "workspace.zip", started_from=None, info={})
+    assert held == 1
     assert torch.equal(
-        torch.load(folder.checkpoint("FL_global_model.pt"), weights_only=False)["model"]["net.0.bias"],
+        torch.load(target / "app_server" / "FL_global_model.pt", weights_only=False)["model"]["net.0.bias"],
         torch.load(run_dir / "app_server" / "FL_global_model.pt", weights_only=False)["model"]["net.0.bias"],
     )
-    assert folder.metrics_text() == (run_dir / METRICS_FILE).read_text()
+    assert (target / METRICS_FILE).read_text() == (run_dir / METRICS_FILE).read_text()
+
+
+def test_a_run_that_completed_fewer_rounds_never_replaces_what_it_started_from(tmp_path: Path) -> None:
+    """A continuation killed as it deployed has a run dir without checkpoints (or older ones): its successor
+    starts from what it started from, not from round 0."""
+    started_from = tmp_path / "ws" / RESUME_ROOT / "job-1" / "job-2"
+    collect(started_from, own_run=_interrupted_run(tmp_path / "ws"), own_archive=None, started_from=None, info={})
+    deploying = tmp_path / "ws" / "job-2"
+    (deploying / "app_server").mkdir(parents=True)  # deployed, its persistor not started yet
+    target = started_from.parent / "job-3"
+    held, _ = collect(target, own_run=deploying, own_archive=None, started_from=started_from, info={})
+    assert held == 1 and folder_progress(target) == 1
+    assert os.path.samefile(
+        target / "app_server" / "FL_global_model.pt", started_from / "app_server" / "FL_global_model.pt"
+    )
+    # Equal rounds: what it started from wins (complete by construction).
+    older = tmp_path / "older"
+    _interrupted_run(older, job_id="job-2", rounds_done=2)
+    held, _ = collect(target, own_run=older / "job-2", own_archive=None, started_from=started_from, info={})
+    assert held == 1
+    assert os.path.samefile(
+        target / "app_server" / "FL_global_model.pt", started_from / "app_server" / "FL_global_model.pt"
+    )
+
+
+def test_a_checkpoint_that_does_not_read_back_is_not_used(tmp_path: Path) -> None:
+    started_from = tmp_path / "ws" / RESUME_ROOT / "job-1" / "job-2"
+    collect(started_from, own_run=_interrupted_run(tmp_path / "ws"), own_archive=None, started_from=None, info={})
+    newer = tmp_path / "newer"
+    run_dir = _interrupted_run(newer, job_id="job-2", rounds_done=3)
+    (run_dir / "app_server" / "FL_global_model.pt").write_bytes(b"torn")
+    target = started_from.parent / "job-3"
+    assert collect(target, own_run=run_dir, own_archive=None, started_from=started_from, info={})[0] == 1
+
+
+def test_verification_is_by_content(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    held, files = collect(
+        target, own_run=_interrupted_run(tmp_path / "ws"), own_archive=None, started_from=None, info={}
+    )
+    assert verify_manifest(target, files, held) is None
+    assert "round 1, not round 0" in verify_manifest(target, files, 0)
+    metrics = target / METRICS_FILE
+    metrics.write_text(metrics.read_text().replace("0", "9"))  # same size, other bytes
+    assert "sha256" in verify_manifest(target, files, held)
+    assert manifest(target)["resume.json"]["size"] == (target / "resume.json").stat().st_size
 
 
 def _continuation(tmp_path: Path) -> tuple[ServerEngine, LeanPTFileModelPersistor, object, Path]:
     run_dir = _interrupted_run(tmp_path)
-    folder = ResumeFolder.of(tmp_path, "job-2")
-    write_resume_folder(folder, run_dir=run_dir, archive=None)
-    write_info(folder, {"from_job": "job-1", "origin_job": "job-1", "reason": "the server restarted"})
+    info = {"from_job": "job-1", "origin_job": "job-1", "reason": "the server restarted"}
+    collect(tmp_path / RESUME_ROOT / "job-1" / "job-2", own_run=run_dir, own_archive=None, started_from=None, info=info)
     selector = IntimeModelSelector(key_metric="val_accuracy")
     engine = ServerEngine(tmp_path, {MODEL_SELECTOR_ID: selector})
     persistor, fl_ctx = _persistor(engine, "job-2")
@@ -157,6 +206,8 @@ def _continuation(tmp_path: Path) -> tuple[ServerEngine, LeanPTFileModelPersisto
 
 def test_a_continuation_starts_from_the_interrupted_global_model(tmp_path: Path) -> None:
     engine, persistor, fl_ctx, run_dir = _continuation(tmp_path)
+    assert persistor.resume_folder == ResumeFolder(tmp_path / RESUME_ROOT / "job-1" / "job-2")
+    assert persistor.resume_folder.info["origin_job"] == "job-1", "the lineage, for the sites' trainer state"
     assert persistor.resumed_progress.round == 1
     learnable = persistor.load_model(fl_ctx)
     saved = torch.load(run_dir / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
@@ -196,23 +247,3 @@ def test_the_controller_goes_on_after_the_last_completed_round(tmp_path: Path) -
     progress = read_progress(Path(engine.workspace.get_app_dir("job-2")) / "FL_global_model.pt")
     assert (progress.round, progress.num_rounds, progress.best_val_metric) == (2, 5, 0.9)
     persistor.handle_event(EventType.END_RUN, fl_ctx)
-
-
-class JobStore:
-    """The one job-manager call pruning makes: a job's meta by id (None: no such job)."""
-
-    def __init__(self, statuses: dict[str, str]):
-        self.statuses = statuses
-
-    def get_job(self, job_id: str, fl_ctx):
-        if job_id not in self.statuses:
-            return None
-        return type("Job", (), {"job_id": job_id, "meta": {"status": self.statuses[job_id]}})()
-
-
-def test_resume_folders_no_job_will_read_are_pruned_at_start(tmp_path: Path) -> None:
-    root = tmp_path / RESUME_ROOT
-    for name in ("waiting", "cant-schedule", "deleted", ".half-written.tmp"):
-        (root / name).mkdir(parents=True)
-    JobResumer._prune(JobStore({"waiting": "SUBMITTED", "cant-schedule": "FINISHED:CANT_SCHEDULE"}), root, None)
-    assert sorted(p.name for p in root.iterdir()) == ["waiting"]

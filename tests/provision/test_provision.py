@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
 
 from fedllm.config import load_site_config
+from fedllm.flare.resume import DEFAULT_MAX_SITE_RESTARTS_PER_HOUR, JobResumer
 from fedllm.provision import ProvisionError, latest_kits, provision
+from fedllm.provision.builders import JobResumeBuilder
 from fedllm.runtime.site_env import site_environment
 from tests.support.sites import local_config_dict, write_yaml
 
@@ -176,3 +178,14 @@ def test_only_the_server_runs_the_job_resumer(kits) -> None:
     assert "nvflare.apis.impl.job_def_manager.SimpleJobDefManager" in components(kits.server())
     for site in kits.config.site_names:
         assert "fedllm.flare.resume.JobResumer" not in components(kits.site(site))
+    # Its bound on a flapping site, as NVFlare builds it from the resources.
+    resources = json.loads((kits.server() / "local" / "resources.json.default").read_text())
+    args = next(c["args"] for c in resources["components"] if c["path"] == "fedllm.flare.resume.JobResumer")
+    assert args == {"max_site_restarts_per_hour": DEFAULT_MAX_SITE_RESTARTS_PER_HOUR}
+    assert JobResumer(**args).max_site_restarts_per_hour == DEFAULT_MAX_SITE_RESTARTS_PER_HOUR == 3
+
+
+@pytest.mark.parametrize("bound", [-1, 1.5, True, "3"])
+def test_the_site_restart_bound_is_a_count(bound) -> None:
+    with pytest.raises(ValueError, match="max_site_restarts_per_hour"):
+        JobResumeBuilder(max_site_restarts_per_hour=bound)

@@ -39,6 +39,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm.fileio import atomic_path, write_text
+from fedllm.flare.faults import crash_point
 from fedllm.flare.resume import (
     METRICS_FILE,
     PROGRESS_KEY,
@@ -81,6 +82,8 @@ def write_checkpoint(save_dict: dict, path: str) -> None:
         with open(temp, "xb") as handle:
             torch.save(save_dict, handle)
         _verify_checkpoint(save_dict, str(temp))
+        progress = save_dict.get(PROGRESS_KEY)
+        crash_point("checkpoint-write", progress.get("round") if isinstance(progress, dict) else None, job_process=True)
 
 
 def _verify_checkpoint(save_dict: dict, path: str) -> None:
@@ -178,6 +181,8 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
     def _initialize(self, fl_ctx):
         self.resume_folder = ResumeFolder.of_job(fl_ctx)
         previous = self.resume_folder.checkpoint(self.global_model_file_name) if self.resume_folder else None
+        if self.resume_folder is not None:
+            crash_point("continuation-deploy", job_process=True)
         if previous is not None:
             # Go on from the interrupted job's last global model; the initial one is not even built.
             self.model, self.source_ckpt_file_full_name, self.load_device = None, str(previous), "cpu"
@@ -297,6 +302,15 @@ class LeanFedAvg(FedAvg):
             # The rounds this checkpoint completes have their metric lines on disk before it is.
             sync_file(Path(self.get_run_dir()) / METRICS_FILE)
         super().save_model(model)
+
+    def sample_clients(self, num_clients=None):
+        crash_point("round-start", self.current_round, job_process=True)  # a test hook, inert unless set
+        return super().sample_clients(num_clients)
+
+    def _aggregate_one_result(self, result) -> bool:
+        accepted = super()._aggregate_one_result(result)
+        crash_point("aggregation", self.current_round, job_process=True)  # a test hook, inert unless set
+        return accepted
 
     def _build_shareable(self, data=None):
         if data is not None and isinstance(data.params, dict) and not isinstance(data.params, SharedWeights):

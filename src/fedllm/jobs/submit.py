@@ -12,7 +12,7 @@ from pathlib import Path
 from nvflare.fuel.flare_api.api_spec import AuthenticationError, AuthorizationError, JobNotFound
 
 from fedllm.errors import FedllmError
-from fedllm.flare.resume import CONTINUED_AS_META, PENDING
+from fedllm.flare.resume import CONTINUED_AS_META, NOT_CONTINUED_META, PENDING
 from fedllm.provision import Kits
 from fedllm.runtime.admin import AdminError, AdminKit, admin_session
 
@@ -182,5 +182,7 @@ def submit_job(
         for detail in deploy:
             site, _, why = detail.partition(": ")
             errors.setdefault(site, why)
+        if meta.get(NOT_CONTINUED_META):  # interrupted, and why it was not continued (e.g. a flapping site)
+            errors = {"not continued": str(meta[NOT_CONTINUED_META]), **errors}
         raise JobFailed(job_id, status, errors, result_dir)
     return result

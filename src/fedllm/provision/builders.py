@@ -183,7 +183,10 @@ class ComponentPolicyBuilder(Builder):
 
 
 # The server parent's component that continues a FedAvg job a server or site restart interrupted.
-JOB_RESUMER = {"id": "fedllm_job_resumer", "path": "fedllm.flare.resume.JobResumer", "args": {}}
+JOB_RESUMER_ID = "fedllm_job_resumer"
+JOB_RESUMER_PATH = "fedllm.flare.resume.JobResumer"
+# How often restarts of one site may continue one job within an hour (a job overrides it in its meta).
+DEFAULT_MAX_SITE_RESTARTS_PER_HOUR = 3
 
 
 class JobResumeBuilder(Builder):
@@ -193,7 +196,24 @@ class JobResumeBuilder(Builder):
     mid-job; the resumer continues such a job from its last completed round (fedllm.flare.resume).
     It goes into resources.json.default, from which `fedllm up` and the server container write the
     resources.json NVFlare reads (with the job store moved into the server's workspace).
+    `max_site_restarts_per_hour` bounds a flapping site: beyond it the job fails with a message naming
+    the site instead of being continued again (a job overrides it with
+    `custom_props.fedllm_max_site_restarts_per_hour` in its meta.json).
     """
 
+    def __init__(self, max_site_restarts_per_hour: int = DEFAULT_MAX_SITE_RESTARTS_PER_HOUR):
+        if isinstance(max_site_restarts_per_hour, bool) or not isinstance(max_site_restarts_per_hour, int):
+            raise ValueError(f"max_site_restarts_per_hour must be an integer, not {max_site_restarts_per_hour!r}")
+        if max_site_restarts_per_hour < 0:
+            raise ValueError(f"max_site_restarts_per_hour must be ≥ 0, not {max_site_restarts_per_hour}")
+        self.max_site_restarts_per_hour = max_site_restarts_per_hour
+
     def build(self, project: Project, ctx: ProvisionContext) -> None:
-        add_parent_component(Path(ctx.get_local_dir(project.get_server())), JOB_RESUMER)
+        add_parent_component(
+            Path(ctx.get_local_dir(project.get_server())),
+            {
+                "id": JOB_RESUMER_ID,
+                "path": JOB_RESUMER_PATH,
+                "args": {"max_site_restarts_per_hour": self.max_site_restarts_per_hour},
+            },
+        )

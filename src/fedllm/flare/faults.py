@@ -1,0 +1,62 @@
+"""A test hook: SIGKILL the server at one named step, to prove that a job survives a crash exactly there.
+
+`FEDLLM_FAULT=<point>[:<round>]` in the server's environment (a test sets it when it starts the server)
+makes the server's own components kill the server's processes with SIGKILL when they reach that point:
+the parent process and every job process it started, as a crash or an OOM kill would, with nothing told
+first. Unset (always, outside tests), `crash_point` is one environment lookup and does nothing.
+
+Points (tests/federation/test_resume.py uses each):
+
+- `round-start:<r>`: the server job, as round r starts (before its task goes out);
+- `aggregation:<r>`: the server job, once the first site's result of round r has been aggregated;
+- `checkpoint-write:<r>`: the server job's checkpoint writer, when round r's global checkpoint is in its
+  temp file but not yet renamed over the last one;
+- `continuation-deploy`: a continuation's server job, before it takes over the checkpoint it starts from;
+- `journal:<phase>[:<n>]`: the server's parent process (fedllm.flare.resume.JobResumer), right after it
+  has journaled `<phase>` of continuing a job, before acting on it (`intent`, `aborted`, `collected`,
+  `cloning`, `cloned`, `marked`); with n, only while it makes the job's n-th continuation.
+
+Without `:<n>`, a point fires whatever its round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+import psutil
+
+FAULT_ENV = "FEDLLM_FAULT"
+
+
+def crash_point(point: str, round_number: int | None = None, *, job_process: bool = False) -> None:
+    """SIGKILL the server here if FEDLLM_FAULT names this point (and round, or continuation); otherwise nothing.
+
+    `job_process`: the caller runs in a server job process, whose parent is the server's parent process.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not fault_matches(spec, point, round_number):
+        return
+    print(f"{FAULT_ENV}={spec}: SIGKILL of the server at {point}", file=sys.stderr, flush=True)
+    kill_server(job_process=job_process)
+
+
+def fault_matches(spec: str, point: str, round_number: int | None) -> bool:
+    name, _, at = spec.strip().rpartition(":")
+    if not name or not at.isdigit():  # no round given: `point` is the whole spec
+        return spec.strip() == point
+    return name == point and round_number is not None and int(at) == round_number
+
+
+def kill_server(*, job_process: bool) -> None:
+    """SIGKILL the server's parent process first (it can react to nothing after), its job processes, then this one."""
+    me = psutil.Process()
+    parent = me.parent() if job_process else me
+    victims = [parent, *parent.children(recursive=True)] if parent is not None else []
+    for victim in victims:
+        if victim.pid != me.pid:
+            with contextlib.suppress(psutil.Error):
+                victim.send_signal(signal.SIGKILL)
+    os.kill(me.pid, signal.SIGKILL)
