@@ -155,10 +155,24 @@ def load_model(
         raise ConfigError(
             [Problem(file, "", "file not found", "check the path, or copy a template from site_configs/")], kind
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [Problem(file, "", f"not UTF-8 text (byte {exc.start}: {exc.reason})", "save it as UTF-8 YAML", line)],
+            kind,
+        ) from None
     try:
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (control characters)
+        line = text[: exc.position].count("\n") + 1
+        char = f" (character #x{exc.character:04x})" if isinstance(exc.character, int) else ""
+        raise ConfigError(
+            [Problem(file, "", f"malformed YAML: {exc.reason}{char}", "remove that character from this line", line)],
+            kind,
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
