@@ -336,7 +336,7 @@ def run_once(root: Path, profile: str, sites: int, size_mib: float, rounds: int,
     cfg = loopback_config(sites, job_ports=profile not in WITHOUT_JOB_PORTS)
     template = echo_template(size_mib, options)
     spec = resolve_spec(template, "fedavg", num_clients=sites, rounds=rounds)
-    job_dir = create_job(spec, root / "jobs")
+    job_dir = create_job(spec, root / "jobs", overwrite=True)  # --keep reuses the folder across runs
     with local_federation(cfg, root / "ws", data_root=root, source="benchmark", echo=lambda _m: None) as fed:
         sampler = ProcessSampler({p.name: p.pid for p in fed.processes})
         sampler.start()

@@ -90,9 +90,9 @@ def test_job_create_names_what_to_type_in_the_admin_console(tmp_path: Path, monk
     # In the admin container FEDLLM_JOBS_DIR is the console's folder there, and no site config is needed.
     monkeypatch.setenv("FEDLLM_JOBS_DIR", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("FEDLLM_HOST_JOBS_DIR", "/srv/fl/runs/jobs")
-    assert main(["job", "create", "demo-mlp", "--out", "elsewhere", "-c", "missing.yaml"]) == 0
+    assert main(["job", "create", "demo-mlp", "--out", "elsewhere", "--name", "in-admin", "-w", "no-workspace"]) == 0
     out = capsys.readouterr().out
-    assert "submit_job demo-mlp-fedavg-3sites" in out and "on the host: /srv/fl/runs/jobs/demo-mlp-fedavg-3sites" in out
+    assert "submit_job in-admin" in out and "on the host: /srv/fl/runs/jobs/in-admin" in out
     assert "--download /fedllm/results" in out
 
 

@@ -91,10 +91,9 @@ def test_per_site_data_is_deployed_per_site(template, tmp_path: Path) -> None:
             assert "--train /d/b.npz" in client["executors"][0]["executor"]["args"]["task_script_args"]
 
 
-def test_arguments_with_whitespace_are_refused(template, tmp_path: Path) -> None:
-    spec = resolve_spec(template, "fedavg", data=["/my data/train.npz"])
+def test_arguments_with_whitespace_are_refused(template) -> None:
     with pytest.raises(JobSpecError, match="whitespace"):
-        create_job(spec, tmp_path)
+        resolve_spec(template, "fedavg", data=["/my data/train.npz"])
 
 
 def test_unknown_template_lists_the_available_ones() -> None:
@@ -119,7 +118,8 @@ def test_every_template_selects_the_best_received_global_model_and_tracks_live_m
     name: str, tmp_path: Path
 ) -> None:
     template = load_template(name)
-    spec = resolve_spec(template, "fedavg", model="/models/m.nemo" if name.startswith("nemo") else "/models/m")
+    model = None if name == "demo-mlp" else "/models/m.nemo" if name.startswith("nemo") else "/models/m"
+    spec = resolve_spec(template, "fedavg", model=model)
     server = _server_config(create_job(spec, tmp_path))
     components = {c["id"]: c for c in server["components"]}
     selector = components["model_selector"]["args"]
@@ -153,3 +153,61 @@ def test_hf_sft_and_lora_run_one_trainer_process_per_device(tmp_path: Path) -> N
 def test_devices_a_single_process_template_cannot_use_are_refused(template) -> None:
     with pytest.raises(JobSpecError, match=r"--devices 2: template demo-mlp trains in the site's job process"):
         resolve_spec(template, "fedavg", devices=2)
+
+
+@pytest.mark.parametrize(
+    ("metric", "negated"),
+    [("global_val_perplexity", True), ("global_val_loss", True), ("global_val_macro_f1", False)],
+)
+def test_the_best_model_direction_is_the_metrics_own_never_guessed_from_its_name(
+    tmp_path: Path, metric: str, negated: bool
+) -> None:
+    """A perplexity is minimised although its name has no 'loss' in it (issue 25)."""
+    path = write_yaml(tmp_path / "t.yaml", {**_demo_template(), "key_metric": metric})
+    server = _server_config(create_job(resolve_spec(load_template(str(path)), "fedavg"), tmp_path))
+    selector = next(c for c in server["components"] if c["id"] == "model_selector")["args"]
+    assert selector["key_metric"] == metric and selector.get("negate_key_metric", False) is negated
+
+
+def test_a_key_metric_fedllm_does_not_know_needs_its_direction(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "t.yaml", {**_demo_template(), "key_metric": "global_val_bleu"})
+    with pytest.raises(ConfigError, match=r"key_metric_mode: min .* or max"):
+        load_template(str(path))
+    write_yaml(path, {**_demo_template(), "key_metric": "global_val_bleu", "key_metric_mode": "max"})
+    assert load_template(str(path)).key_metric_direction == "max"
+
+
+def _demo_template() -> dict:
+    """demo-mlp's template as data, without its key_metric_mode (the tests set the metric)."""
+    import yaml
+
+    from fedllm.resources import resource_dir
+
+    data = yaml.safe_load((resource_dir("jobs") / "demo-mlp.yaml").read_text())
+    del data["key_metric_mode"]
+    return data
+
+
+def test_a_template_that_is_not_utf8_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_bytes(b"name: x\ntrainer: \xff\n")
+    with pytest.raises(ConfigError, match=r"t.yaml:2: not UTF-8 text"):
+        load_template(str(path))
+    path.write_bytes(b"name: x\ntrainer: a\x1fb\n")
+    with pytest.raises(ConfigError, match=r"t.yaml:2: malformed YAML: .*#x001f"):
+        load_template(str(path))
+
+
+def test_a_server_model_class_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    data = _demo_template()
+    data["initial_model"]["class_path"] = "fedllm.flare.server_models.TinyClasifier"
+    path = write_yaml(tmp_path / "t.yaml", data)
+    with pytest.raises(JobSpecError, match="has no class TinyClasifier, so the server could not build"):
+        resolve_spec(load_template(str(path)), "fedavg")
+
+
+def test_what_job_create_sets_itself_is_not_set_with_a(template) -> None:
+    with pytest.raises(JobSpecError, match=r"-a epochs=...: job create sets epochs .* Fix: use --local-epochs"):
+        resolve_spec(template, "fedavg", extra_args={"epochs": 3})
+    with pytest.raises(JobSpecError, match=r"-a train=... and --data both set train"):
+        resolve_spec(template, "fedavg", extra_args={"train": "a.npz"}, data=["b.npz"])

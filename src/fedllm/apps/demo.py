@@ -90,9 +90,12 @@ def run_demo(
         "local_epochs": local_epochs,
         "extra_args": {"cpu_threads": 1},  # 3 sites share this machine's cores
     }
-    fedavg_job = create_job(resolve_spec(template, "fedavg", rounds=rounds, **common), workspace / "jobs")
+    # The demo's own jobs folder: a rerun replaces the last run's jobs.
+    fedavg_job = create_job(
+        resolve_spec(template, "fedavg", rounds=rounds, **common), workspace / "jobs", overwrite=True
+    )
     common["local_epochs"] = rounds * local_epochs  # local-only: the same number of passes over the data
-    local_job = create_job(resolve_spec(template, "local", **common), workspace / "jobs")
+    local_job = create_job(resolve_spec(template, "local", **common), workspace / "jobs", overwrite=True)
     step(
         3,
         f"jobs: FedAvg {rounds} rounds × {local_epochs} epochs, local-only 1 round × "

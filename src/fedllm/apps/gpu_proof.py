@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = resolve_spec(
         load_template("nemo-ptuning-345m"), "fedavg", rounds=args.rounds, num_clients=args.sites, model=str(ckpt)
     )
-    job = create_job(spec, ws / "jobs")
+    job = create_job(spec, ws / "jobs", overwrite=True)  # the proof's own folder: a rerun replaces its job
     say = lambda m: print("      " + m)  # noqa: E731
     with local_federation(cfg, ws / "kits", data_root=ws, source="gpu_proof", echo=say) as fed:
         print(f"3/5 provisioned {fed.kits.prod_dir} and started it; job {job}")

@@ -1,9 +1,9 @@
-"""`fedllm job create` and `fedllm job submit`."""
+"""`fedllm job create`, `fedllm job args` and `fedllm job submit`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,9 +11,11 @@ from fedllm.cli.common import (
     DEFAULT_WORKSPACE,
     ConfigOpt,
     WorkspaceOpt,
+    absolute,
     console,
     done,
     echo,
+    err_console,
     federation_kits,
     load_config,
     site_config_path,
@@ -22,17 +24,31 @@ from fedllm.config.problems import display_path
 from fedllm.jobs.template import available_templates
 from fedllm.output import styled
 
+if TYPE_CHECKING:
+    from fedllm.jobs.sites import Federation
+
 app = typer.Typer(help="Create NVFlare job folders from templates and submit them.", no_args_is_help=True)
 
 
-@app.command()
+@app.command(
+    epilog="Trainer arguments (-a KEY=VALUE) are each template's own: `fedllm job args TEMPLATE` lists them "
+    "with their types, choices, template values and defaults. They are checked against the trainer's parser "
+    "here, and the job against the site config's sites, before anything is written."
+)
 def create(
     template: Annotated[
         str, typer.Argument(help=f"Template name in jobs/ ({', '.join(available_templates())}) or a YAML path.")
     ],
     mode: Annotated[str, typer.Option(help="local | central | fedavg")] = "fedavg",
-    out: Annotated[Path, typer.Option(help="Directory that receives the job folder.")] = Path("runs/jobs"),
-    num_clients: Annotated[int | None, typer.Option(min=1, help="Sites that train (default: the template's).")] = None,
+    out: Annotated[Path, typer.Option(callback=absolute, help="Directory that receives the job folder.")] = Path(
+        "runs/jobs"
+    ),
+    num_clients: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Sites that train (default: every site in the site config; without one, the template's)."
+        ),
+    ] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="FL rounds (fedavg only).")] = None,
     local_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per round on each site.")] = None,
     devices: Annotated[int | None, typer.Option(min=1, help="GPUs each site trains on.")] = None,
@@ -45,26 +61,27 @@ def create(
     ] = "none",
     arg: Annotated[
         list[str] | None,
-        typer.Option("--arg", "-a", help="Trainer argument KEY=VALUE over the template's (e.g. -a quantize=4bit)."),
+        typer.Option(
+            "--arg",
+            "-a",
+            help="Trainer argument KEY=VALUE over the template's, e.g. -a lr=0.0001, -a packing=true "
+            "(`fedllm job args TEMPLATE` lists them).",
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing job folder of the same name (everything in it goes).")
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
     """Render a job folder for local-only, centralized or FedAvg training; print how to submit it."""
-    from fedllm.jobs.create import create_job, resolve_spec
+    from fedllm.jobs.create import MODES, create_job, resolve_spec
     from fedllm.jobs.template import load_template
+    from fedllm.jobs.trainer_args import parse_assignments
 
-    if mode not in ("local", "central", "fedavg"):
+    if mode not in MODES:
         raise typer.BadParameter(f"'{mode}' is not a mode; use local, central or fedavg", param_hint="--mode")
-    sites = load_config(config, workspace)[0].site_names if data and len(data) > 1 else None
-    extra_args = {}
-    for item in arg or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"'{item}' is not KEY=VALUE (e.g. -a lr=0.0001)", param_hint="--arg")
-        import yaml
-
-        extra_args[key.replace("-", "_")] = yaml.safe_load(value) if value else ""
+    federation = _federation(config, workspace)
     spec = resolve_spec(
         load_template(template),
         mode,  # type: ignore[arg-type]
@@ -75,33 +92,83 @@ def create(
         model=model,
         data=data,
         validation=validation,
-        sites=sites,
         name=name,
         compression=compress,
-        extra_args=extra_args,
+        extra_args=parse_assignments(arg or []),
+        federation=federation,
     )
-    job_dir = create_job(spec, out)
+    job_dir = create_job(spec, out, overwrite=overwrite)
     done(
         "created",
         f" {display_path(job_dir)}: {spec.mode}, {spec.num_clients} site(s), "
         f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s), {spec.devices} device(s) per site",
     )
-    _print_submit_hints(job_dir, config, workspace)
+    for note in spec.notes:
+        err_console.print(styled("note:", "yellow", f" {note}"))
+    _print_submit_hints(job_dir, federation.config.project if federation else "", workspace)
 
 
-def _print_submit_hints(job_dir: Path, config: Path | None, workspace: Path) -> None:
+def _federation(config: Path | None, workspace: Path) -> Federation | None:
+    """The site config's sites a job is created for; None where no config is given or found (said in a note)."""
+    from fedllm.jobs.sites import Federation
+
+    if config is None and not site_config_path(config, workspace).is_file():
+        return None
+    cfg, path = load_config(config, workspace)
+    return Federation(cfg, display_path(path))
+
+
+@app.command("args")
+def args_command(
+    template: Annotated[str, typer.Argument(help="Template name in jobs/ or a YAML path.")],
+) -> None:
+    """List a template's trainer arguments: what `job create -a KEY=VALUE` may set, with values and defaults."""
+    from fedllm.jobs.create import DERIVED_KEYS, OPTION_KEYS, REQUIRED_MODEL
+    from fedllm.jobs.template import load_template
+    from fedllm.jobs.trainer_args import TrainerUnavailable, trainer_arguments
+
+    loaded = load_template(template)
+    try:
+        trainer = trainer_arguments(loaded.trainer)
+    except TrainerUnavailable as exc:
+        from fedllm.jobs.errors import JobSpecError
+
+        raise JobSpecError(f"{exc}: its arguments cannot be listed here") from None
+    set_by = {key: f"job create {option}" for key, option in {**OPTION_KEYS, **DERIVED_KEYS}.items()}
+    console.print(
+        f"{loaded.name}: trainer {trainer.module}. Set with `fedllm job create {loaded.name} -a KEY=VALUE` "
+        "(a switch: KEY=true or KEY=false)."
+    )
+    rows = [("KEY", "TAKES", "VALUE", "ABOUT")]
+    for a in trainer.describe():
+        if loaded.train_args.get(a.key) == REQUIRED_MODEL:
+            value = "(required)"
+        elif a.key in loaded.train_args:
+            value = f"{_shown(loaded.train_args[a.key])} (template)"
+        else:
+            value = "(required)" if a.required else f"{_shown(a.default)} (default)"
+        about = a.help + (f" [{set_by[a.key]}]" if a.key in set_by else "")
+        rows.append((a.key, a.kind, value, about))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        console.print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value in ("", None) else str(value)
+
+
+def _print_submit_hints(job_dir: Path, project: str, workspace: Path) -> None:
     """The two ways to submit the job: the admin console's `submit_job` (if it sees the folder) and `job submit`."""
-    import contextlib
     import os
 
-    from fedllm.errors import FedllmError
     from fedllm.jobs.create import submit_hints
     from fedllm.provision.compose import HOST_JOBS_ENV, JOBS_ENV, console_jobs_dir
 
-    project = ""
-    if not os.environ.get(JOBS_ENV) and site_config_path(config, workspace).is_file():
-        with contextlib.suppress(FedllmError):  # the hint needs only the project; `fedllm validate` reports the rest
-            project = load_config(config, workspace)[0].project
+    if os.environ.get(JOBS_ENV):
+        project = ""
     jobs_dir = console_jobs_dir(workspace, project) if project or os.environ.get(JOBS_ENV) else None
     lines = submit_hints(job_dir, jobs_dir)
     if not os.environ.get(HOST_JOBS_ENV):  # on the host, `job submit` must find this federation's kits

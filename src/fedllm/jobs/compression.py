@@ -3,7 +3,9 @@
 none        nothing (weights cross in their own dtype)
 fp16, bf16  fedllm.flare.filters.PrecisionCast / PrecisionRestore in both directions
 blockwise8, float4, normfloat4
-            NVFlare's ModelQuantizer / ModelDequantizer (bitsandbytes, CUDA on every participant)
+            NVFlare's ModelQuantizer / ModelDequantizer through fedllm.flare.quantization (built where
+            they run: bitsandbytes and CUDA on every participant, the server included; the sites'
+            GPUs are checked against the site config at creation, fedllm.jobs.sites)
 """
 
 from __future__ import annotations
@@ -18,31 +20,17 @@ WIRE_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # exchange.wire_dtype →
 
 
 class CompressionError(FedllmError):
-    """The asked compression cannot run where the job would run it."""
+    """The asked compression is not one fedllm knows."""
 
 
-def _check_quantization_possible() -> None:
-    import importlib.util
-
-    import torch
-
-    missing = []
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes (pip install bitsandbytes)")
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU")
-    if missing:
-        raise CompressionError(
-            "8-/4-bit quantization uses NVFlare's ModelQuantizer/ModelDequantizer, which need "
-            f"{' and '.join(missing)} on every participant; this machine lacks them. Use --compress fp16 "
-            "(or bf16) on CPU"
-        )
+def check_compression(compression: str) -> None:
+    if compression not in CHOICES:
+        raise CompressionError(f"--compress {compression!r} unknown; use one of {', '.join(CHOICES)}")
 
 
 def apply_compression(recipe, compression: str) -> None:
     """Add the filters for `compression` (one of CHOICES) to an NVFlare recipe, in both directions."""
-    if compression not in CHOICES:
-        raise CompressionError(f"--compress {compression!r} unknown; use one of {', '.join(CHOICES)}")
+    check_compression(compression)
     if compression == "none":
         return
     if compression in PRECISIONS:
@@ -51,11 +39,11 @@ def apply_compression(recipe, compression: str) -> None:
         recipe.add_client_output_filter(PrecisionCast(compression), tasks=TASKS)
         recipe.add_server_input_filter(PrecisionRestore(), tasks=TASKS)
         return
-    _check_quantization_possible()
-    from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
-    from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
+    # NVFlare's quantizers, built inside the participants' job processes: creating the job needs no
+    # bitsandbytes or GPU here; whether the sites have GPUs is checked against the site config.
+    from fedllm.flare.quantization import Dequantize, Quantize
 
-    recipe.add_server_output_filter(ModelQuantizer(quantization_type=compression), tasks=TASKS)
-    recipe.add_client_input_filter(ModelDequantizer(), tasks=TASKS)
-    recipe.add_client_output_filter(ModelQuantizer(quantization_type=compression), tasks=TASKS)
-    recipe.add_server_input_filter(ModelDequantizer(), tasks=TASKS)
+    recipe.add_server_output_filter(Quantize(compression), tasks=TASKS)
+    recipe.add_client_input_filter(Dequantize(), tasks=TASKS)
+    recipe.add_client_output_filter(Quantize(compression), tasks=TASKS)
+    recipe.add_server_input_filter(Dequantize(), tasks=TASKS)

@@ -9,8 +9,11 @@ All modes validate on the same validation set so their curves compare directly.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,14 +22,32 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.checkpoint.model_spec import read_model_spec
-from fedllm.errors import FedllmError
-from fedllm.jobs.compression import apply_compression
+from fedllm.fileio import atomic_directory
+from fedllm.jobs.compression import QUANTIZATIONS, apply_compression, check_compression
+from fedllm.jobs.errors import JobSpecError
 from fedllm.jobs.exchange import apply_exchange_settings, apply_tensor_items, recipe_kwargs, wire_compression
+from fedllm.jobs.server_model import check_server_model, initial_args
+from fedllm.jobs.sites import Federation, unchecked_quantization_note
 from fedllm.jobs.template import JobTemplate, Mode
+from fedllm.jobs.trainer_args import (
+    TrainerArguments,
+    TrainerUnavailable,
+    cli_args,
+    coerce_switch_words,
+    trainer_arguments,
+)
 
+__all__ = ["JobSpec", "JobSpecError", "cli_args", "create_job", "resolve_spec"]
 
-class JobSpecError(FedllmError):
-    """A job cannot be created as asked; the message names the option and the fix."""
+MODES = ("local", "central", "fedavg")
+# NVFlare's job-name grammar (nvflare.fuel.utils.validation_utils.JOB_NAME_PATTERN): the job's folder name
+# and what the admin console's `submit_job NAME` takes.
+JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The options of `fedllm job create` that set a trainer argument.
+OPTION_KEYS = {"model": "--model", "train": "--data", "val": "--validation"}
+# Trainer arguments job create derives from the mode and its options: never set by -a (they would be overridden).
+DERIVED_KEYS = {"epochs": "--local-epochs", "devices": "--devices", "rounds": "--rounds"}
+MAX_JOB_NAME = 128  # a folder name, with room for the staging folder's prefix and suffix
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,10 @@ class JobSpec:
     site_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Message compression filters (fedllm.jobs.compression): none, fp16, bf16, blockwise8, float4, normfloat4.
     compression: str = "none"
+    # The server's initial model's arguments, resolved from the template and the job's trainer arguments.
+    initial_args: dict[str, Any] = field(default_factory=dict)
+    # What could not be checked where the job was created, said rather than left silent.
+    notes: tuple[str, ...] = ()
 
 
 def resolve_spec(
@@ -63,15 +88,27 @@ def resolve_spec(
     extra_args: dict[str, Any] | None = None,
     compression: str = "none",
     site_overrides: dict[str, dict[str, Any]] | None = None,
+    federation: Federation | None = None,
 ) -> JobSpec:
-    """Apply the mode's rules to the template defaults and the caller's options.
+    """Apply the mode's rules to the template defaults and the caller's options, and check the result.
 
+    `federation` (the site config) sizes and checks the job: all its sites train by default, and
+    --num-clients and --compress must fit them. Without one the template's number of sites is used and
+    the job's notes say what went unchecked. The trainer's arguments are checked against its own parser.
     `site_overrides` sets trainer arguments for single sites, e.g. {"site-3": {"devices": 2, "model": ...}}
     for a site that trains a TP-2 copy of the model on its GPU pair (its torchrun starts that many processes).
     """
+    if mode not in MODES:
+        raise JobSpecError(f"--mode {mode!r} is not a mode; use local, central or fedavg")
+    check_compression(compression)
+    notes: list[str] = []
     d = template.defaults
+    if federation is not None:
+        sites = sites or federation.site_names
+    # Every site of the federation trains unless told otherwise; the template's count where none is known.
+    everyone = len(federation.site_names) if federation is not None else d.num_clients
     if mode == "fedavg":
-        n, r, e = num_clients or d.num_clients, rounds or d.rounds, local_epochs or d.local_epochs
+        n, r, e = num_clients or everyone, rounds or d.rounds, local_epochs or d.local_epochs
     else:
         if rounds not in (None, 1):
             raise JobSpecError(
@@ -79,10 +116,12 @@ def resolve_spec(
                 "drop --rounds or use --mode fedavg"
             )
         # Same number of passes over the data as the template's FedAvg run (R rounds × 1 epoch).
-        n = 1 if mode == "central" else (num_clients or d.num_clients)
+        n = 1 if mode == "central" else (num_clients or everyone)
         r, e = 1, local_epochs or d.rounds * d.local_epochs
         if mode == "central" and num_clients not in (None, 1):
             raise JobSpecError("--mode central trains on one site (the combined data); drop --num-clients")
+    if federation is not None:
+        federation.check_site_count(n)
     dev = devices or d.devices
     if dev > 1 and template.launch != "torchrun":
         raise JobSpecError(
@@ -90,7 +129,20 @@ def resolve_spec(
             "other devices would sit idle; use --devices 1, or a template that runs one process per device "
             "(launch: torchrun: hf-sft, hf-lora, nemo-*)"
         )
+    job_name = _job_name(template, name or f"{template.name}-{mode}-{n}sites", given=name is not None)
 
+    trainer = _trainer(template, notes)
+    data = list(data or [])
+    if trainer is not None:
+        given = {"model": model, "val": validation, "train": data}
+        for key, option in OPTION_KEYS.items():
+            if given[key] and not trainer.takes(key):
+                raise JobSpecError(
+                    f"{option}: template {template.name}'s trainer {trainer.module} takes no {key} argument, so "
+                    f"{option} would stop every site. Fix: drop {option} (`fedllm job args {template.name}` lists "
+                    "what it takes)"
+                )
+    _check_extra_args(extra_args or {}, {"model": model, "val": validation, "train": data})
     args: dict[str, Any] = {**template.train_args, **(extra_args or {}), "epochs": e, "devices": dev}
     if model:
         args["model"] = model
@@ -99,7 +151,6 @@ def resolve_spec(
     if "rounds" in template.train_args:
         args["rounds"] = r
     site_args: dict[str, dict[str, Any]] = {}
-    data = list(data or [])
     if len(data) == 1:
         args["train"] = data[0]
     elif len(data) > 1:
@@ -116,13 +167,83 @@ def resolve_spec(
                 f"whose sites include them ({n} site(s) train)"
             )
         site_args = {site: {**site_args.get(site, {}), **site_overrides.get(site, {})} for site in named[:n]}
+    if args.get("model") == REQUIRED_MODEL:
+        raise JobSpecError(f"template {template.name} needs the base model: pass --model PATH_OR_ID")
+
+    context = f"template {template.name}"
+    parsed: argparse.Namespace | None = None
+    if trainer is not None:
+        args, parsed = trainer.check(args, context)
+        for site, overrides in site_args.items():
+            merged, _ = trainer.check({**args, **overrides}, f"{context}, {site}'s arguments")
+            site_args[site] = {key: merged[key] for key in overrides}
+    else:
+        args = coerce_switch_words(args)
+        site_args = {site: coerce_switch_words(overrides) for site, overrides in site_args.items()}
+
+    if federation is not None:
+        federation.check_compression(compression, list(site_args) or federation.site_names)
+    else:
+        _note_unchecked_sites(notes, n, compression)
+    if (quantization := unchecked_quantization_note(compression)) is not None:
+        notes.append(quantization)
     if template.launch == "torchrun":
         _check_local_checkpoint(args, dev)
         for overrides in site_args.values():
             if "devices" in overrides or "model" in overrides:
                 _check_local_checkpoint({**args, **overrides}, int(overrides.get("devices", dev)))
-    job_name = name or f"{template.name}-{mode}-{n}sites"
-    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression)
+    check_server_model(template, notes)
+    initial = initial_args(template, args, parsed, notes)
+    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes))
+
+
+def _check_extra_args(extra_args: dict[str, Any], options: dict[str, Any]) -> None:
+    """-a never sets what job create derives itself, nor what one of its options also sets."""
+    for key, option in DERIVED_KEYS.items():
+        if key in extra_args:
+            raise JobSpecError(f"-a {key}=...: job create sets {key} from the mode and {option}. Fix: use {option}")
+    for key, option in OPTION_KEYS.items():
+        if key in extra_args and options[key]:
+            raise JobSpecError(f"-a {key}=... and {option} both set {key}. Fix: give one of them")
+
+
+def _job_name(template: JobTemplate, job_name: str, given: bool) -> str:
+    if len(job_name) > MAX_JOB_NAME:
+        what = "--name" if given else f"the job name from template name {template.name[:40]!r}..."
+        raise JobSpecError(f"{what}: a job name is at most {MAX_JOB_NAME} characters. Fix: --name a shorter one")
+    if JOB_NAME_RE.fullmatch(job_name):
+        return job_name
+    suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", job_name).strip("-._") or "my-job"
+    rule = (
+        "a job name is the job's folder and what the admin console's `submit_job NAME` takes: letters, digits, "
+        "'.', '_' and '-', starting with a letter or digit"
+    )
+    if given:
+        raise JobSpecError(f"--name {job_name!r}: {rule}. Fix: e.g. --name {suggestion}")
+    raise JobSpecError(
+        f"template name {template.name!r} makes the job name {job_name!r}; {rule}. "
+        f"Fix: pass --name, e.g. --name {suggestion}, or rename the template"
+    )
+
+
+def _trainer(template: JobTemplate, notes: list[str]) -> TrainerArguments | None:
+    """The template's trainer parser; None (and a note) where it cannot be loaded here."""
+    try:
+        return dataclasses.replace(trainer_arguments(template.trainer), template=template.name)
+    except TrainerUnavailable as exc:
+        notes.append(
+            f"{exc}: the job's trainer arguments were not checked (a wrong one stops every site when the job "
+            "starts); create the job where the trainer is installed to have them checked"
+        )
+        return None
+
+
+def _note_unchecked_sites(notes: list[str], n: int, compression: str) -> None:
+    needs = f"{n} site(s)" + (f" with GPUs (--compress {compression})" if compression in QUANTIZATIONS else "")
+    notes.append(
+        f"no site config: the job waits for {needs}, which was not checked against the federation's sites; "
+        "pass -c SITE_CONFIG (or create the job where the federation was provisioned) to have it checked"
+    )
 
 
 def _torchrun(devices: int) -> str:
@@ -145,40 +266,7 @@ def _check_local_checkpoint(args: dict[str, Any], devices: int) -> None:
         read_model_spec(model).check_fits_site(devices)
 
 
-def cli_args(args: dict[str, Any]) -> str:
-    """Render trainer arguments as NVFlare's script_args (which it splits on whitespace)."""
-    parts: list[str] = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                parts.append(flag)
-            continue
-        text = str(value)
-        if not text or any(c.isspace() for c in text) or text[0] in "'\"":
-            raise JobSpecError(
-                f"argument {flag} {text!r} is empty, quoted or contains whitespace; NVFlare passes script "
-                "arguments split on whitespace, so use paths and values without spaces"
-            )
-        parts += [flag, text]
-    return " ".join(parts)
-
-
 REQUIRED_MODEL = "set-by---model"  # a template's placeholder: `fedllm job create --model` must be given
-
-
-def _initial_args(spec: JobSpec) -> dict[str, Any]:
-    """The server model's arguments; a `model` argument follows --model (LoRA/SFT build it from the same model)."""
-    args = dict(spec.template.initial_model.args)
-    if "model" in args and "model" in spec.train_args:
-        args["model"] = spec.train_args["model"]
-    if REQUIRED_MODEL in (args.get("model"), spec.train_args.get("model")):
-        raise JobSpecError(f"template {spec.template.name} needs the base model: pass --model PATH_OR_ID")
-    # NeMo templates name the checkpoint inside other arguments, e.g. "{model}".
-    model = str(spec.train_args.get("model", ""))
-    return {k: v.replace("{model}", model) if isinstance(v, str) else v for k, v in args.items()}
-
-
 ENTRY_NAME = "fedllm_site_entry.py"
 ENTRY_SCRIPT = '''"""Site entry of a fedllm job (generated): run the template's trainer through the Client API.
 
@@ -205,14 +293,19 @@ def _working_dir(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def create_job(spec: JobSpec, out_dir: Path) -> Path:
-    """Export `spec` as an NVFlare job folder under `out_dir`; returns the job's directory."""
+def create_job(spec: JobSpec, out_dir: Path, *, overwrite: bool = False) -> Path:
+    """Export `spec` as an NVFlare job folder under `out_dir`; returns the job's directory.
+
+    The folder appears whole or not at all (staged beside it, then renamed). An existing job folder
+    of that name is replaced only with `overwrite`: what it holds is gone then.
+    """
     from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evaluation, set_per_site_config
 
     from fedllm.jobs.recipe import FedllmFedAvgRecipe
 
-    out_dir = out_dir.resolve()
+    out_dir = Path(out_dir).absolute()
     job_dir = out_dir / spec.name
+    _check_target(out_dir, job_dir, overwrite)
     with tempfile.TemporaryDirectory(prefix="fedllm-job-") as tmp, _working_dir(Path(tmp)):
         # The recipe records the script path as given: relative, so sites find it in the job's custom dir.
         Path(ENTRY_NAME).write_text(ENTRY_SCRIPT.format(module=spec.template.trainer))
@@ -220,14 +313,14 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         torchrun = spec.template.launch == "torchrun"
         recipe = FedllmFedAvgRecipe(
             name=spec.name,
-            model={"class_path": initial.class_path, "args": _initial_args(spec)} if initial else None,
+            model={"class_path": initial.class_path, "args": spec.initial_args} if initial else None,
             min_clients=spec.num_clients,
             num_rounds=spec.rounds,
             train_script=ENTRY_NAME,
             train_args=cli_args(spec.train_args),
             key_metric=spec.template.key_metric,
-            # Losses are better when lower; NVFlare's model selector assumes higher is better unless told.
-            key_metric_mode="min" if "loss" in spec.template.key_metric else "max",
+            # NVFlare's model selector takes higher as better unless told; each template's metric says which.
+            key_metric_mode=spec.template.key_metric_direction,
             # torchrun: one trainer process per GPU of the site, started once for the whole job.
             launch_external_process=torchrun,
             command=_torchrun(spec.devices) if torchrun else "python3 -u",
@@ -255,12 +348,48 @@ def create_job(spec: JobSpec, out_dir: Path) -> Path:
         # so a job carries only its entry script and runs the reviewed install.
         for copied in (staging / spec.name).glob("*/custom/fedllm"):
             shutil.rmtree(copied)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _adopt_owner(staging / spec.name, out_dir)
-        if job_dir.exists():
-            shutil.rmtree(job_dir)
-        shutil.move(str(staging / spec.name), job_dir)
+        _place(staging / spec.name, out_dir, job_dir, overwrite)
     return job_dir
+
+
+def _check_target(out_dir: Path, job_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target that is not a folder or a job folder that is there already."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise JobSpecError(
+            f"--out {out_dir}: {existing} is a file, not a folder. Fix: --out a folder (made if missing)"
+        )
+    if job_dir.exists() or job_dir.is_symlink():
+        if not job_dir.is_dir() or job_dir.is_symlink():
+            raise JobSpecError(f"{job_dir} is there and is not a job folder. Fix: --name another name, or move it")
+        if not overwrite:
+            raise JobSpecError(
+                f"job folder {job_dir} exists. Fix: --overwrite to replace it (everything in it goes), "
+                "or --name another name"
+            )
+
+
+def _place(exported: Path, out_dir: Path, job_dir: Path, overwrite: bool) -> None:
+    """Put the exported job at `job_dir` in one rename, owned like the folder it goes into."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(job_dir, replace=overwrite) as staging:
+            shutil.copytree(exported, staging, dirs_exist_ok=True)
+            staging.chmod(0o777 & ~_umask())  # a staging folder is private; a job folder is not
+            _adopt_owner(staging, out_dir)
+    except OSError as exc:
+        raise JobSpecError(
+            f"cannot write the job into {out_dir}: {exc.strerror or exc}. Fix: --out a folder you can write"
+        ) from None
+    placed = job_dir / "meta.json"
+    if not placed.is_file() or placed.read_bytes() != (exported / "meta.json").read_bytes():
+        raise JobSpecError(f"job folder {job_dir} was created by another command meanwhile; it was left as it is")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _adopt_owner(tree: Path, folder: Path) -> None:

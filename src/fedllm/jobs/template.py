@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedllm.config.loader import load_model
 from fedllm.config.problems import ConfigError, FixableError, Problem
@@ -18,6 +18,16 @@ from fedllm.jobs.exchange import ExchangeOptions
 from fedllm.resources import resource_dir
 
 Mode = Literal["local", "central", "fedavg"]
+Direction = Literal["min", "max"]
+
+# Whether lower or higher is better for each metric fedllm's trainers report (fedllm.training.core):
+# a template whose key metric is not listed says so itself (key_metric_mode). Never guessed from the name.
+METRIC_DIRECTIONS: dict[str, Direction] = {
+    "val_loss": "min",
+    "val_perplexity": "min",
+    "val_accuracy": "max",
+    "val_macro_f1": "max",
+}
 
 
 class _Strict(BaseModel):
@@ -27,11 +37,24 @@ class _Strict(BaseModel):
 class InitialModel(_Strict):
     """A torch.nn.Module the server instantiates and persists as the global model.
 
-    String args may use {model} (the job's --model), e.g. the base checkpoint the server reads.
+    String args may name the job's trainer arguments: "{lora_r}" alone takes that argument's value (its
+    type kept; the trainer's default when the job does not set it), "{model}.nemo" its text. So the
+    server's model follows --model and -a. A `token_dim` is set to the hidden size of the job's model
+    when that model is readable where the job is created (fedllm.jobs.create).
     """
 
     class_path: str
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("class_path")
+    @classmethod
+    def _class_path(cls, v: str) -> str:
+        parts = v.split(".")
+        if len(parts) < 2 or not all(part.isidentifier() for part in parts):
+            raise FixableError(
+                f"class_path '{v}' is not a module.Class path", "use e.g. fedllm.flare.server_models.TinyClassifier"
+            )
+        return v
 
 
 class Defaults(_Strict):
@@ -51,6 +74,9 @@ class JobTemplate(_Strict):
     # The metric the server uses to pick the best global model: the evaluation of the global model the
     # sites RECEIVED (global_*), which is what NVFlare's IntimeModelSelector takes FLModel.metrics to be.
     key_metric: str = "global_val_accuracy"
+    # Whether lower (min) or higher (max) key_metric values are better; may be left out for the metrics
+    # fedllm's trainers report (METRIC_DIRECTIONS), must be given for any other.
+    key_metric_mode: Direction | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     # After the last FedAvg round every site evaluates the final global model (NVFlare's final global
     # evaluation; the result's cross_site_val/ holds it): the number reports and the demo print.
@@ -72,9 +98,23 @@ class JobTemplate(_Strict):
             raise FixableError(
                 f"key_metric '{v}' is a site's metric after local training, but NVFlare's model selector marks the "
                 "global model the sites received as best",
-                f"use global_{v}: the received model's evaluation (losses are minimised, other metrics maximised)",
+                f"use global_{v}: the received model's evaluation",
             )
         return v
+
+    @model_validator(mode="after")
+    def _key_metric_direction(self) -> JobTemplate:
+        if self.key_metric_mode is None and self.key_metric.removeprefix("global_") not in METRIC_DIRECTIONS:
+            raise FixableError(
+                f"key_metric '{self.key_metric}': fedllm does not know whether lower or higher is better",
+                "add key_metric_mode: min (lower is better, like a loss or perplexity) or max (like an accuracy)",
+            )
+        return self
+
+    @property
+    def key_metric_direction(self) -> Direction:
+        """min or max: which key_metric values NVFlare's model selector takes as the better model."""
+        return self.key_metric_mode or METRIC_DIRECTIONS[self.key_metric.removeprefix("global_")]
 
     @field_validator("trainer")
     @classmethod

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from fedllm.training.hf.sft import main_for
+import argparse
+
+from fedllm.training.hf.sft import main_for, parser
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """LoRA's arguments (`fedllm job create` checks a job's against them)."""
+    return parser("lora")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -221,6 +221,11 @@ def parser():
     return p
 
 
+def argument_parser():
+    """The trainer's arguments (`fedllm job create` checks a job's against them)."""
+    return parser()
+
+
 def build_task(args, site: str) -> PTuningTask:
     limit = args.max_val
     return PTuningTask(

@@ -209,6 +209,11 @@ def parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    """Full SFT's arguments (`fedllm job create` checks a job's against them)."""
+    return parser("full")
+
+
 def read_site_data(args: argparse.Namespace, site: str) -> tuple[list[dict], list[dict]]:
     args.model_path = str(resolve_path(args.model, site)) if "{" in args.model else args.model
     train = load_records(resolve_path(args.train, site), ("input", "output"))

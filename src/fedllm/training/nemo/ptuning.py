@@ -87,11 +87,16 @@ class NemoPtuningTask:
         return validation_metrics(self.trainer, self.model, self.last_steps)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
+    """The trainer's arguments (`fedllm job create` checks a job's against them, without NeMo)."""
     p = base_parser(__doc__.splitlines()[0], lr=1e-4)
     p.add_argument("--encoder-hidden", type=int, default=2048, help="prompt-encoder MLP width (the seeds': 2048)")
     p.add_argument("--virtual-tokens", type=int, default=10, help="virtual prompt tokens (the seeds': 10)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

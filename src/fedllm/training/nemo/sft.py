@@ -108,10 +108,15 @@ class NemoSftTask:
         return validation_metrics(self.trainer, self.model, self.last_steps)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
+    """The trainer's arguments (`fedllm job create` checks a job's against them, without NeMo)."""
     p = base_parser(__doc__.splitlines()[0], lr=5e-6)
     p.set_defaults(micro_batch_size=1, max_seq_length=2048)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return argument_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,7 +128,8 @@ class ClassifierTask:
         return self.model
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The trainer's arguments (`fedllm job create` checks a job's against them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", default="{data_dir}/train.npz")
     parser.add_argument("--val", default="{data_dir}/val.npz")
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tb-dir", default=None, help="TensorBoard dir (default: tb/ in the job workspace)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
 
     def build(site: str) -> ClassifierTask:
         train = load_split(resolve_path(args.train, site), "training")

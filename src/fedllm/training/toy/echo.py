@@ -50,7 +50,8 @@ def check_weights(
     return worst
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The trainer's arguments (`fedllm job create` checks a job's against them)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=float, default=1024)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     # Accepted for template compatibility (fedllm's create passes them to every trainer).
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
 
     import nvflare.client as flare
 
