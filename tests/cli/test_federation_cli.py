@@ -66,8 +66,8 @@ def test_job_create_hints_carry_the_workspace_the_job_submit_needs(tmp_path: Pat
     created = run_cli(["job", "create", "demo-mlp", "--rounds", "2", "-w", "kits", "--out", "runs/jobs"])
     assert "fedllm job submit runs/jobs/demo-mlp-fedavg-3sites --download runs/results -w kits" in created.out
     # A config other than the one provisioned there goes into the hint too; the defaults add nothing.
-    created = run_cli(["job", "create", "demo-mlp", "-c", "other.yaml", "--out", "runs/jobs"])
+    created = run_cli(["job", "create", "demo-mlp", "-c", "other.yaml", "--out", "runs/jobs", "--overwrite"])
     assert "--download runs/results -c other.yaml\n" in created.out
     assert run_cli(["provision", "-c", "site.yaml"]).code == 0
-    created = run_cli(["job", "create", "demo-mlp", "--out", "runs/jobs"])
+    created = run_cli(["job", "create", "demo-mlp", "--out", "runs/jobs", "--overwrite"])
     assert "fedllm job submit runs/jobs/demo-mlp-fedavg-3sites --download runs/results\n" in created.out

@@ -105,7 +105,7 @@ def create(
     )
     for note in spec.notes:
         err_console.print(styled("note:", "yellow", f" {note}"))
-    _print_submit_hints(job_dir, federation.config.project if federation else "", workspace)
+    _print_submit_hints(job_dir, federation.config.project if federation else "", config, workspace)
 
 
 def _federation(config: Path | None, workspace: Path) -> Federation | None:
@@ -160,7 +160,7 @@ def _shown(value) -> str:
     return '""' if value in ("", None) else str(value)
 
 
-def _print_submit_hints(job_dir: Path, project: str, workspace: Path) -> None:
+def _print_submit_hints(job_dir: Path, project: str, config: Path | None, workspace: Path) -> None:
     """The two ways to submit the job: the admin console's `submit_job` (if it sees the folder) and `job submit`."""
     import os
 
