@@ -19,7 +19,13 @@ from pathlib import Path
 
 from fedllm.errors import FedllmError
 from fedllm.fileio import atomic_path
-from fedllm.results.metrics import ROUND_METRICS, load_round_metrics, read_final_evaluation, read_site_scalars
+from fedllm.results.metrics import (
+    REDOWNLOAD,
+    ROUND_METRICS,
+    load_round_metrics,
+    read_final_evaluation,
+    read_site_scalars,
+)
 
 
 class ReportError(FedllmError):
@@ -72,10 +78,11 @@ def _number(value: object) -> float | None:
 
 def run_curves(result_dir: Path) -> RunCurves:
     metrics = load_round_metrics(result_dir)
+    if metrics is not None and not metrics.rounds and metrics.damaged:
+        raise ReportError(f"{metrics.path} holds no usable round: {metrics.damage_summary()}. Fix: {REDOWNLOAD}")
     if metrics is None or not metrics.rounds:
-        damage = f": {metrics.damage_summary()}" if metrics is not None and metrics.damaged else ""
         raise ReportError(
-            f"{result_dir} has no round metrics ({ROUND_METRICS}{damage}); pass the folder "
+            f"{result_dir} has no round metrics ({ROUND_METRICS}); pass the folder "
             "`fedllm job submit --download` wrote for a finished job"
         )
     rounds = metrics.rounds
