@@ -78,8 +78,9 @@ def _number(value: object) -> float | None:
 
 def run_curves(result_dir: Path) -> RunCurves:
     metrics = load_round_metrics(result_dir)
-    if metrics is not None and not metrics.rounds and metrics.damaged:
-        raise ReportError(f"{metrics.path} holds no usable round: {metrics.damage_summary()}. Fix: {REDOWNLOAD}")
+    if metrics is not None and not metrics.rounds:
+        what = metrics.damage_summary() if metrics.damaged else "the file is empty"
+        raise ReportError(f"{metrics.path} holds no usable round: {what}. Fix: {REDOWNLOAD}")
     if metrics is None or not metrics.rounds:
         raise ReportError(
             f"{result_dir} has no round metrics ({ROUND_METRICS}); pass the folder "
