@@ -178,3 +178,25 @@ def test_infer_best_reads_the_best_global_model(sft_result: Path, tiny_gpt: Path
         run_cli(["infer", "--model", tiny_gpt, "--prompt-encoder", result, "--best", "--sentence", "x"]),
         "best_FL_global_model.pt",
     )
+
+
+def test_report_lists_a_damaged_tensorboard_event_file(tmp_path: Path) -> None:
+    """TensorBoard's reader stops at a damaged record without a word; the report says what it lost."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    result = tmp_path / "sft"
+    (result / ROUND_METRICS).parent.mkdir(parents=True)
+    record = {"round": 0, "aggregated_metrics": [{"name": "global_val_loss", "value": 3.0}], "sites": []}
+    (result / ROUND_METRICS).write_text(json.dumps(record) + "\n")
+    writer = SummaryWriter(str(result / "workspace" / "tb_events" / "site-1"))
+    for step, value in enumerate((2.0, 1.5, 1.2)):
+        writer.add_scalar("val_loss", value, step)
+    writer.close()
+    (events,) = (result / "workspace" / "tb_events" / "site-1").iterdir()
+    data = bytearray(events.read_bytes())
+    data[-10] ^= 0x01  # in the last record: val_loss 1.2 of step 2
+    events.write_bytes(bytes(data))
+    outcome = run_cli(["report", f"sft={result}", "--out", tmp_path / "out"])
+    assert_clean(outcome, allowed=(0,))
+    assert f"{events}: record 4 (byte" in outcome.err and "fails its CRC-32C" in outcome.err
+    assert "| sft | val_loss | 1 | - | - | - | 1.500 | site-1 1.500 |" in outcome.out  # step 2 is the one lost

@@ -269,6 +269,40 @@ def read_site_scalars(result_dir: Path) -> dict[str, dict[str, list[tuple[int, f
     return out
 
 
+def event_file_damage(result_dir: Path) -> list[str]:
+    """Where each damaged TensorBoard event file under the result stops being whole, with what that leaves out.
+
+    TensorBoard's reader stops at the first record whose TFRecord framing or CRC-32C fails and says
+    nothing (it takes it for a record still being written): the scalars from there on would be
+    dropped silently. A downloaded result is finished, so here such a record is damage.
+    """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    def crc(data: bytes) -> bytes:
+        return masked_crc32c(data).to_bytes(4, "little")
+
+    root = result_dir / TB_EVENTS
+    damage = []
+    for path in sorted(root.glob("*/*tfevents*")) if root.is_dir() else []:
+        data, pos, number = path.read_bytes(), 0, 1
+        while pos < len(data):
+            header, length = data[pos : pos + 8], int.from_bytes(data[pos : pos + 8], "little")
+            end = pos + 12 + length + 4
+            if len(data) < pos + 12 or crc(header) != data[pos + 8 : pos + 12] or len(data) < end:
+                problem = "is cut short or its length is damaged"
+            elif crc(data[pos + 12 : end - 4]) != data[end - 4 : end]:
+                problem = "fails its CRC-32C"
+            else:
+                pos, number = end, number + 1
+                continue
+            damage.append(
+                f"{path}: record {number} (byte {pos}) {problem}; the scalars it and the rest of the file hold are "
+                "left out"
+            )
+            break
+    return damage
+
+
 def read_final_evaluation(result_dir: Path, model: str = FINAL_MODEL_NAME) -> dict[str, dict[str, float]]:
     """{site: metrics} of every site's evaluation of the final global model ({} when the job had none)."""
     path = result_dir / FINAL_EVALUATION

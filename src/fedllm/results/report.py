@@ -22,6 +22,7 @@ from fedllm.fileio import atomic_path
 from fedllm.results.metrics import (
     REDOWNLOAD,
     ROUND_METRICS,
+    event_file_damage,
     load_round_metrics,
     read_final_evaluation,
     read_site_scalars,
@@ -113,6 +114,7 @@ def run_curves(result_dir: Path) -> RunCurves:
     }
     if not after:  # the sites streamed their after-training evaluation instead (NVFlare's HF integration)
         streams = _after_training_from_streams(result_dir, metric)
+        skipped.extend(event_file_damage(result_dir))
         if streams:
             count = min(len(v) for v in streams.values())
             after = [(r, _mean([v[r] for v in streams.values()])) for r in range(count)]
