@@ -83,4 +83,4 @@ def test_sft_global_model_loads_generates_and_exports(tiny_gpt, tmp_path: Path, 
     lora_state = {"base_model.model.x.lora_A.weight": torch.zeros(8, 4)}
     wrong = _result_folder(tmp_path / "wrong", lora_state)
     assert main(["infer", "--model", str(tiny_gpt), "--sft", str(wrong)]) == 1
-    assert "--adapter for a LoRA job" in capsys.readouterr().err.replace("\n", " ")
+    assert "pass it with --adapter instead of --sft" in capsys.readouterr().err.replace("\n", " ")

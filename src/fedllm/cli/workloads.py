@@ -197,14 +197,23 @@ def report(
     title: Annotated[str, typer.Option(help="Plot title.")] = "validation",
 ) -> None:
     """Validation curves of local, centralized and FedAvg runs in one PNG plus a markdown table."""
+    from fedllm.cli.common import err_console
+    from fedllm.output import styled
     from fedllm.results.report import write_report
 
-    labelled = {}
+    labelled: dict[str, Path] = {}
     for item in runs:
         label, sep, path = item.partition("=")
-        labelled[label if sep else Path(item).name] = Path(path if sep else item)
-    result = write_report(labelled, out, title=title)
+        folder = Path(path if sep else item).absolute()
+        label = label if sep else folder.name
+        if not label or label in labelled:
+            why = "an empty label" if not label else f"the label {label!r} twice"
+            raise typer.BadParameter(f"{why} ({item}); name each run: LABEL=DIR", param_hint="RUNS")
+        labelled[label] = folder
+    result = write_report(labelled, out.absolute(), title=title)
     console.print(result.table)
+    for warning in result.warnings:
+        err_console.print(styled("warning:", "yellow", f" {warning}"))
     done("wrote", f" {display_path(result.png)} and {display_path(result.markdown)}")
 
 
@@ -234,11 +243,23 @@ def infer(
     A .nemo base model runs through NeMo (the seeds' notebook inference), a Hugging Face folder through
     transformers.
     """
-    from fedllm.results.infer import generate, generate_answers, is_nemo, load_tuned_causal_lm, predict_sentiment
+    from fedllm.results.infer import (
+        INFER_FLAGS,
+        generate,
+        generate_answers,
+        is_nemo,
+        load_tuned_causal_lm,
+        predict_sentiment,
+    )
 
+    given = [
+        flag for flag, value in (("--prompt-encoder", prompt_encoder), ("--sft", sft), ("--adapter", adapter)) if value
+    ]
+    if len(given) > 1:
+        raise typer.BadParameter(f"give one of {', '.join(given)}", param_hint="/".join(given))
+    model = str(Path(model).expanduser().absolute())
+    prompt_encoder, sft, adapter = (None if p is None else p.absolute() for p in (prompt_encoder, sft, adapter))
     if sft is not None or adapter is not None:
-        if sft is not None and adapter is not None:
-            raise typer.BadParameter("give one of --sft or --adapter", param_hint="--sft/--adapter")
         prompts = prompt or [f"{s} sentiment:" for s in (sentence or EXAMPLE_SENTENCES)]
         if is_nemo(model):
             if adapter is not None:
@@ -247,12 +268,15 @@ def infer(
                 console.print(f"{text} {answer}")
             return
         kind, result = ("sft", sft) if sft is not None else ("lora", adapter)
-        tuned, tokenizer = load_tuned_causal_lm(model, result, kind, best=best, lora_alpha=lora_alpha)
+        tuned, tokenizer = load_tuned_causal_lm(
+            model, result, kind, best=best, lora_alpha=lora_alpha, flags=INFER_FLAGS
+        )
         for text, answer in zip(prompts, generate(tuned, tokenizer, prompts, max_new_tokens), strict=True):
             console.print(f"{text} {answer}")
         return
     sentences = sentence or EXAMPLE_SENTENCES
-    for text, label in predict_sentiment(model, prompt_encoder, sentences, num_virtual_tokens, encoder_hidden):
+    labels = predict_sentiment(model, prompt_encoder, sentences, num_virtual_tokens, encoder_hidden, best=best)
+    for text, label in labels:
         console.print(f"{text} sentiment: {label}")
 
 
@@ -270,8 +294,15 @@ def export_hf(
     """A Hugging Face job's global model as a plain transformers folder (AutoModelForCausalLM.from_pretrained)."""
     from fedllm.results.infer import export_hf as run_export
 
+    model = str(Path(model).expanduser().absolute())
     folder = run_export(
-        model, result, "lora" if lora else "sft", out, best=best, lora_alpha=lora_alpha, overwrite=overwrite
+        model,
+        result.absolute(),
+        "lora" if lora else "sft",
+        out.absolute(),
+        best=best,
+        lora_alpha=lora_alpha,
+        overwrite=overwrite,
     )
     done("wrote", f" {display_path(folder)} (load it with AutoModelForCausalLM.from_pretrained)")
 

@@ -7,6 +7,9 @@ SFT/LoRA), from the server's TensorBoard events, and the final global model's ev
 site (cross_site_val/). Rounds are numbered as NVFlare and the console number them, from 0; the
 final global model (what round R would receive) is drawn at x = R. Classification runs report
 accuracy and macro-F1.
+
+Nothing is dropped silently: a damaged line of round_metrics.jsonl, or a metric value that is not a
+number, is left out and listed (line, reason) in the report's warnings, printed and in report.md.
 """
 
 from __future__ import annotations
@@ -15,8 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedllm.errors import FedllmError
-from fedllm.fileio import write_bytes
-from fedllm.results.metrics import read_final_evaluation, read_round_metrics, read_site_scalars
+from fedllm.fileio import atomic_path
+from fedllm.results.metrics import (
+    REDOWNLOAD,
+    ROUND_METRICS,
+    event_file_damage,
+    load_round_metrics,
+    read_final_evaluation,
+    read_site_scalars,
+)
 
 
 class ReportError(FedllmError):
@@ -28,6 +38,7 @@ class Report:
     png: Path
     markdown: Path
     table: str
+    warnings: list[str] = field(default_factory=list)  # what was left out of which run, and why
 
 
 @dataclass
@@ -40,6 +51,7 @@ class RunCurves:
     after_training: list[tuple[int, float]]  # (round, mean over sites of <metric> after local training)
     per_site: dict[str, float]  # each site's <metric> after its last round
     final: dict[str, float] = field(default_factory=dict)  # the final global model: {metric: mean over sites}
+    skipped: list[str] = field(default_factory=list)  # what the numbers above leave out, and why
 
     @property
     def headline(self) -> float | None:
@@ -60,22 +72,49 @@ def _after_training_from_streams(result_dir: Path, metric: str) -> dict[str, lis
     }
 
 
+def _number(value: object) -> float | None:
+    """A metric value the report can draw (the file's metrics are finite; text and booleans are not numbers)."""
+    return None if isinstance(value, bool) or not isinstance(value, int | float) else float(value)
+
+
 def run_curves(result_dir: Path) -> RunCurves:
-    rounds = read_round_metrics(result_dir)
-    if not rounds:
+    metrics = load_round_metrics(result_dir)
+    if metrics is not None and not metrics.rounds:
+        what = metrics.damage_summary() if metrics.damaged else "the file is empty"
+        raise ReportError(f"{metrics.path} holds no usable round: {what}. Fix: {REDOWNLOAD}")
+    if metrics is None or not metrics.rounds:
         raise ReportError(
-            f"{result_dir} has no round metrics (workspace/metrics/round_metrics.jsonl); pass the folder "
+            f"{result_dir} has no round metrics ({ROUND_METRICS}); pass the folder "
             "`fedllm job submit --download` wrote for a finished job"
         )
+    rounds = metrics.rounds
+    skipped = [f"{metrics.path}: {metrics.damage_summary()}"] if metrics.damaged else []
+    if metrics.nvflare_skipped:
+        skipped.append(f"{metrics.path}: NVFlare's writer left out {metrics.nvflare_skipped} metrics (skipped_metrics)")
     names = set().union(*(r["aggregated"] for r in rounds), *(m for r in rounds for m in r["sites"].values()))
     metric = "val_accuracy" if {"val_accuracy", "global_val_accuracy"} & names else "val_loss"
-    received = [
-        (r["round"], r["aggregated"][f"global_{metric}"]) for r in rounds if f"global_{metric}" in r["aggregated"]
-    ]
-    after = [(r["round"], r["aggregated"][metric]) for r in rounds if metric in r["aggregated"]]
-    per_site = {site: m[metric] for site, m in rounds[-1]["sites"].items() if metric in m}
+
+    def numbers(rnd: dict, name: str, where: dict, who: str) -> float | None:
+        if name not in where:
+            return None
+        value = _number(where[name])
+        if value is None:
+            skipped.append(f"{metrics.path}: round {rnd['round']}: {who} {name} is {where[name]!r}, not a number")
+        return value
+
+    received, after = [], []
+    for r in rounds:
+        if (value := numbers(r, f"global_{metric}", r["aggregated"], "aggregated")) is not None:
+            received.append((r["round"], value))
+        if (value := numbers(r, metric, r["aggregated"], "aggregated")) is not None:
+            after.append((r["round"], value))
+    last = rounds[-1]
+    per_site = {
+        site: value for site, m in last["sites"].items() if (value := numbers(last, metric, m, site)) is not None
+    }
     if not after:  # the sites streamed their after-training evaluation instead (NVFlare's HF integration)
         streams = _after_training_from_streams(result_dir, metric)
+        skipped.extend(event_file_damage(result_dir))
         if streams:
             count = min(len(v) for v in streams.values())
             after = [(r, _mean([v[r] for v in streams.values()])) for r in range(count)]
@@ -86,7 +125,8 @@ def run_curves(result_dir: Path) -> RunCurves:
         values = [m[f"global_{name}"] for m in final_by_site.values() if f"global_{name}" in m]
         if values:
             final[name] = _mean(values)
-    return RunCurves(metric, len(rounds), received, after, per_site, final)
+    # Rounds run, from the last round's number: a damaged line in between leaves the count as it was.
+    return RunCurves(metric, last["round"] + 1, received, after, per_site, final, skipped)
 
 
 def _fmt(value: float | None) -> str:
@@ -101,6 +141,7 @@ def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     loaded = {label: run_curves(Path(path)) for label, path in runs.items()}
     classification = any(c.metric == "val_accuracy" for c in loaded.values())
@@ -142,8 +183,11 @@ def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation"
             f"{_fmt(c.final.get('val_macro_f1')) if classification else '-'} | {best_cell} | {_fmt(after)} | "
             f"{per_site or '-'} |"
         )
-    ax.set_xticks(range(last_x + 1))
-    ax.set_xticklabels([*map(str, range(last_x)), f"{last_x}\n(final)"])
+    if last_x <= 30:
+        ax.set_xticks(range(last_x + 1))
+        ax.set_xticklabels([*map(str, range(last_x)), f"{last_x}\n(final)"])
+    else:  # one tick per round would be unreadable
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("validation " + ("accuracy" if classification else "loss"))
     ax.set_title(title)
@@ -155,6 +199,11 @@ def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation"
     plt.close(fig)
     png, markdown = out_dir / "report.png", out_dir / "report.md"
     table = "\n".join(lines) + "\n"
-    write_bytes(png, buffer.getvalue())
-    write_bytes(markdown, f"# {title}\n\n![curves](report.png)\n\n{table}".encode())
-    return Report(png, markdown, table)
+    warnings = [f"{label}: {note}" for label, c in loaded.items() for note in c.skipped]
+    left_out = "".join(f"- {w}\n" for w in warnings)
+    text = f"# {title}\n\n![curves](report.png)\n\n{table}" + (f"\n## Left out\n\n{left_out}" if warnings else "")
+    # Both files or neither: each is written beside its place, and both renamed only once both are whole.
+    with atomic_path(png) as png_temp, atomic_path(markdown) as markdown_temp:
+        png_temp.write_bytes(buffer.getvalue())
+        markdown_temp.write_text(text, encoding="utf-8")
+    return Report(png, markdown, table, warnings)
