@@ -225,8 +225,12 @@ def _environment(values: dict[str, str]):
 
 
 def _restart_server(fed: LocalFederation, fault: str | None = None) -> None:
-    """Between chains: the server again, with the fault the next chain starts with (no job runs)."""
-    native.kill(fed.kits, fed.config.server.name)
+    """Between chains: the server again, with the fault the next chain starts with (no job runs).
+
+    A chain that failed may have left the server dead: then it is only started, so the next chain runs.
+    """
+    if native.status(fed.kits).get(fed.config.server.name, False):
+        native.kill(fed.kits, fed.config.server.name)
     _start(fed, fault)
 
 

@@ -31,6 +31,32 @@ def test_port_in_use(tmp_path: Path) -> None:
     assert native.read_state(kits) == []
 
 
+def test_port_held_by_a_connection_to_itself_is_explained(tmp_path: Path) -> None:
+    """What a same-machine site can do to a stopped server's port in the ephemeral range (seen in CI):
+    its retry picks the server's port as its source port and connects to itself. The error says so."""
+    import os
+
+    kits = _kits(tmp_path)
+    port = kits.config.server.fed_learn_port
+    with socket.socket() as dialer:
+        dialer.bind(("127.0.0.1", port))
+        dialer.connect(("127.0.0.1", port))  # TCP simultaneous open: a connection to itself
+        with pytest.raises(native.NativeRuntimeError) as raised:
+            native.up(kits, echo=lambda _m: None)
+    assert f"port {port} is already in use by a connection of pid {os.getpid()}" in str(raised.value)
+    assert "to itself" in str(raised.value) and "below the ephemeral range" in str(raised.value)
+
+
+def test_test_federations_take_ports_below_the_ephemeral_range() -> None:
+    from tests.support.sites import free_port_range, free_ports
+
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = free_ports(6)
+    assert len(set(ports)) == 6 and max(ports) < low
+    first, last = map(int, free_port_range(avoiding=ports).split("-"))
+    assert last < low and not any(first <= p <= last for p in ports)
+
+
 def test_server_name_that_does_not_resolve(tmp_path: Path) -> None:
     kits = _kits(tmp_path, name="fl-server.invalid")
     with pytest.raises(native.NativeRuntimeError, match="does not resolve"):

@@ -42,7 +42,7 @@ def compose_config_dict(project: str | None = None, gpus: list[list[int]] = GPUS
             "name": "server",
             "fed_learn_port": fl_port,
             "admin_port": admin_port,
-            "job_ports": free_port_range(),
+            "job_ports": free_port_range(avoiding=(fl_port, admin_port)),
         },
         "admins": [{"name": "admin@nvidia.com"}],
         "sites": [{"name": f"site-{i + 1}", "gpus": g} for i, g in enumerate(gpus)],

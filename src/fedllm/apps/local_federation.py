@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,24 +28,36 @@ from fedllm.runtime.admin import admin_session
 
 
 def free_ports(n: int) -> list[int]:
-    """Loopback ports nothing listens on right now (bound together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n loopback ports nothing listens on right now, below Linux's ephemeral range (32768-60999).
+
+    A port the kernel could hand out as a source port is unsafe for a server that sites on the same
+    machine keep dialing while it is down: one of their retries can connect to itself (TCP
+    simultaneous open), and then that site holds the port the restarted server must bind.
+    """
+    rng = random.Random()
+    found: list[int] = []
+    for _ in range(200 * n):
+        port = rng.randrange(20000, 32000)
+        if port in found:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == n:
+            return found
+    raise RuntimeError(f"no {n} free ports found below the ephemeral range")
 
 
-def free_port_range(n: int = 4) -> str:
+def free_port_range(n: int = 4, *, avoiding: Collection[int] = ()) -> str:
     """'first-last': n consecutive ports nothing listens on now, below Linux's ephemeral range."""
     rng = random.Random()
     for _ in range(200):
         first = rng.randrange(20000, 32000)
+        if any(first <= port < first + n for port in avoiding):
+            continue
         socks = []
         try:
             for port in range(first, first + n):
@@ -73,7 +85,7 @@ def loopback_config_dict(
             "name": "localhost",
             "fed_learn_port": fl_port,
             "admin_port": admin_port,
-            "job_ports": free_port_range() if job_ports else None,
+            "job_ports": free_port_range(avoiding=(fl_port, admin_port)) if job_ports else None,
         },
         "admins": [{"name": "admin@nvidia.com", "org": "nvidia", "role": "project_admin"}],
         "sites": [{"name": f"site-{i + 1}", "org": "nvidia", "gpus": (gpus[i] if gpus else [])} for i in range(sites)],

@@ -190,9 +190,39 @@ def _preflight(kits: Kits, names: Sequence[str], ports: bool = True) -> None:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 raise NativeRuntimeError(
-                    f"port {port} is already in use; stop the federation that holds it (`fedllm down`) "
-                    "or change server.fed_learn_port / server.admin_port in the site config and re-provision"
+                    f"port {port} is already in use{_port_holder(port)}; stop the federation that holds it "
+                    "(`fedllm down`) or change server.fed_learn_port / server.admin_port in the site config and "
+                    "re-provision"
                 ) from None
+
+
+def _port_holder(port: int) -> str:
+    """' by pid N (name)' for the local socket on `port`, when this user may see it; '' otherwise.
+
+    A connection from the port to itself is a client that dialed the stopped server from a source port the
+    kernel happened to pick equal to it (TCP simultaneous open): only a server port in the ephemeral range
+    (/proc/sys/net/ipv4/ip_local_port_range) lets a same-machine site do that.
+    """
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections(kind="tcp"):
+            if not conn.laddr or conn.laddr.port != port:
+                continue
+            who = f"pid {conn.pid} ({_process_name(conn.pid)})" if conn.pid else "another user's process"
+            if conn.raddr and conn.raddr.port == port and conn.raddr.ip == conn.laddr.ip:
+                return (
+                    f" by a connection of {who} to itself, made while it dialed the stopped server from a source "
+                    "port equal to the server's: restart that participant, and give the server a port below the "
+                    "ephemeral range (see /proc/sys/net/ipv4/ip_local_port_range)"
+                )
+            return f" by {who}"
+    return ""
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return "gone"
 
 
 def _spawn(name: str, kit: Path, env: dict[str, str], logs: Path) -> Process:
