@@ -242,10 +242,10 @@ class DistributedWeights:
         self.close()
 
     def check_crcs(self) -> None:
-        """Read every chunk whole, which checks each blob's CRC-32s (byte items were checked when read)."""
+        """Read every chunk's blob whole, every record's CRC-32 checked (byte items were checked when read)."""
         for key, chunks in self._chunks.items():
             for chunk in chunks:
-                self._load_chunk(key, chunk)
+                self._load_chunk(key, chunk, every_record=True)
 
     def finish_checks(self) -> None:
         """Nothing is left half-read: every chunk is read whole and CRC-checked when it is used."""
@@ -265,8 +265,9 @@ class DistributedWeights:
             )
         return state
 
-    def _load_chunk(self, key: str, chunk: _Chunk) -> torch.Tensor:
-        """One chunk's tensor, read through fedllm's CRC-checking reader (torch.load checks no CRC)."""
+    def _load_chunk(self, key: str, chunk: _Chunk, every_record: bool = False) -> torch.Tensor:
+        """One chunk's tensor, read through fedllm's CRC-checking reader (torch.load checks no CRC); with
+        every_record also the blob's other records (what `verify` adds)."""
         where = f"{self.source}:{chunk.file} ({key} at byte {chunk.start})"
         with TorchZipReader(self._open(chunk.file, chunk.start, chunk.length), where) as blob:
             item = blob.obj
@@ -278,6 +279,8 @@ class DistributedWeights:
                     f"{where}: holds a {item.dtype} tensor of shape {list(item.shape)} where the index "
                     f"({METADATA}) says {dtype} {list(chunk.sizes)}; the file or its index is corrupted"
                 )
+            if every_record:
+                blob.check_crcs()
             return item.load()
 
     def read(self, t: DistTensor, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:

@@ -65,7 +65,10 @@ def check_structure(
                 f"{archive.path}: {key} has different shapes across ranks: {[s.shape for s in shards]}"
             )
         shard = shards[0]
-        full = full_shape(key, rule, shard.shape, archive.shards)
+        try:
+            full = full_shape(key, rule, shard.shape, archive.shards)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{ranks[0].name}: {exc}; the checkpoint is damaged or not a Megatron-GPT") from exc
         if rule.vocab:
             found.padded_vocab = full[0]
             if found.padded_vocab % (spec.make_vocab_size_divisible_by * archive.tp):

@@ -172,11 +172,17 @@ _ZIP_ERRORS = (
     ValueError,
     struct.error,
     NotImplementedError,
+    RuntimeError,  # zipfile: "File ... is encrypted" when a flag bit flips
+    zlib.error,
     OverflowError,
     KeyError,
     IndexError,
 )
+_TORCH_FLAGS = 0x0808  # data descriptor + UTF-8 names: all torch.save sets in a record's flags
 _END_RECORD = struct.Struct("<4s4H2LH")  # zip's end-of-central-directory record, the file's last 22 bytes
+_CENTRAL_ENTRY = struct.Struct(zipfile.structCentralDir)  # type: ignore[attr-defined]  # one directory entry
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # before it: where the zip64 end record is
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")  # before that: the zip64 end record (entries, directory size and offset)
 
 
 @dataclass
@@ -220,11 +226,12 @@ class TorchZipReader:
             if not pkl:
                 raise CheckpointError(f"{name}: no data.pkl record; this is not a torch.save checkpoint")
             self._prefix = pkl[0][: -len("data.pkl")]
-            try:
-                with self._zip.open(pkl[0]) as f:  # zipfile checks this record's CRC-32 as it reads it
-                    pickled = f.read()
-            except _ZIP_ERRORS as exc:
-                raise CheckpointError(f"{name}: record {pkl[0]} is corrupted ({exc})") from exc
+            if f"{self._prefix}byteorder" in names and self._read_record(f"{self._prefix}byteorder") != b"little":
+                raise CheckpointError(
+                    f"{name}: saved on a big-endian machine (its byteorder record is not 'little'); fedllm reads "
+                    "little-endian checkpoints only — re-save it on a little-endian machine"
+                )
+            pickled = self._read_record(pkl[0])
             try:
                 self.obj: Any = _LazyUnpickler(io.BytesIO(pickled), self).load()
             except CheckpointError:
@@ -244,19 +251,79 @@ class TorchZipReader:
         and a comment after it). Otherwise a wrong member size, or a distributed checkpoint's index pointing
         past its item, could let zipfile find the end record of the *next* blob and read its tensors instead.
         """
-        self._window.seek(self._window.size - _END_RECORD.size)
-        tail = self._window.read(_END_RECORD.size)
-        starts = min((info.header_offset for info in self._zip.infolist()), default=0)
-        if len(tail) != _END_RECORD.size or tail[:4] != b"PK\x05\x06" or _END_RECORD.unpack(tail)[-1] != 0:
+        if not self._end_records_hold():
             raise CheckpointError(
-                f"{self.name}: the zip directory does not end the file (its size is wrong, or bytes follow it); "
-                "the archive is corrupted — re-download or re-create it"
+                f"{self.name}: the zip directory does not end the file as torch.save writes it (the member's size "
+                "is wrong, bytes follow it, or its end records are damaged); the archive is corrupted — "
+                "re-download or re-create it"
             )
+        starts = min((info.header_offset for info in self._zip.infolist()), default=0)
+        for info in self._zip.infolist():  # torch.save stores (never compresses or encrypts); torch.load insists
+            stored = info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size
+            plain = not info.comment and info.volume == 0 and not info.is_dir() and not info.external_attr & 0x10
+            if not (stored and plain) or info.flag_bits & ~_TORCH_FLAGS:
+                raise CheckpointError(
+                    f"{self.name}: record {info.filename} has compression {info.compress_type} ({info.compress_size} "
+                    f"of {info.file_size} bytes) and flags {info.flag_bits:#06x}, which torch.save never writes "
+                    "(torch.load cannot read it); the file is corrupted — re-download or re-create it"
+                )
         if starts != 0:
             raise CheckpointError(
                 f"{self.name}: {starts} bytes precede the zip's first record (torch.load cannot read that); "
                 "the archive is corrupted — re-download or re-create it"
             )
+
+    def _read_record(self, record: str) -> bytes:
+        """A small record whole, through zipfile, which checks its CRC-32 as it reads it."""
+        try:
+            with self._zip.open(record) as f:
+                return f.read()
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(f"{self.name}: record {record} is corrupted ({exc})") from exc
+
+    def _end_records_hold(self) -> bool:
+        """The central directory, then (zip64) end record and locator, then the end record with no comment:
+        each field agreeing with the directory zipfile read (zipfile tolerates a damaged zip64 record; torch.load
+        does not)."""
+        size, entries = self._window.size, len(self._zip.infolist())
+        self._window.seek(max(0, size - _END_RECORD.size - _ZIP64_LOCATOR.size - _ZIP64_END.size))
+        tail = self._window.read()
+        if len(tail) < _END_RECORD.size:
+            return False
+        sig, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = _END_RECORD.unpack(tail[-_END_RECORD.size :])
+        if sig != b"PK\x05\x06" or disk or cd_disk or comment or n_disk != n:
+            return False
+        end = size - _END_RECORD.size
+        locator = tail[-_END_RECORD.size - _ZIP64_LOCATOR.size : -_END_RECORD.size]
+        if len(locator) == _ZIP64_LOCATOR.size and locator[:4] == b"PK\x06\x07":
+            _, loc_disk, at, disks = _ZIP64_LOCATOR.unpack(locator)
+            end = size - _END_RECORD.size - _ZIP64_LOCATOR.size - _ZIP64_END.size
+            record = tail[: _ZIP64_END.size] if len(tail) >= _ZIP64_END.size + _ZIP64_LOCATOR.size + 22 else b""
+            if loc_disk or disks != 1 or at != end or len(record) != _ZIP64_END.size:
+                return False
+            sig64, length, _, _, disk64, cd_disk64, n_disk64, n64, cd_size64, cd_offset64 = _ZIP64_END.unpack(record)
+            if sig64 != b"PK\x06\x06" or length != _ZIP64_END.size - 12 or disk64 or cd_disk64 or n_disk64 != n64:
+                return False
+            if (
+                n not in (n64, 0xFFFF)
+                or cd_size not in (cd_size64, 0xFFFFFFFF)
+                or cd_offset not in (cd_offset64, 0xFFFFFFFF)
+            ):
+                return False
+            n, cd_size, cd_offset = n64, cd_size64, cd_offset64
+        if n != entries or cd_offset + cd_size != end or cd_offset != self._zip.start_dir:
+            return False
+        # The directory's entries, by their own length fields, fill it exactly (zipfile reads a name that runs
+        # past the directory short, without a word; torch.load refuses it).
+        self._window.seek(cd_offset)
+        directory, at = self._window.read(cd_size), 0
+        for _ in range(entries):
+            header = directory[at : at + _CENTRAL_ENTRY.size]
+            if len(header) != _CENTRAL_ENTRY.size or header[:4] != b"PK\x01\x02":
+                return False
+            fields = _CENTRAL_ENTRY.unpack(header)
+            at += _CENTRAL_ENTRY.size + fields[12] + fields[13] + fields[14]  # name, extra, comment lengths
+        return at == cd_size
 
     def __enter__(self) -> TorchZipReader:
         return self
