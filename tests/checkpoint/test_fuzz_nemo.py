@@ -83,8 +83,9 @@ def _canonical(value: object) -> object:
     if isinstance(value, torch.Tensor):
         flat = value.detach().contiguous().reshape(-1)
         return (str(value.dtype), tuple(value.shape), flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    if isinstance(value, io.BytesIO):
-        return ("BytesIO", value.getvalue())
+    if isinstance(value, io.BytesIO):  # an extra state: a torch.save blob is compared by what torch.load reads
+        data = value.getvalue()
+        return ("BytesIO", _torch_file(data) if data.startswith(b"PK\x03\x04") else data)
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in value.items()}
     return value

@@ -6,13 +6,13 @@ tensor's global shape, dtype and chunks, and where each chunk's bytes lie), `__R
 chunks (one torch.save blob each), `common.pt` and `metadata.json`. Layers are stacked: the tensor
 `model.decoder.layers.self_attention.linear_qkv.weight` has shape [num_layers, ...], and names follow
 transformer-engine's fused layer norms (`linear_qkv.layer_norm_weight`). Transformer-engine's per-layer
-`_extra_state` objects are byte items (read at once: a few hundred bytes each, each a torch.save of the
-BytesIO a per-rank file holds, which is what the merged view gives).
+`_extra_state` objects are byte items, torch.save blobs of a few hundred bytes each, which the merged view
+holds as BytesIO of those bytes (read at once).
 
 What is checked: each tensor item is a torch.save blob, read by fedllm.checkpoint.torch_zip (torch.load
 would check none of its CRC-32s) and required to have the shape and dtype the index gives; a byte item
-must be a torch.save blob of a BytesIO (what megatron-core writes) with intact CRCs; the index's chunks
-must tile each tensor exactly. The index itself (a pickle) carries no checksum: a damaged one is refused when
+must be empty or a torch.save blob (what megatron-core writes) with intact CRCs; the index's chunks must
+tile each tensor exactly. The index itself (a pickle) carries no checksum: a damaged one is refused when
 it no longer unpickles or no longer agrees with the items and the config.
 
 `DistributedWeights` shows such a checkpoint as one merged (TP1) per-layer state dict — the keys a
@@ -251,19 +251,18 @@ class DistributedWeights:
         """Nothing is left half-read: every chunk is read whole and CRC-checked when it is used."""
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _read_extra_state(self, chunk: _Chunk, key: str) -> io.BytesIO | None:
-        """A transformer-engine extra state: the object megatron-core torch.saved as a byte item (a BytesIO, what
-        a per-rank file holds under `_extra_state`), read with every record's CRC-32 checked."""
+    def _read_extra_state(self, chunk: _Chunk, key: str) -> io.BytesIO:
+        """A transformer-engine extra state, as the BytesIO a per-rank file holds: the byte item megatron-core
+        wrote (a torch.save blob), its structure and every record's CRC-32 checked, its pickle left unread."""
         where = f"{self.source}:{chunk.file} ({key} at byte {chunk.start})"
-        with TorchZipReader(self._open(chunk.file, chunk.start, chunk.length), where) as blob:
-            blob.check_crcs()
-            state = blob.obj
-        if state is not None and not isinstance(state, io.BytesIO):
-            raise CheckpointError(
-                f"{where}: holds a {type(state).__name__} where transformer-engine's extra state (a BytesIO) belongs; "
-                "the file is corrupted or was not written by megatron-core"
-            )
-        return state
+        with self._open(chunk.file, chunk.start, chunk.length) as window:
+            blob = window.read()
+        if len(blob) != chunk.length:
+            raise CheckpointError(f"{where}: shorter than the index says; the file is truncated")
+        if blob:
+            with TorchZipReader(_InMemory(blob), where, unpickle=False) as reader:
+                reader.check_crcs()
+        return io.BytesIO(blob)
 
     def _load_chunk(self, key: str, chunk: _Chunk, every_record: bool = False) -> torch.Tensor:
         """One chunk's tensor, read through fedllm's CRC-checking reader (torch.load checks no CRC); with
@@ -304,6 +303,14 @@ class DistributedWeights:
             dst = tuple(slice(a - low, b - low) for a, b, low in zip(i_lo, i_hi, lo, strict=True))
             view[dst] = data[src]
         return out
+
+
+class _InMemory(io.BytesIO):
+    """Bytes already read, with the `size` TorchZipReader asks of its source."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.size = len(data)
 
 
 def _overlap(a: _Chunk, b: _Chunk) -> bool:

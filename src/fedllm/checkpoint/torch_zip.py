@@ -205,8 +205,9 @@ class TorchZipReader:
     completes the records that were read only in part before a caller commits what it built from them.
     """
 
-    def __init__(self, window: FileWindow, name: str) -> None:
+    def __init__(self, window: FileWindow, name: str, *, unpickle: bool = True) -> None:
         self.name = name
+        self.obj: Any = None  # what data.pkl holds (tensors as LazyTensor), once unpickled
         self._window = window
         self._checks: dict[str, _RecordCheck] = {}
         self._data_offsets: dict[str, tuple[int, int]] = {}
@@ -232,8 +233,10 @@ class TorchZipReader:
                     "little-endian checkpoints only — re-save it on a little-endian machine"
                 )
             pickled = self._read_record(pkl[0])
+            if not unpickle:  # a blob checked for integrity only (transformer-engine's extra state)
+                return
             try:
-                self.obj: Any = _LazyUnpickler(io.BytesIO(pickled), self).load()
+                self.obj = _LazyUnpickler(io.BytesIO(pickled), self).load()
             except CheckpointError:
                 raise
             except Exception as exc:  # its CRC held, so the writer pickled something fedllm cannot read
