@@ -104,9 +104,8 @@ def check_integrity(path: str | os.PathLike[str], tp_rank: int | None = None) ->
     """Every byte NeMo will restore from `path` is intact (CRC-32s), before NeMo reads it: torch.load checks none.
 
     `tp_rank` limits the weights checked to that tensor-parallel rank's file (each process of a site restores
-    its own shard); a distributed checkpoint is checked whole. Reads the weights once: on the 20B model's
-    19 GB TP2 shard, roughly the time to read it from disk. `path` may be an extracted folder (NeMo restores
-    those too).
+    its own shard); a distributed checkpoint is checked whole. Costs one extra read of those weights (19 GB
+    per process for the 20B model at TP2). `path` may be an extracted folder (NeMo restores those too).
     """
     path = Path(path)
     if path.is_dir():
