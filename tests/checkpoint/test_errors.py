@@ -415,7 +415,7 @@ def test_download_from_an_endpoint_that_is_not_a_url_is_an_error(tmp_path, capsy
     assert main(["ckpt", "download", "--endpoint", "notaurl", "--models-dir", str(tmp_path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err == (
-        "error: --endpoint 'notaurl' is not an http(s) URL. Fix: pass the hub's address with its scheme, e.g. "
+        "error: --endpoint (or HF_ENDPOINT) 'notaurl' is not an http(s) URL. Fix: pass the hub's address with its scheme, e.g. "
         "--endpoint https://huggingface.co or your mirror's https://host[:port]\n"
     )
     assert list(tmp_path.iterdir()) == []

@@ -41,7 +41,7 @@ def resolve_url(repo: str, filename: str, revision: str = "main", endpoint: str 
     base = (given or DEFAULT_ENDPOINT).rstrip("/")
     parsed = urllib.parse.urlsplit(base)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        origin = "--endpoint" if endpoint else "HF_ENDPOINT"
+        origin = "--endpoint (or HF_ENDPOINT)" if endpoint else "HF_ENDPOINT"
         raise CheckpointError(
             f"{origin} {given!r} is not an http(s) URL. Fix: pass the hub's address with its scheme, e.g. "
             f"--endpoint {DEFAULT_ENDPOINT} or your mirror's https://host[:port]"
