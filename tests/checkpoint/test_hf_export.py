@@ -82,7 +82,7 @@ def test_unsupported_settings_are_named(tmp_path):
 
 def test_cli_export(tmp_path, capsys):
     src = TinyGPT().write(tmp_path / "m.nemo", 1)
-    assert main(["ckpt", "export-hf", str(src), str(tmp_path / "hf")]) == 0
+    assert main(["ckpt", "export-hf", str(src), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").exists()
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (

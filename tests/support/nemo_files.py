@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import tarfile
 from pathlib import Path
@@ -76,3 +77,29 @@ def load_ranks(path) -> tuple[dict, list[dict]]:
 def tar_members(path) -> dict[str, bytes]:
     with tarfile.open(path, "r:*") as tar:
         return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def write_members(path: Path, members: dict[str, bytes], *, gzip: bool = False) -> Path:
+    """A tar of `members` (name → bytes) in that order, replacing `path`: a .nemo rebuilt around changed members."""
+    path.unlink(missing_ok=True)
+    with tarfile.open(path, "w:gz" if gzip else "w:") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def replace_member(source: Path, target: Path, name: str, data: bytes) -> Path:
+    """`source` copied to `target` entry by entry (headers, order, directories, compression) with member `name`'s
+    bytes replaced: damage inside one member, the tar around it intact."""
+    gzip = source.read_bytes()[:2] == b"\x1f\x8b"
+    with tarfile.open(source, "r:*") as src, tarfile.open(target, "w:gz" if gzip else "w:", format=src.format) as dst:
+        for info in src:
+            if info.isfile() and info.name.removeprefix("./") == name:
+                info = copy.copy(info)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+            else:
+                dst.addfile(info, src.extractfile(info) if info.isfile() else None)
+    return target

@@ -6,7 +6,14 @@ tensor's global shape, dtype and chunks, and where each chunk's bytes lie), `__R
 chunks (one torch.save blob each), `common.pt` and `metadata.json`. Layers are stacked: the tensor
 `model.decoder.layers.self_attention.linear_qkv.weight` has shape [num_layers, ...], and names follow
 transformer-engine's fused layer norms (`linear_qkv.layer_norm_weight`). Transformer-engine's per-layer
-`_extra_state` objects are byte items (read at once: a few hundred bytes each, BytesIO as in per-rank files).
+`_extra_state` objects are byte items, torch.save blobs of a few hundred bytes each, which the merged view
+holds as BytesIO of those bytes (read at once).
+
+What is checked: each tensor item is a torch.save blob, read by fedllm.checkpoint.torch_zip (torch.load
+would check none of its CRC-32s) and required to have the shape and dtype the index gives; a byte item
+must be empty or a torch.save blob (what megatron-core writes) with intact CRCs; the index's chunks must
+tile each tensor exactly. The index itself (a pickle) carries no checksum: a damaged one is refused when
+it no longer unpickles or no longer agrees with the items and the config.
 
 `DistributedWeights` shows such a checkpoint as one merged (TP1) per-layer state dict — the keys a
 per-rank mcore checkpoint has — so inspecting, verifying, converting and exporting work on it as on any
@@ -21,13 +28,13 @@ import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
 
 from fedllm.checkpoint.errors import CheckpointError
+from fedllm.checkpoint.torch_zip import FileWindow, LazyTensor, TorchZipReader
 
 DIST_DIR = "model_weights"
 METADATA = ".metadata"
@@ -38,7 +45,8 @@ _TORCH_DCP = ("torch.distributed.checkpoint.",)
 # megatron-core's save plan rides along in the pickle; it is not needed to read the weights.
 _IGNORABLE = ("megatron.core.",)
 
-OpenMember = Callable[[str], AbstractContextManager[BinaryIO]]
+# (member name, start, length) → a window onto those bytes of the archive member (fedllm.checkpoint.archive).
+OpenRange = Callable[[str, int, int], FileWindow]
 
 
 class _Ignored:
@@ -118,30 +126,41 @@ class DistTensor:
 class DistributedWeights:
     """A distributed checkpoint as one merged per-layer state dict (the LazyStateDict interface)."""
 
-    def __init__(self, metadata: bytes, open_member: OpenMember, members: set[str], name: str, num_layers: int) -> None:
-        self.name = name
-        self._open = open_member
+    def __init__(self, metadata: bytes, open_range: OpenRange, members: set[str], source: str, num_layers: int) -> None:
+        # Errors about keys, shapes and chunks come from the index: they name it; errors about bytes name the file.
+        self.source = source
+        self.name = name = f"{source}:{DIST_DIR}/{METADATA}"
+        self._open = open_range
         self._members = members
-        try:
-            md = _MetadataUnpickler(io.BytesIO(metadata), name).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-            raise CheckpointError(
-                f"{name}/{METADATA}: the distributed checkpoint's index is unreadable ({exc})"
-            ) from exc
-        storage = {
-            (idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
-            for idx, info in md.storage_data.items()
-        }
         self._chunks: dict[str, list[_Chunk]] = {}
         self._global: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         byte_items: dict[str, list[tuple[tuple[int, ...], _Chunk]]] = {}
-        for key, item in md.state_dict_metadata.items():
-            if hasattr(item, "chunks"):  # TensorStorageMetadata
-                self._global[key] = (tuple(item.size), item.properties.dtype)
-                self._chunks[key] = [self._chunk(storage, key, tuple(c.offsets), tuple(c.sizes)) for c in item.chunks]
-            elif (m := _SHARD_SUFFIX.match(key)) is not None:  # BytesStorageMetadata of a sharded object
-                numbers = tuple(int(n) for n in m.group("numbers").split("_"))
-                byte_items.setdefault(m.group("key"), []).append((numbers, self._chunk(storage, key, None, ())))
+        try:
+            md = _MetadataUnpickler(io.BytesIO(metadata), name).load()
+            storage = {
+                (idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
+                for idx, info in md.storage_data.items()
+            }
+            for key, item in md.state_dict_metadata.items():
+                if hasattr(item, "chunks"):  # TensorStorageMetadata
+                    dtype = item.properties.dtype
+                    if not isinstance(dtype, torch.dtype):
+                        raise TypeError(f"{key} has dtype {dtype!r}")
+                    self._global[key] = (tuple(int(d) for d in item.size), dtype)
+                    self._chunks[key] = [
+                        self._chunk(storage, key, tuple(int(o) for o in c.offsets), tuple(int(d) for d in c.sizes))
+                        for c in item.chunks
+                    ]
+                elif (m := _SHARD_SUFFIX.match(key)) is not None:  # BytesStorageMetadata of a sharded object
+                    numbers = tuple(int(n) for n in m.group("numbers").split("_"))
+                    byte_items.setdefault(m.group("key"), []).append((numbers, self._chunk(storage, key, None, ())))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a damaged pickle can fail in any way; it carries no checksum of its own
+            raise CheckpointError(
+                f"{name}: the distributed checkpoint's index is unreadable ({type(exc).__name__}: {exc}); "
+                "the file is corrupted — re-download it or re-save it with NeMo"
+            ) from exc
         stacked = [key for key in self._global if key.startswith(STACKED_PREFIX)]
         for key in stacked:
             shape = self._global[key][0]
@@ -159,13 +178,13 @@ class DistributedWeights:
         for key, (shape, dtype) in self._global.items():
             if key.startswith("model.embedding."):
                 self.state[key] = DistTensor(self, key, None, shape, dtype)
-        for i in range(num_layers):
+        for i in range(num_layers if stacked else 0):
             for key in stacked:
                 shape, dtype = self._global[key]
                 self.state[_layer_key(key, i)] = DistTensor(self, key, i, shape[1:], dtype)
                 part = key.rsplit(".", 1)[0] + "._extra_state"
                 if (part, i) in extra and _layer_key(part, i) not in self.state:
-                    self.state[_layer_key(part, i)] = io.BytesIO(self._read_bytes(extra[(part, i)]))
+                    self.state[_layer_key(part, i)] = self._read_extra_state(extra[(part, i)], part)
         for key, (shape, dtype) in self._global.items():
             if key not in stacked and key not in self.state:
                 self.state[key] = DistTensor(self, key, None, shape, dtype)
@@ -184,13 +203,24 @@ class DistributedWeights:
         return _Chunk(offsets or (), sizes, file, int(info.offset), int(info.length))
 
     def _check_coverage(self) -> None:
-        """Every element of every global tensor is in exactly one chunk (missing shards are an error)."""
+        """Every element of every global tensor is in exactly one chunk (missing shards are an error).
+
+        Chunks inside the tensor, pairwise disjoint and as many elements as it has: they tile it exactly.
+        """
         for key, (shape, _) in self._global.items():
-            covered = sum(math.prod(c.sizes) for c in self._chunks[key])
-            if covered != math.prod(shape):
+            chunks = self._chunks[key]
+            covered = sum(math.prod(c.sizes) for c in chunks)
+            inside = all(
+                len(c.offsets) == len(c.sizes) == len(shape)
+                and all(o >= 0 and n >= 0 and o + n <= d for o, n, d in zip(c.offsets, c.sizes, shape, strict=True))
+                for c in chunks
+            )
+            disjoint = inside and not any(_overlap(a, b) for i, a in enumerate(chunks) for b in chunks[i + 1 :])
+            if covered != math.prod(shape) or not disjoint:
                 raise CheckpointError(
-                    f"{self.name}: {key} {list(shape)} is covered by {covered} of {math.prod(shape)} elements in its "
-                    "chunks; a shard of the distributed checkpoint is missing or damaged"
+                    f"{self.name}: the chunks of {key} {list(shape)} do not tile it ({covered} of {math.prod(shape)} "
+                    f"elements{'' if disjoint else ', overlapping or out of bounds'}); a shard of the distributed "
+                    "checkpoint is missing or its index is damaged"
                 )
 
     # -- the LazyStateDict interface -------------------------------------------------------------------------
@@ -212,26 +242,45 @@ class DistributedWeights:
         self.close()
 
     def check_crcs(self) -> None:
-        """Read every chunk through torch.load, which checks each blob's zip CRCs."""
-        for chunks in self._chunks.values():
+        """Read every chunk's blob whole, every record's CRC-32 checked (byte items were checked when read)."""
+        for key, chunks in self._chunks.items():
             for chunk in chunks:
-                self._load_chunk(chunk)
+                self._load_chunk(key, chunk, every_record=True)
+
+    def finish_checks(self) -> None:
+        """Nothing is left half-read: every chunk is read whole and CRC-checked when it is used."""
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _read_bytes(self, chunk: _Chunk) -> bytes:
-        with self._open(chunk.file) as member:
-            member.seek(chunk.start)
-            blob = member.read(chunk.length)
+    def _read_extra_state(self, chunk: _Chunk, key: str) -> io.BytesIO:
+        """A transformer-engine extra state, as the BytesIO a per-rank file holds: the byte item megatron-core
+        wrote (a torch.save blob), its structure and every record's CRC-32 checked, its pickle left unread."""
+        where = f"{self.source}:{chunk.file} ({key} at byte {chunk.start})"
+        with self._open(chunk.file, chunk.start, chunk.length) as window:
+            blob = window.read()
         if len(blob) != chunk.length:
-            raise CheckpointError(f"{self.name}: {chunk.file} is shorter than its index says; the file is truncated")
-        return blob
+            raise CheckpointError(f"{where}: shorter than the index says; the file is truncated")
+        if blob:
+            with TorchZipReader(_InMemory(blob), where, unpickle=False) as reader:
+                reader.check_crcs()
+        return io.BytesIO(blob)
 
-    def _load_chunk(self, chunk: _Chunk) -> torch.Tensor:
-        blob = self._read_bytes(chunk)
-        try:
-            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{self.name}: a chunk of {chunk.file} is corrupted ({exc})") from exc
+    def _load_chunk(self, key: str, chunk: _Chunk, every_record: bool = False) -> torch.Tensor:
+        """One chunk's tensor, read through fedllm's CRC-checking reader (torch.load checks no CRC); with
+        every_record also the blob's other records (what `verify` adds)."""
+        where = f"{self.source}:{chunk.file} ({key} at byte {chunk.start})"
+        with TorchZipReader(self._open(chunk.file, chunk.start, chunk.length), where) as blob:
+            item = blob.obj
+            if not isinstance(item, LazyTensor):
+                raise CheckpointError(f"{where}: holds a {type(item).__name__}, not a tensor; the file is corrupted")
+            dtype = self._global[key][1]
+            if tuple(item.shape) != chunk.sizes or item.dtype != dtype:
+                raise CheckpointError(
+                    f"{where}: holds a {item.dtype} tensor of shape {list(item.shape)} where the index "
+                    f"({METADATA}) says {dtype} {list(chunk.sizes)}; the file or its index is corrupted"
+                )
+            if every_record:
+                blob.check_crcs()
+            return item.load()
 
     def read(self, t: DistTensor, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
         """The rows of one view tensor: the intersection of each chunk with the asked box, copied into `out`."""
@@ -249,11 +298,23 @@ class DistributedWeights:
             i_hi = [min(a, b) for a, b in zip(hi, c_hi, strict=True)]
             if any(a >= b for a, b in zip(i_lo, i_hi, strict=True)):
                 continue
-            data = self._load_chunk(chunk)
+            data = self._load_chunk(t.key, chunk)
             src = tuple(slice(a - o, b - o) for a, b, o in zip(i_lo, i_hi, c_lo, strict=True))
             dst = tuple(slice(a - low, b - low) for a, b, low in zip(i_lo, i_hi, lo, strict=True))
             view[dst] = data[src]
         return out
+
+
+class _InMemory(io.BytesIO):
+    """Bytes already read, with the `size` TorchZipReader asks of its source."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.size = len(data)
+
+
+def _overlap(a: _Chunk, b: _Chunk) -> bool:
+    return all(x < y + m and y < x + n for x, n, y, m in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True))
 
 
 def _layer_key(key: str, layer: int) -> str:

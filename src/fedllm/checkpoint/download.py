@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,23 @@ class RemoteFile:
 
 
 def resolve_url(repo: str, filename: str, revision: str = "main", endpoint: str | None = None) -> str:
-    base = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    """The hub's resolve URL of a file; an endpoint that is not an http(s) URL is refused, naming where it came from."""
+    given = endpoint or os.environ.get("HF_ENDPOINT")
+    base = (given or DEFAULT_ENDPOINT).rstrip("/")
+    parsed = urllib.parse.urlsplit(base)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        origin = "--endpoint (or HF_ENDPOINT)" if endpoint else "HF_ENDPOINT"
+        raise CheckpointError(
+            f"{origin} {given!r} is not an http(s) URL. Fix: pass the hub's address with its scheme, e.g. "
+            f"--endpoint {DEFAULT_ENDPOINT} or your mirror's https://host[:port]"
+        )
+    for what, value in (("--repo", repo), ("--file", filename), ("--revision", revision)):
+        parts = value.split("/")
+        if not value or value.startswith("/") or ".." in parts or any(c.isspace() or ord(c) < 32 for c in value):
+            raise CheckpointError(
+                f"{what} {value!r} is not a hub path. Fix: pass it as the model page shows it, e.g. "
+                f"--repo {REPO_20B} --file {FILE_20B} --revision main"
+            )
     return f"{base}/{repo}/resolve/{revision}/{filename}"
 
 
@@ -72,7 +89,7 @@ def remote_metadata(url: str, timeout: float = 30.0) -> RemoteFile:
             ) from exc
         else:
             raise _unreachable(url, exc) from exc
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: http.client's InvalidURL
         raise _unreachable(url, exc) from exc
     etag = (headers.get("X-Linked-Etag") or "").strip('"').removeprefix("W/").strip('"')
     size = headers.get("X-Linked-Size") or headers.get("Content-Length")
@@ -102,7 +119,15 @@ def download(
 ) -> Path:
     """Fetch `url` into `dest`, resuming `dest.part`, verifying sha256 (from the hub unless given)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{dest.parent}: cannot create the models folder ({exc}). Fix: pass --models-dir (or FEDLLM_MODELS_DIR) "
+            "a folder you can write"
+        ) from exc
+    if dest.exists() and not dest.is_file():
+        raise CheckpointError(f"{dest}: exists and is not a file. Fix: move it away or pass another --models-dir")
     meta = remote_metadata(url, timeout=timeout)
     expected = (sha256 or meta.sha256 or "").lower() or None
     if expected is None:
@@ -153,7 +178,7 @@ def _fetch(
         if exc.code == 416 and have:  # nothing left to fetch
             return have, digest
         raise CheckpointError(f"{url}: HTTP {exc.code} while downloading; run again to resume") from exc
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise _unreachable(url, exc) from exc
     with resp:
         if have and resp.status != 206:  # the server ignored Range: start over

@@ -21,10 +21,13 @@ from typing import Any
 import torch
 
 from fedllm.checkpoint.archive import NemoArchive
+from fedllm.checkpoint.config_fields import flag, fraction, positive_float, positive_int
+from fedllm.checkpoint.config_fields import name as name_field
 from fedllm.checkpoint.errors import CheckpointError
 from fedllm.checkpoint.layout import KEY_NAMES, is_mcore, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.checkpoint.reshard import merged_tensor
+from fedllm.checkpoint.structure import check_structure
 from fedllm.checkpoint.torch_zip import LazyStateDict
 from fedllm.checkpoint.vocab import resolve_vocab_size
 from fedllm.fileio import atomic_directory
@@ -50,6 +53,12 @@ class MergedWeights:
         return self.ranks[0].state[self.names["emb"]].dtype
 
     def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.ranks[0].state:
+            raise CheckpointError(
+                f"{self.ranks[0].name}: no tensor {key}, which the Hugging Face model needs (model_config.yaml "
+                f"describes a {self.spec.position_embedding_type} {self.spec.activation} model); the config or the "
+                "weights are wrong"
+            )
         rule = rule_for(key, self.spec)
         t = merged_tensor(key, rule, [sd.state[key] for sd in self.ranks])
         return t[: self.vocab] if rule.vocab else t
@@ -79,7 +88,22 @@ def _qkv_to_gpt2(t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 
 
 def _gelu(spec: ModelSpec, cfg: dict[str, Any]) -> str:
-    return "gelu_new" if cfg.get("openai_gelu") or spec.activation == "approx-gelu" else "gelu"
+    return "gelu_new" if flag(cfg, "openai_gelu", spec.source, False) or spec.activation == "approx-gelu" else "gelu"
+
+
+def _positions(w: MergedWeights, cfg: dict[str, Any]) -> int:
+    """The sequence length the model was built for; learned position embeddings must have that many rows."""
+    source = w.spec.source
+    default = positive_int(cfg, "encoder_seq_length", source) if cfg.get("max_position_embeddings") is None else 1
+    positions = positive_int(cfg, "max_position_embeddings", source, default)
+    table = w.ranks[0].state.get(w.names["pos"])
+    if table is not None and table.shape[0] != positions:
+        raise CheckpointError(
+            f"{source}: model_config.yaml field max_position_embeddings is {positions} but the position embedding "
+            f"{w.names['pos']} has {table.shape[0]} rows; the config or the weights are wrong — re-download or "
+            "re-create the checkpoint"
+        )
+    return positions
 
 
 def _eos(vocab: int) -> int:
@@ -120,13 +144,13 @@ def gpt2_config(w: MergedWeights, cfg: dict[str, Any]):
     return GPT2Config(
         architectures=["GPT2LMHeadModel"],
         vocab_size=w.vocab,
-        n_positions=int(cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length")),
+        n_positions=_positions(w, cfg),
         n_embd=spec.hidden_size,
         n_layer=spec.num_layers,
         n_head=spec.num_attention_heads,
         n_inner=spec.ffn_hidden_size,
         activation_function=_gelu(spec, cfg),
-        layer_norm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)),
+        layer_norm_epsilon=positive_float(cfg, "layernorm_epsilon", spec.source, 1e-5),
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -176,10 +200,10 @@ def neox_config(w: MergedWeights, cfg: dict[str, Any]):
         num_attention_heads=spec.num_attention_heads,
         intermediate_size=spec.ffn_hidden_size,
         hidden_act=_gelu(spec, cfg),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length")),
-        rotary_pct=float(cfg.get("rotary_percentage", 1.0)),
-        rotary_emb_base=float(cfg.get("rotary_base", 10000)),
-        layer_norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        max_position_embeddings=_positions(w, cfg),
+        rotary_pct=fraction(cfg, "rotary_percentage", spec.source, 1.0),
+        rotary_emb_base=positive_float(cfg, "rotary_base", spec.source, 10000.0),
+        layer_norm_eps=positive_float(cfg, "layernorm_epsilon", spec.source, 1e-5),
         use_parallel_residual=False,  # Megatron-GPT is sequential: attention, then MLP
         attention_bias=True,
         hidden_dropout=0.0,
@@ -217,13 +241,13 @@ def architecture_for(spec: ModelSpec, cfg: dict[str, Any]) -> Architecture:
         problems.append(f"activation={spec.activation} ({name}'s MLP has no gate)")
     elif spec.activation not in ("gelu", "fast-gelu", "approx-gelu"):
         problems.append(f"activation={spec.activation} ({name} supports gelu)")
-    if str(cfg.get("normalization", "layernorm")) != "layernorm":
+    if name_field(cfg, "normalization", spec.source, "layernorm") != "layernorm":
         problems.append(f"normalization={cfg.get('normalization')} ({name} uses LayerNorm)")
     if spec.num_query_groups != spec.num_attention_heads:
         problems.append(f"num_query_groups={spec.num_query_groups} ({name} has one K/V head per query head)")
     if spec.kv_channels * spec.num_attention_heads != spec.hidden_size:
         problems.append(f"kv_channels={spec.kv_channels} ({name} needs kv_channels × heads = hidden_size)")
-    if cfg.get("transformer_block_type", "pre_ln") != "pre_ln":
+    if name_field(cfg, "transformer_block_type", spec.source, "pre_ln") != "pre_ln":
         problems.append(f"transformer_block_type={cfg.get('transformer_block_type')} ({name} is pre-LN)")
     if problems or arch is None:
         raise CheckpointError(
@@ -239,20 +263,35 @@ def export_hf(
 ) -> Path:  # fmt: skip
     """Write config.json + model(-0000N-of-0000M).safetensors (+ index) that transformers loads; returns out_dir."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(
+            f"{out_dir}: exists and is a file, not a folder; export-hf writes a folder (config.json + safetensors). "
+            "Fix: pass --out a new or existing folder's path"
+        )
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
+    if not out_dir.parent.is_dir():
+        raise CheckpointError(f"{out_dir.parent}: the folder to export into does not exist; create it first")
     with atomic_directory(out_dir, replace=True) as tmp, NemoArchive(source, scratch_dir=out_dir.parent) as archive:
         spec = ModelSpec.from_config(archive.config, str(archive.path))
         if archive.pp != 1:
             raise CheckpointError(f"{archive.path}: pipeline_model_parallel_size={archive.pp}; export needs PP=1")
         arch = architecture_for(spec, archive.config)
-        ranks = [archive.open_rank(r) for r in range(archive.shards)]
+        ranks: list = []
         try:
+            for r in range(archive.shards):
+                ranks.append(archive.open_rank(r))
+            found = check_structure(archive, spec, ranks)
             names = KEY_NAMES["mcore" if is_mcore(ranks[0].keys()) else "legacy"]
-            padded = ranks[0].state[names["emb"]].shape[0] * archive.shards
-            weights = MergedWeights(spec, ranks, names, resolve_vocab_size(archive, vocab_size, padded, spec))
+            if names["emb"] not in ranks[0].state:
+                raise CheckpointError(f"{ranks[0].name}: no word embedding {names['emb']}; nothing to export")
+            weights = MergedWeights(
+                spec, ranks, names, resolve_vocab_size(archive, vocab_size, found.padded_vocab, spec)
+            )
             write_safetensors(tmp, arch.tensors(weights), max_shard_bytes)
             arch.config(weights, archive.config).save_pretrained(tmp)
+            for sd in ranks:  # records read only in part are read to their end: their CRC-32 must hold
+                sd.finish_checks()
         finally:
             for sd in ranks:
                 sd.close()

@@ -111,6 +111,8 @@ def rule_for(key: str, spec: ModelSpec) -> Rule:
 def full_shape(key: str, rule: Rule, shard_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
     """The merged (TP1) shape of a tensor given one rank's shard."""
     if rule.split is Split.COLUMN:
+        if not shard_shape:
+            raise CheckpointError(f"column-parallel tensor {key} should have rows, found a scalar")
         return (shard_shape[0] * tp, *shard_shape[1:])
     if rule.split is Split.ROW:
         if len(shard_shape) != 2:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedllm.checkpoint.archive import read_header
+from fedllm.checkpoint.config_fields import flag, name, positive_int
 from fedllm.checkpoint.errors import CheckpointError
 
 # Activations whose fc1 holds [W; V] (gate and value) in one tensor. NeMo's legacy model fuses them only for
@@ -38,32 +39,31 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], source: str) -> ModelSpec:
-        def need(key: str) -> Any:
-            if cfg.get(key) is None:
-                raise CheckpointError(
-                    f"{source}: model_config.yaml has no '{key}'; a Megatron-GPT config needs it "
-                    "(is this a NeMo Megatron-GPT checkpoint?)"
-                )
-            return cfg[key]
-
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
+        """The spec of a parsed model_config.yaml; a missing, mistyped or out-of-range field names itself."""
+        hidden = positive_int(cfg, "hidden_size", source)
+        heads = positive_int(cfg, "num_attention_heads", source)
+        if cfg.get("kv_channels") is None and hidden % heads:
+            raise CheckpointError(
+                f"{source}: model_config.yaml field num_attention_heads is {heads}, which does not divide "
+                f"hidden_size={hidden}, and no kv_channels is given (Megatron's head size is hidden_size / "
+                "num_attention_heads). Fix: correct num_attention_heads or hidden_size, or set kv_channels"
+            )
         return cls(
             source=source,
             hidden_size=hidden,
-            ffn_hidden_size=int(cfg.get("ffn_hidden_size") or 4 * hidden),
-            num_layers=int(need("num_layers")),
+            ffn_hidden_size=positive_int(cfg, "ffn_hidden_size", source, 4 * hidden),
+            num_layers=positive_int(cfg, "num_layers", source),
             num_attention_heads=heads,
-            num_query_groups=int(cfg.get("num_query_groups") or heads),
-            kv_channels=int(cfg.get("kv_channels") or hidden // heads),
-            tensor_parallel=int(cfg.get("tensor_model_parallel_size") or 1),
-            pipeline_parallel=int(cfg.get("pipeline_model_parallel_size") or 1),
-            make_vocab_size_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128),
-            activation=str(cfg.get("activation") or "gelu"),
-            megatron_legacy=bool(cfg.get("megatron_legacy", False)),
-            mcore=bool(cfg.get("mcore_gpt", False)),
-            tied_embeddings=bool(cfg.get("share_embeddings_and_output_weights", True)),
-            position_embedding_type=str(cfg.get("position_embedding_type") or "learned_absolute"),
+            num_query_groups=positive_int(cfg, "num_query_groups", source, heads),
+            kv_channels=positive_int(cfg, "kv_channels", source, hidden // heads),
+            tensor_parallel=positive_int(cfg, "tensor_model_parallel_size", source, 1),
+            pipeline_parallel=positive_int(cfg, "pipeline_model_parallel_size", source, 1),
+            make_vocab_size_divisible_by=positive_int(cfg, "make_vocab_size_divisible_by", source, 128),
+            activation=name(cfg, "activation", source, "gelu"),
+            megatron_legacy=flag(cfg, "megatron_legacy", source, False),
+            mcore=flag(cfg, "mcore_gpt", source, False),
+            tied_embeddings=flag(cfg, "share_embeddings_and_output_weights", source, True),
+            position_embedding_type=name(cfg, "position_embedding_type", source, "learned_absolute"),
             precision=str(cfg.get("precision", "")),
         )
 
@@ -85,15 +85,15 @@ class ModelSpec:
         """Every split dimension must divide by the TP size; say which one does not."""
         if tp < 1:
             raise CheckpointError(f"{what} tensor-parallel size must be ≥ 1, got {tp}")
-        for name, value in (
+        for field_name, value in (
             ("num_attention_heads", self.num_attention_heads),
             ("num_query_groups", self.num_query_groups),
             ("ffn_hidden_size", self.ffn_hidden_size),
         ):
             if value % tp:
-                ok = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+                ok = [d for d in range(1, min(value, 64) + 1) if value % d == 0]
                 raise CheckpointError(
-                    f"{self.source}: {what} tensor-parallel size {tp} does not divide {name}={value}; use one of {ok}"
+                    f"{self.source}: {what} tensor-parallel size {tp} does not divide {field_name}={value}; use one of {ok}"
                 )
 
     def check_fits_site(self, devices: int) -> None:

@@ -23,6 +23,7 @@ from fedllm.checkpoint.archive import CONFIG_NAME, LAZY_TENSORS, NemoArchive, Ne
 from fedllm.checkpoint.errors import CheckpointError
 from fedllm.checkpoint.layout import Rule, Split, layer_index, rule_for
 from fedllm.checkpoint.model_spec import ModelSpec
+from fedllm.checkpoint.structure import check_structure
 from fedllm.checkpoint.torch_zip import LazyStateDict, LazyTensor, StreamingStateDictWriter
 from fedllm.checkpoint.vocab import resolve_vocab_size
 from fedllm.fileio import atomic_path
@@ -201,9 +202,12 @@ def _write(
     progress: bool,
 ) -> ConvertResult:
     n_src = archive.shards
-    sources: list[LazyStateDict] = [archive.open_rank(r) for r in range(n_src)]
+    sources: list[LazyStateDict] = []
     try:
+        for r in range(n_src):
+            sources.append(archive.open_rank(r))
         keys = sources[0].keys()
+        check_structure(archive, spec, sources)
         for r, sd in enumerate(sources[1:], start=1):
             if sd.keys() != keys:
                 missing = sorted(set(keys) ^ set(sd.keys()))[:5]
@@ -225,11 +229,17 @@ def _write(
 
         writer = NemoArchiveWriter(tmp, dot_prefix=archive.dot_prefix)
         try:
-            config_text = archive.read_member(CONFIG_NAME).decode("utf-8")
+            try:
+                config_text = archive.read_member(CONFIG_NAME).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CheckpointError(
+                    f"{archive.path}: {CONFIG_NAME} is not UTF-8 text ({exc}); re-save the checkpoint with NeMo"
+                ) from exc
             writer.add_bytes(CONFIG_NAME, updated_config_text(config_text, target_tp).encode("utf-8"))
-            for name in archive.artifact_names():
+            for name in archive.artifact_names():  # checked against the source's fedllm_checksums.json if any
                 with archive.open_member(name) as src:
                     writer.add_stream(name, src, archive.members[name].size)
+            writer.add_checksums()
             groups = _layer_groups(keys)
             bar = tqdm(
                 total=target_tp * len(groups), unit="layer", disable=not progress, desc=f"TP{n_src}→TP{target_tp}"
@@ -260,6 +270,8 @@ def _write(
                                 bar.set_postfix_str(f"rank {rank}")
                                 bar.update(1)
                         out.finish()
+            for sd in sources:  # the records read only in part (vocabulary padding left out) are read to their end
+                sd.finish_checks()
             writer.finish()
         finally:
             writer.close()

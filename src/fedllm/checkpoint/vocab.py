@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedllm.checkpoint.archive import NemoArchive
+from fedllm.checkpoint.config_fields import optional_positive_int, section
 from fedllm.checkpoint.errors import CheckpointError
 from fedllm.checkpoint.model_spec import ModelSpec
 
@@ -84,7 +85,7 @@ def _named_artifacts(names: list[str], reference: Any) -> list[str]:
 
 def vocabulary_from_archive(archive: NemoArchive) -> Vocabulary | None:
     """The tokenizer's vocabulary size from the archive's own tokenizer files; None when it has none."""
-    tok: dict[str, Any] = archive.config.get("tokenizer") or {}
+    tok: dict[str, Any] = section(archive.config, "tokenizer", str(archive.path))
     names = archive.artifact_names()
     readers = [
         (_named_artifacts(names, tok.get("vocab_file")) + [n for n in names if n.endswith("vocab.json")], "vocab"),
@@ -102,8 +103,8 @@ def vocabulary_from_archive(archive: NemoArchive) -> Vocabulary | None:
                     return Vocabulary(len(parsed), f"the tokenizer vocabulary {name}")
                 if kind == "hf" and isinstance(parsed, dict):
                     return Vocabulary(_hf_tokenizer_size(parsed), f"the Hugging Face tokenizer {name}")
-            except (ValueError, UnicodeDecodeError):
-                continue
+            except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+                continue  # not a tokenizer file fedllm can count: try the next one
     return None
 
 
@@ -113,16 +114,19 @@ def resolve_vocab_size(archive: NemoArchive, override: int | None, padded_rows: 
     It must pad to exactly the checkpoint's `padded_rows` at the archive's TP: anything else means the
     tokenizer and the weights do not belong together.
     """
+    configured = optional_positive_int(archive.config, "vocab_size", str(archive.path))
     if override:
         vocab: Vocabulary | None = Vocabulary(int(override), "--vocab-size")
-    elif archive.config.get("vocab_size"):
-        vocab = Vocabulary(int(archive.config["vocab_size"]), "model_config.yaml field vocab_size")
+    elif configured:
+        vocab = Vocabulary(configured, "model_config.yaml field vocab_size")
     else:
         vocab = vocabulary_from_archive(archive)
     if vocab is None:
+        tried = [n for n in archive.artifact_names() if n.endswith(("vocab.json", ".model", "tokenizer.json"))]
+        found = f"{', '.join(tried)} cannot be read as a vocabulary" if tried else "no tokenizer artifact"
         raise CheckpointError(
-            f"{archive.path}: cannot tell the unpadded vocabulary size (no tokenizer artifact fedllm can count — "
-            f"vocab.json, SentencePiece .model, tokenizer.json — and no vocab_size in model_config.yaml); the "
+            f"{archive.path}: cannot tell the unpadded vocabulary size ({found} — fedllm counts vocab.json, "
+            f"SentencePiece .model, tokenizer.json — and no vocab_size in model_config.yaml); the "
             f"embedding has {padded_rows} padded rows. Fix: pass --vocab-size N (the tokenizer's vocabulary, e.g. "
             "50257 for GPT-2 BPE)"
         )

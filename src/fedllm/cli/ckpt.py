@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedllm.cli.common import console, done
+from fedllm.cli.common import absolute, console, done
 from fedllm.output import styled
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ def _magnitude(count: int) -> str:
 
 
 @app.command()
-def info(path: Annotated[Path, typer.Argument(help="A .nemo file.")]) -> None:
+def info(path: Annotated[Path, typer.Argument(help="A .nemo file.", callback=absolute)]) -> None:
     """Config summary, TP/PP, dtype, parameter count and size on disk (reads metadata only)."""
     from fedllm.checkpoint.verify import summarize
 
@@ -52,12 +52,15 @@ def info(path: Annotated[Path, typer.Argument(help="A .nemo file.")]) -> None:
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="The .nemo file to check.")],
+    path: Annotated[Path, typer.Argument(help="The .nemo file to check.", callback=absolute)],
     against: Annotated[
-        Path | None, typer.Option(help="Another .nemo of the same model: merged full weights must match bit for bit.")
+        Path | None,
+        typer.Option(
+            help="Another .nemo of the same model: merged full weights must match bit for bit.", callback=absolute
+        ),
     ] = None,
 ) -> None:
-    """Every tensor present on every rank, shapes as the config implies, records intact (CRC32)."""
+    """Every tensor present on every rank, shapes as the config implies, every byte intact (CRC-32s)."""
     from fedllm.checkpoint.verify import compare_merged, summarize
 
     s = summarize(path, check_records=True)
@@ -69,11 +72,14 @@ def verify(
 
 @app.command()
 def convert(
-    source: Annotated[Path, typer.Option("--source", help="The .nemo to reshard (its TP is read from its config).")],
-    target: Annotated[Path, typer.Option("--target", help="Where to write the resharded .nemo.")],
+    source: Annotated[
+        Path, typer.Option("--source", help="The .nemo to reshard (its TP is read from its config).", callback=absolute)
+    ],
+    target: Annotated[Path, typer.Option("--target", help="Where to write the resharded .nemo.", callback=absolute)],
     target_tp: Annotated[int, typer.Option("--target-tp", min=1, help="Tensor-parallel size of the output.")],
     vocab_size: Annotated[
-        int | None, typer.Option(help="Unpadded vocabulary (default: the tokenizer's vocab.json in the archive).")
+        int | None,
+        typer.Option(min=1, help="Unpadded vocabulary (default: the tokenizer's vocab.json in the archive)."),
     ] = None,
     check_equal: Annotated[
         bool, typer.Option(help="Before the rename, also compare the merged weights with the source bit for bit.")
@@ -109,9 +115,9 @@ def download(
     repo: Annotated[str, typer.Option(help="Hugging Face model repository.")] = "nvidia/nemo-megatron-gpt-20B",
     file: Annotated[str, typer.Option(help="File in the repository.")] = "nemo_gpt20B_bf16_tp4.nemo",
     revision: Annotated[str, typer.Option(help="Branch, tag or commit.")] = "main",
-    models_dir: Annotated[Path, typer.Option(envvar="FEDLLM_MODELS_DIR", help="Where checkpoints are kept.")] = Path(
-        "models"
-    ),
+    models_dir: Annotated[
+        Path, typer.Option(envvar="FEDLLM_MODELS_DIR", callback=absolute, help="Where checkpoints are kept.")
+    ] = Path("models"),
     endpoint: Annotated[str | None, typer.Option(envvar="HF_ENDPOINT", help="Hub URL (a mirror).")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected sha256 (default: the hub's LFS metadata).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -128,9 +134,13 @@ def download(
 
 @app.command("export-hf")
 def export_hf(
-    source: Annotated[Path, typer.Argument(help="The .nemo to export.")],
-    out: Annotated[Path, typer.Argument(help="Folder for config.json + safetensors.")],
-    vocab_size: Annotated[int | None, typer.Option(help="Unpadded vocabulary (default: the tokenizer's).")] = None,
+    source: Annotated[Path, typer.Argument(help="The .nemo to export.", callback=absolute)],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for config.json + safetensors (new, or empty).", callback=absolute)
+    ],
+    vocab_size: Annotated[
+        int | None, typer.Option(min=1, help="Unpadded vocabulary (default: the tokenizer's).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
 ) -> None:
     """Write a Hugging Face folder (GPT-2 or, for rotary models, GPT-NeoX; config + safetensors)."""

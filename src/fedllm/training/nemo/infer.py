@@ -16,6 +16,7 @@ from typing import Any
 
 from fedllm.checkpoint.archive import read_header
 from fedllm.checkpoint.model_spec import ModelSpec
+from fedllm.checkpoint.verify import check_integrity
 from fedllm.training.nemo.config import (
     PTUNING_TASK,
     OptimSettings,
@@ -51,6 +52,7 @@ def _single_process(model: Path) -> dict[str, Any]:
             f"{model}: tensor_model_parallel_size is {spec.tensor_parallel}; inference here runs in one process. "
             f"Fix: `fedllm ckpt convert --source {model} --target <tp1>.nemo --target-tp 1` and infer with that"
         )
+    check_integrity(model)  # NeMo's torch.load checks no CRC
     return header.config
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedllm.checkpoint.model_spec import ModelSpec, read_model_spec
+from fedllm.checkpoint.verify import check_integrity
 from fedllm.data.io import DataError
 from fedllm.training.core import TrainOutcome, resolve_path, run_site
 from fedllm.training.distributed import run_distributed_site, site_name, world
@@ -58,9 +59,11 @@ def files(arg: str, site: str) -> list[str]:
 
 def preflight(args: argparse.Namespace, site: str) -> ModelSpec:
     """Fail fast and clearly: checkpoint, TP vs GPUs vs processes, NeMo version."""
-    spec = read_model_spec(resolve_path(args.model, site))
+    model = resolve_path(args.model, site)
+    spec = read_model_spec(model)
     spec.check_fits_site(args.devices)
-    _, world_size = world()
+    rank, world_size = world()
+    check_integrity(model, tp_rank=rank)  # NeMo's torch.load checks no CRC: the shard this process restores
     if world_size != args.devices:
         raise NemoLaunchError(
             f"{world_size} trainer process(es) run for --devices {args.devices}. Fix: the job must launch the "
