@@ -111,14 +111,18 @@ class CarriedState:
     def end(self, context: RoundContext) -> None:
         """Snapshot the state at the end of `context.round`: on disk, complete, before the site sends its update."""
         assert self.state is not None
+        self.trained = context
+        if context.is_last:  # no round follows: nothing will start from it
+            self.state.after_last_round(context.round)
+            return
         folder = self.state.folder_for(context.round)
         folder.mkdir(parents=True, exist_ok=True)
         self.task.save_round_state(folder)
         self.state.mark(folder, context.round)
-        self.trained = context
 
     def finish(self) -> None:
-        """After the job's loop: a lineage whose last round this site trained needs its state no more."""
+        """The final global model's evaluation came after this site trained the lineage's last round: the server's
+        checkpoints are all on disk, no round will be redone, the lineage's state goes."""
         if self.state is not None and self.trained is not None and self.trained.is_last:
             self.state.finish()
 
@@ -242,7 +246,9 @@ def run_site(
     job_id = flare.get_job_id() or ""
     task = build_task(site)
     metrics_log = MetricsLog(tensorboard_dir(tb_dir, site, job_id))
-    carried = CarriedState(task, state_root(job_folder(site, job_id)), log) if isinstance(task, TrainerStateTask) else None
+    carried = (
+        CarriedState(task, state_root(job_folder(site, job_id)), log) if isinstance(task, TrainerStateTask) else None
+    )
     try:
         while flare.is_running():
             incoming = flare.receive()
@@ -252,6 +258,8 @@ def run_site(
                 shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
                 log(f"[{site}] final global model: {shown}")
                 flare.send(flare.FLModel(metrics=metrics))
+                if carried is not None:
+                    carried.finish()
                 continue
             context = RoundContext.of_task(incoming, job_id)
             if carried is not None:
@@ -263,7 +271,5 @@ def run_site(
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
             log(f"[{site}] round {current}: {shown} ({steps} steps)")
             flare.send(flare.FLModel(params=state, metrics=metrics, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}))
-        if carried is not None:
-            carried.finish()
     finally:
         metrics_log.close()

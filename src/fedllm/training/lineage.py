@@ -19,8 +19,11 @@ found at its start are an aborted run's and go.
 How many are kept: when the server sends round r's task its checkpoint of round r-2 is on disk (its
 writer keeps at most two writes in flight, fedllm.flare.fedavg.CheckpointWriter), so a continuation
 never starts before round r-1 and needs no snapshot before r-2. At the start of round r the site keeps
-r-2 and r-1, and after training it adds r: at most `KEEP_SNAPSHOTS` = 3 on disk. The folder goes when
-the site has trained the lineage's last round.
+r-2 and r-1, and after training it adds r: at most `KEEP_SNAPSHOTS` = 3 on disk. The last round's own
+snapshot is never needed and goes at once; the folder goes when the site receives the final global
+model's evaluation after the last round (the server sends it once every checkpoint is on disk), or
+at once for a 1-round job. A job that ends otherwise (aborted, failed, or continued with no round
+left to train) leaves its folder behind.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class RoundContext:
 
 def safe_name(lineage: str) -> str:
     """A folder name for a lineage id (NVFlare's are UUIDs; anything else is made harmless)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", lineage) or "_"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", lineage)
+    return name if name.strip(".") else "_"  # never "", "." or ".."
 
 
 class LineageState:
@@ -84,7 +88,11 @@ class LineageState:
                 record = json.loads(marker.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(record, Mapping) and record.get("lineage") == self.lineage and isinstance(record.get("round"), int):
+            if (
+                isinstance(record, Mapping)
+                and record.get("lineage") == self.lineage
+                and isinstance(record.get("round"), int)
+            ):
                 found[record["round"]] = marker.parent
         return found
 
@@ -118,8 +126,15 @@ class LineageState:
         fsync_path(snapshot)
         write_text(snapshot / MARKER, json.dumps({"lineage": self.lineage, "round": round_}) + "\n", durable=True)
 
+    def after_last_round(self, round_: int) -> None:
+        """The lineage's last round is trained: its own snapshot is never needed (no round follows it); those
+        a redo of it could need stay until `finish` (a 1-round job keeps none)."""
+        self.begin_round(round_)
+        if not self.snapshots():
+            self.finish()
+
     def finish(self) -> None:
-        """The lineage trained its last round here: nothing of it is needed any more."""
+        """The lineage is over here: nothing of it is needed any more."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
