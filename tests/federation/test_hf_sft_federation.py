@@ -136,7 +136,11 @@ def test_lora_rounds_start_from_the_global_adapter_and_stream_their_curves(
     # Site-local TensorBoard stays in the site's own job folder; the Trainer's end-of-round checkpoints (what
     # the next round resumes) are the job lineage's (fedllm.training.lineage), gone once its last round trained.
     site_job = federation.site("site-1") / result.job_id
-    assert list((site_job / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    own = EventAccumulator(str(site_job / "tb"), size_guidance={"scalars": 0})
+    own.Reload()  # every round's steps, not only the first round's (the callback reopens its writer each round)
+    assert [e.step for e in own.Scalars("train/loss")] == list(range(1, rounds * per_round + 1))
     assert not (site_job / "trainer").exists()
     assert not (federation.site("site-1") / STATE_ROOT / result.job_id).exists()
     lr = dict(scalars["site-1"]["learning_rate"])

@@ -78,7 +78,11 @@ def site_tensorboard(log_dir: Path):
     from transformers.integrations import TensorBoardCallback
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    return TensorBoardCallback(tb_writer=SummaryWriter(str(log_dir)))
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(str(log_dir)))
+    # The callback closes its writer at the end of each train() (a round) and opens a new one at the next
+    # log, in its logging_dir: by default <output_dir>/runs/<time> (the lineage's trainer state, not here).
+    callback.logging_dir = str(log_dir)
+    return callback
 
 
 BuildTrainer = Callable[[argparse.Namespace, list, list, Path, list], Any]
