@@ -59,7 +59,11 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p("--fsdp", action="store_true", help="shard the model over the site's GPUs (refused: see check_distribution)")
     p("--logging-steps", type=int, default=10, help="log (and stream to the server) every N optimizer steps")
-    p("--output-dir", default="", help="Trainer checkpoints (default: trainer/ in the site's job folder)")
+    p(
+        "--output-dir",
+        default="",
+        help="root of the Trainer checkpoints, one folder per job lineage (default: <site workspace>/fedllm-state)",
+    )
 
 
 def warmup_steps(ratio: float, total_steps: int) -> int:
