@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.nemo_tier import pytest_sessionfinish  # noqa: F401  (a hook: -m nemo runs every NeMo test)
 from tests.support.sites import local_config_dict, write_yaml
 
 

@@ -26,6 +26,7 @@ from fedllm.jobs.submit import COMPLETED, submit_job
 from fedllm.jobs.template import load_template
 from fedllm.results.metrics import load_global_state, read_final_evaluation, read_round_metrics, read_site_scalars
 from fedllm.training.hf.tiny_gpt import build_tiny_gpt
+from fedllm.training.lineage import STATE_ROOT
 
 pytestmark = pytest.mark.federation
 
@@ -132,12 +133,16 @@ def test_lora_rounds_start_from_the_global_adapter_and_stream_their_curves(
         values = [m["global_val_loss"] for m in r["sites"].values()]
         assert len(values) == 2 and math.isclose(values[0], values[1], rel_tol=1e-4)
 
-    # Site-local TensorBoard and the Trainer's end-of-round checkpoints (what the next round resumes) stay
-    # in the site's own job folder.
+    # Site-local TensorBoard stays in the site's own job folder; the Trainer's end-of-round checkpoints (what
+    # the next round resumes) are the job lineage's (fedllm.training.lineage), gone once its last round trained.
     site_job = federation.site("site-1") / result.job_id
-    assert list((site_job / "tb").glob("events.out.tfevents.*"))
-    checkpoints = sorted(p.name for p in (site_job / "trainer").glob("checkpoint-*"))
-    assert checkpoints == [f"checkpoint-{per_round}", f"checkpoint-{rounds * per_round}"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    own = EventAccumulator(str(site_job / "tb"), size_guidance={"scalars": 0})
+    own.Reload()  # every round's steps, not only the first round's (the callback reopens its writer each round)
+    assert [e.step for e in own.Scalars("train/loss")] == list(range(1, rounds * per_round + 1))
+    assert not (site_job / "trainer").exists()
+    assert not (federation.site("site-1") / STATE_ROOT / result.job_id).exists()
     lr = dict(scalars["site-1"]["learning_rate"])
     assert lr[per_round + 1] < lr[per_round]  # one schedule over both rounds: no second warmup
 

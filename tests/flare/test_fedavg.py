@@ -8,6 +8,7 @@ import json
 import threading
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,9 +20,10 @@ from nvflare.apis.fl_context import FLContextManager
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from fedllm.flare.fedavg import LeanFedAvg, LeanPTFileModelPersistor, SharedWeights
+from fedllm.flare.fedavg import LINEAGE_META, LeanFedAvg, LeanPTFileModelPersistor, SharedWeights
 from fedllm.flare.server_models import EchoModel
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.exchange import ExchangeOptions
@@ -82,12 +84,39 @@ def test_broadcast_deep_copy_shares_the_tensors_and_is_a_plain_dict() -> None:
     assert sent is not weights and all(sent[k] is weights[k] for k in weights)
 
 
+def _controller(job_id: str = "job", **kwargs) -> LeanFedAvg:
+    controller = LeanFedAvg(persistor_id="", **kwargs)
+    controller.fl_ctx = FLContextManager(engine=RecordingEngine(), identity_name="server", job_id=job_id).new_context()
+    return controller
+
+
 def test_lean_fedavg_marks_broadcast_weights_as_shared() -> None:
-    controller = LeanFedAvg(num_rounds=1, persistor_id="")
+    controller = _controller(num_rounds=1)
     model = FLModel(params_type=ParamsType.FULL, params={"w": torch.ones(3)}, current_round=0, total_rounds=1)
     shareable = controller._build_shareable(model)
     assert isinstance(shareable["DXO"]["data"], SharedWeights)
     assert shareable["DXO"]["data"]["w"] is model.params["w"]
+
+
+class _Persistor:
+    """What LeanFedAvg reads of a continuation's persistor: the resume folder's info (fedllm.flare.resume)."""
+
+    resume_folder = SimpleNamespace(info={"origin_job": "first-job", "from_job": "second-job"})
+
+
+def test_sites_learn_the_lineage_and_the_rounds_of_the_job_as_first_submitted() -> None:
+    """What a site's trainer state is keyed by (fedllm.training.lineage), and what its LR schedule spans."""
+    first = _controller("first-job", num_rounds=4)
+    task = FLModelUtils.from_shareable(first._build_shareable(FLModel(params={"w": torch.ones(1)}, current_round=2)))
+    assert (task.meta[LINEAGE_META], task.current_round, task.total_rounds) == ("first-job", 2, 4)
+
+    # A continuation of it after round 1 runs rounds 2..3 only (fedllm.flare.resume), as NVFlare's FedAvg sees it.
+    continuation = _controller("third-job", num_rounds=2, start_round=2)
+    continuation.persistor = _Persistor()
+    model = FLModel(params={"w": torch.ones(1)}, current_round=2, total_rounds=continuation.num_rounds)
+    task = FLModelUtils.from_shareable(continuation._build_shareable(model))
+    assert (task.meta[LINEAGE_META], task.current_round, task.total_rounds) == ("first-job", 2, 4)
+    assert model.meta in (None, {}), "the global model's own meta is left alone"
 
 
 def test_lean_persistor_reads_the_initial_weights_then_drops_the_module(tmp_path: Path) -> None:

@@ -19,7 +19,10 @@ component sees:
   that marks the weights it broadcasts as `SharedWeights`, whose deep copy shares the tensors.
 
 Both also make a job survive a server or site restart (fedllm.flare.resume): every global checkpoint
-carries the round it completes, and a continuation job starts from it at the next round.
+carries the round it completes, and a continuation job starts from it at the next round. What
+`LeanFedAvg` tells the sites with each train task lets their trainers go on as well
+(fedllm.training.lineage): the job's lineage (`LINEAGE_META`) and the rounds of the job as first
+submitted (`total_rounds`), next to the round's own number (`current_round`, counted from the first job).
 
 fedllm.jobs.recipe wires the two into NVFlare's FedAvgRecipe when a job is created.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
@@ -241,6 +245,9 @@ class LeanPTFileModelPersistor(PTFileModelPersistor):
 
 
 MODEL_SELECTOR_ID = "model_selector"  # the id NVFlare's BaseFedJob gives its IntimeModelSelector
+# Key in every train task's meta: the id of the job as first submitted, which its continuations keep. Sites key
+# their trainer state by it (fedllm.training.lineage), so a continuation's trainers go on where the last left off.
+LINEAGE_META = "fedllm_lineage"
 
 
 class LeanFedAvg(FedAvg):
@@ -312,10 +319,24 @@ class LeanFedAvg(FedAvg):
         crash_point("aggregation", self.current_round, job_process=True)  # a test hook, inert unless set
         return accepted
 
+    def lineage(self) -> str:
+        """The id of the job as first submitted: this job's own, or the one this continuation goes on with."""
+        if getattr(self, "_fedllm_lineage", None) is None:
+            folder = getattr(getattr(self, "persistor", None), "resume_folder", None)
+            origin = folder.info.get("origin_job") if folder is not None else None
+            self._fedllm_lineage = str(origin or self.fl_ctx.get_job_id())
+        return self._fedllm_lineage
+
     def _build_shareable(self, data=None):
         if data is not None and isinstance(data.params, dict) and not isinstance(data.params, SharedWeights):
             data.params = SharedWeights(data.params)
-        return super()._build_shareable(data)
+        shareable = super()._build_shareable(data)
+        # NVFlare's FedAvg sends the rounds THIS job runs as total_rounds; a continuation runs only those left
+        # (start_round = the first of them), while its sites' LR schedules must span the job as first submitted.
+        shareable.set_header(AppConstants.NUM_ROUNDS, self.start_round + self.num_rounds)
+        dxo = from_shareable(shareable)
+        dxo.set_meta_prop(LINEAGE_META, self.lineage())
+        return dxo.update_shareable(shareable)
 
     def update_model(self, model, aggr_result):
         held = self.fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)

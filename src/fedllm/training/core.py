@@ -20,6 +20,13 @@ The interface is deliberately small (`SiteTask`), so a backend implements four m
     def main():
         run_site(lambda site: MyTask(...), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)
 
+A trainer that carries state from round to round (an optimizer's moments, an LR schedule, a data position:
+the NeMo trainers) also implements `TrainerStateTask`; the loop keeps that state per job lineage on disk
+(fedllm.training.lineage), so that a continuation job after a server or site restart goes on with it. The
+others (p-tuning on HF, the toy trainers) build a fresh, seeded optimizer every round and carry nothing.
+A round's seed is `seed * 1000 + round`, the round counted from the job as first submitted: a round
+redone by a continuation draws what it drew the first time.
+
 Metric names (what reports and the server's round_metrics.jsonl read):
     train_loss, val_loss[, val_accuracy, ...]  the site's model after local training
     global_val_loss[, global_val_accuracy]    the global model the site received, before training
@@ -34,18 +41,21 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from nvflare.apis.dxo import MetaKey
+
+from fedllm.training.lineage import LineageState, RoundContext, state_root
 
 
 @dataclass
 class TrainOutcome:
     steps: int  # optimizer steps taken this round
     train_loss: float  # mean training loss of the last epoch
+    metrics: dict[str, float] = field(default_factory=dict)  # more of the round's metrics (e.g. its LR)
 
 
 class SiteTask(Protocol):
@@ -58,6 +68,63 @@ class SiteTask(Protocol):
     def train(self, epochs: int, seed: int) -> TrainOutcome: ...
 
     def evaluate(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class TrainerStateTask(SiteTask, Protocol):
+    """A SiteTask whose trainer carries state from one round to the next (see the module docstring)."""
+
+    def begin_round(self, context: RoundContext, snapshot: Path | None) -> None:
+        """Before round `context.round`. `snapshot`, the state saved at the end of the round before, is given
+        only to a process that did not train that round itself (a continuation's first round), else None."""
+        ...
+
+    def save_round_state(self, folder: Path) -> None:
+        """Write this process's part of the state at the end of the round into `folder` (it exists)."""
+        ...
+
+
+class CarriedState:
+    """The rounds of a TrainerStateTask: what it starts each round from, and its snapshot after each round."""
+
+    def __init__(self, task: TrainerStateTask, root: Path, log: Callable[[str], None] = print):
+        self.task, self.root, self.log = task, root, log
+        self.state: LineageState | None = None
+        self.trained: RoundContext | None = None  # the last round this process trained
+
+    def begin(self, context: RoundContext) -> None:
+        if self.state is None:
+            self.state = LineageState(self.root, context.lineage)
+        self.state.begin_round(context.round)
+        snapshot = None
+        if self.trained is None and context.round > 0:
+            snapshot = self.state.snapshot(context.round - 1)
+            if snapshot is None:
+                self.log(
+                    f"[fedllm] no trainer state of round {context.round - 1} in {self.state.folder}: round "
+                    f"{context.round} starts a fresh optimizer and LR schedule (the uninterrupted run would not)"
+                )
+            else:
+                self.log(f"[fedllm] round {context.round} goes on from the trainer state in {snapshot}")
+        self.task.begin_round(context, snapshot)
+
+    def end(self, context: RoundContext) -> None:
+        """Snapshot the state at the end of `context.round`: on disk, complete, before the site sends its update."""
+        assert self.state is not None
+        self.trained = context
+        if context.is_last:  # no round follows: nothing will start from it
+            self.state.after_last_round(context.round)
+            return
+        folder = self.state.folder_for(context.round)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.task.save_round_state(folder)
+        self.state.mark(folder, context.round)
+
+    def finish(self) -> None:
+        """The final global model's evaluation came after this site trained the lineage's last round: the server's
+        checkpoints are all on disk, no round will be redone, the lineage's state goes."""
+        if self.state is not None and self.trained is not None and self.trained.is_last:
+            self.state.finish()
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:
@@ -150,6 +217,7 @@ def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, s
         **after,
         **{f"global_{k}": v for k, v in before.items()},
         "train_loss": outcome.train_loss,
+        **outcome.metrics,
         "bytes_sent": float(state_bytes(state)),
         "round_seconds": time.monotonic() - started,
     }
@@ -175,8 +243,12 @@ def run_site(
 
     flare.init()
     site = flare.get_site_name()
+    job_id = flare.get_job_id() or ""
     task = build_task(site)
-    metrics_log = MetricsLog(tensorboard_dir(tb_dir, site, flare.get_job_id() or ""))
+    metrics_log = MetricsLog(tensorboard_dir(tb_dir, site, job_id))
+    carried = (
+        CarriedState(task, state_root(job_folder(site, job_id)), log) if isinstance(task, TrainerStateTask) else None
+    )
     try:
         while flare.is_running():
             incoming = flare.receive()
@@ -186,8 +258,15 @@ def run_site(
                 shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
                 log(f"[{site}] final global model: {shown}")
                 flare.send(flare.FLModel(metrics=metrics))
+                if carried is not None:
+                    carried.finish()
                 continue
+            context = RoundContext.of_task(incoming, job_id)
+            if carried is not None:
+                carried.begin(context)
             state, metrics, steps = run_round(task, incoming.params, epochs, seed * 1000 + current)
+            if carried is not None:
+                carried.end(context)
             metrics_log.log(metrics, current)
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
             log(f"[{site}] round {current}: {shown} ({steps} steps)")

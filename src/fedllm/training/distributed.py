@@ -11,18 +11,23 @@ State crossing ranks:
   is broadcast to all ranks and rank 0's copy is what the site sends;
 - SFT: every rank holds its own tensor-parallel shard, so `shard_of(state, rank)` picks each rank's
   part of the global state and rank 0 gathers the ranks' shards before sending.
+- trainer state (a `TrainerStateTask`'s optimizer, schedule, data position): every rank restores its own
+  part from the snapshot folder rank 0 names, and writes it there after the round; rank 0 marks the
+  snapshot complete only after every rank has written (`StatefulLeaderTask`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from fedllm.training.core import SiteTask, TrainOutcome
+from fedllm.training.core import SiteTask, TrainerStateTask, TrainOutcome
+from fedllm.training.lineage import RoundContext
 
 # The per-rank view of a global state: (global state, rank) -> what that rank loads.
 ShardFn = Callable[[Mapping[str, Any], int], Mapping[str, Any]]
@@ -99,6 +104,29 @@ class LeaderTask:
             broadcast_from_rank0(("stop", None))
 
 
+class StatefulLeaderTask(LeaderTask):
+    """LeaderTask of a TrainerStateTask: the other ranks restore and save their part of the state with rank 0."""
+
+    task: TrainerStateTask
+
+    def begin_round(self, context: RoundContext, snapshot: Path | None) -> None:
+        if self.world_size > 1:
+            broadcast_from_rank0(("begin_round", (context, snapshot)))
+        self.task.begin_round(context, snapshot)
+
+    def save_round_state(self, folder: Path) -> None:
+        if self.world_size > 1:
+            broadcast_from_rank0(("save_round_state", (folder,)))
+        self.task.save_round_state(folder)
+        if self.world_size > 1:
+            dist.barrier()  # every rank's part is written before rank 0 marks the snapshot complete
+
+
+def leader_task(task: SiteTask, shard: ShardFn, merge: MergeFn, gather: bool) -> LeaderTask:
+    cls = StatefulLeaderTask if isinstance(task, TrainerStateTask) else LeaderTask
+    return cls(task, shard, merge, gather)
+
+
 def follow(task: SiteTask) -> None:
     """Ranks > 0: execute rank 0's commands until it says stop."""
     rank = dist.get_rank()
@@ -116,6 +144,11 @@ def follow(task: SiteTask) -> None:
             task.evaluate()
         elif command == "exchanged_state":
             dist.gather_object(task.exchanged_state(), None, dst=0)
+        elif command == "begin_round" and isinstance(task, TrainerStateTask):
+            task.begin_round(*args)
+        elif command == "save_round_state" and isinstance(task, TrainerStateTask):
+            task.save_round_state(*args)
+            dist.barrier()
         else:  # pragma: no cover - a protocol error is a bug
             raise RuntimeError(f"rank {rank}: unknown command {command!r} from rank 0")
 
@@ -143,7 +176,7 @@ def run_distributed_site(
 
     def build(site_name: str) -> LeaderTask:
         nonlocal leader
-        leader = LeaderTask(build_task(site_name), shard, merge, gather)
+        leader = leader_task(build_task(site_name), shard, merge, gather)
         return leader
 
     try:

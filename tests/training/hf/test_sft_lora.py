@@ -85,3 +85,20 @@ def test_parameter_tree_keeps_dotted_names() -> None:
         "a.bias": (2,),
         "top": (1,),
     }
+
+
+def test_warmup_is_a_number_of_steps_every_allowed_transformers_reads_alike(tiny_gpt, tmp_path: Path) -> None:
+    """--warmup-ratio 0.25 of 8 steps warms up over 2: a ratio passed as warmup_steps would be 0.25 steps on
+    transformers 4 (which the hf extra allows), i.e. no warmup."""
+    from fedllm.training.hf.trainer_options import warmup_steps
+
+    assert warmup_steps(0.03, 100) == 3 and warmup_steps(0.03, 3) == 1 and warmup_steps(0.0, 50) == 0
+    args = _args(tiny_gpt, "lora", "--lr", "0.01", "--warmup-ratio", "0.25", "--lr-scheduler", "linear")
+    trainer = build_trainer(args, "lora", _pairs(64, 1), _pairs(8, 2), tmp_path)
+    assert trainer.args.warmup_steps == 0, "set once the schedule's length is known"
+    trainer.args.warmup_steps = warmup_steps(args.warmup_ratio, steps_per_round(trainer, 1))
+    trainer.args.logging_steps = 1
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    # The LR each step used: up from 0 over the 2 warmup steps to 0.01, then linearly down towards 0 at step 8.
+    assert lrs == pytest.approx([0.0, 0.005, 0.01, 0.01 * 5 / 6, 0.01 * 4 / 6, 0.01 * 3 / 6, 0.01 * 2 / 6, 0.01 / 6])

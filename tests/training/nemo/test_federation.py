@@ -18,6 +18,7 @@ from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED
 from fedllm.jobs.template import InitialModel, load_template
 from fedllm.results.metrics import load_global_state, read_round_metrics
+from fedllm.training.lineage import STATE_ROOT
 from tests.support.nemo_runs import SEQ_LENGTH, sentiment_data, sft_data
 from tests.support.nemo_runs import fedllm_cli as _fedllm
 from tests.support.sites import local_config_dict, write_yaml
@@ -100,7 +101,7 @@ def sft_fedavg(nemo_world, tmp_path_factory):
     )
 
 
-def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder(ptuning_fedavg):
+def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder(nemo_world, ptuning_fedavg):
     result = ptuning_fedavg
     assert result.status == COMPLETED
     rounds = read_round_metrics(result.result_dir)
@@ -113,6 +114,17 @@ def test_fedavg_ptuning_with_a_tp2_site_learns_and_sends_only_the_prompt_encoder
             assert m["train_steps"] > 0
     losses = [r["aggregated"]["global_val_loss"] for r in rounds]
     assert losses[-1] < losses[0], f"the global prompt encoder's validation loss did not fall: {losses}"
+    # Adam's moments and the LR schedule go on across rounds, as the seeds' RestoreState has them: the step
+    # count adds up, and every round starts where the last one's LR left off (warmup: 50 steps), not anew.
+    for site in SITES:
+        mine = [r["sites"][site] for r in rounds]
+        steps = [m["train_steps"] for m in mine]
+        assert [m["optimizer_steps"] for m in mine] == [sum(steps[: r + 1]) for r in range(3)], site
+        assert mine[0]["lr_first_step"] < mine[0]["lr_last_step"] < mine[1]["lr_first_step"] < mine[1]["lr_last_step"]
+        assert mine[2]["lr_first_step"] > mine[1]["lr_last_step"], site
+    # After the final global model's evaluation no site keeps the job's trainer state (fedllm.training.lineage).
+    kits = nemo_world["fed"].kits
+    assert not any((kits.site(site) / STATE_ROOT / result.job_id).exists() for site in SITES)
     expected = PromptEncoderWeights(VIRTUAL_TOKENS, HIDDEN, ENCODER_HIDDEN).state_dict()
     global_state = load_global_state(result.result_dir)
     assert {k: tuple(v.shape) for k, v in global_state.items()} == {k: tuple(v.shape) for k, v in expected.items()}

@@ -38,6 +38,7 @@ from fedllm.training.hf.trainer_options import (
     quantization_config,
     resolve_precision,
     trainer_kwargs,
+    warmup_steps,
 )
 
 METHODS = ("full", "lora")
@@ -230,6 +231,7 @@ def train_without_nvflare(args: argparse.Namespace, method: str, site: str) -> N
     train, val = read_site_data(args, site)
     out = Path(args.without_nvflare)
     trainer = build_trainer(args, method, train, val, out.parent / f".{out.name}.trainer")
+    trainer.args.warmup_steps = warmup_steps(args.warmup_ratio, steps_per_round(trainer, args.epochs))
     outcome = trainer.train()
     if rank == 0:
         logged = [h for h in trainer.state.log_history if "num_tokens" in h]

@@ -5,22 +5,28 @@ The defaults are the template's (jobs/hf-sft.yaml, jobs/hf-lora.yaml) and are si
 `fedllm job create -a key=value` can change.
 
 What happens between FedAvg rounds (NVFlare's HF integration, `restore_state=True`): the Trainer's
-`max_steps` is set once to steps-per-round × rounds, so warmup and the LR schedule span the whole
-job instead of restarting every round; at the end of each round the Trainer writes a checkpoint
-(weights, AdamW moments, scheduler, RNG) in the site's job folder, and the next round resumes from
-it and then loads the server's global weights over the site's own. So the optimizer state a round
-starts with is the site's own AdamW moments from its previous round, applied to the new global
-weights (NVFlare's documented behaviour; FedAvg averages weights only). A full-SFT checkpoint is
-about 3× the fp32 model on disk (weights + two moments); `save_total_limit` keeps the last two.
+`max_steps` is set once to steps-per-round × the job's rounds (`total_rounds`, which LeanFedAvg
+sends as the job's first submission had it, continuations included), so warmup and the LR schedule
+span the whole job instead of restarting every round; at the end of each round the Trainer writes a
+checkpoint (weights, AdamW moments, scheduler, RNG, its step and log) under
+<site workspace>/fedllm-state/<lineage>/ (fedllm.training.lineage), and the next round resumes from it
+and then loads the server's global weights over the site's own. So the optimizer state a round starts
+with is the site's own AdamW moments from its previous round, applied to the new global weights
+(NVFlare's documented behaviour; FedAvg averages weights only), and the data order is what the
+checkpoint's RNG state and step give. A full-SFT checkpoint is about 3× the fp32 model on disk
+(weights + two moments); up to `KEEP_SNAPSHOTS` (3) are kept while the job runs, none after its last round.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
 import torch
+
+from fedllm.training.lineage import KEEP_SNAPSHOTS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE = ("none", "4bit")
@@ -53,7 +59,20 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p("--fsdp", action="store_true", help="shard the model over the site's GPUs (refused: see check_distribution)")
     p("--logging-steps", type=int, default=10, help="log (and stream to the server) every N optimizer steps")
-    p("--output-dir", default="", help="Trainer checkpoints (default: trainer/ in the site's job folder)")
+    p(
+        "--output-dir",
+        default="",
+        help="root of the Trainer checkpoints, one folder per job lineage (default: <site workspace>/fedllm-state)",
+    )
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """--warmup-ratio as optimizer steps: ceil(ratio × the steps the schedule spans).
+
+    An integer means the same to every transformers the hf extra allows: a warmup_steps below 1 is a
+    share of max_steps to transformers 5 but 0.03 steps (no warmup at all) to transformers 4.
+    """
+    return math.ceil(ratio * total_steps)
 
 
 def resolve_precision(requested: str, cuda: bool | None = None) -> str:
@@ -121,7 +140,7 @@ def trainer_kwargs(args: argparse.Namespace, output_dir: str, precision: str) ->
         "num_train_epochs": args.epochs,
         "learning_rate": args.lr,
         "lr_scheduler_type": args.lr_scheduler,
-        "warmup_steps": args.warmup_ratio,  # < 1: a share of max_steps (transformers 5)
+        "warmup_steps": 0,  # set to warmup_steps(...) once the schedule's length is known
         "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm,
         "bf16": precision == "bf16",
@@ -134,7 +153,7 @@ def trainer_kwargs(args: argparse.Namespace, output_dir: str, precision: str) ->
         "logging_first_step": True,
         "eval_strategy": "no",  # fedllm evaluates the received model before a round and the trained one after
         "save_strategy": "no",  # NVFlare's patch saves the end-of-round checkpoint it resumes from
-        "save_total_limit": 2,
+        "save_total_limit": KEEP_SNAPSHOTS,  # fedllm.training.lineage prunes the same ones first
         "report_to": "none",  # site-local TensorBoard is fedllm's callback; the server's is NVFlare tracking
         "disable_tqdm": True,
         "ddp_find_unused_parameters": False,  # LoRA's frozen base has no grads by design, not by accident

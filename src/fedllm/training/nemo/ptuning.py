@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.training.core import TrainOutcome, resolve_path
+from fedllm.training.distributed import world
+from fedllm.training.lineage import RoundContext
 from fedllm.training.nemo.config import PtuningSettings, ptuning_config
 from fedllm.training.nemo.prompt_encoder import load_prompt_encoder_state, prompt_encoder_state
 from fedllm.training.nemo.site import (
@@ -35,15 +38,16 @@ from fedllm.training.nemo.site import (
     trainer_settings,
     validation_metrics,
 )
+from fedllm.training.nemo.trainer_state import begin_round, round_state
 
 
 class NemoPtuningTask:
     """A SiteTask around NeMo's MegatronGPTPromptLearningModel (import happens here, on the site).
 
-    One Lightning trainer for the whole job: each round raises its step limit by the round's steps and
-    calls fit() again, which continues where the last round stopped (the data loader too). fit() builds
-    the optimizer and LR schedule anew each time, so Adam's moments and the warmup start over every round
-    — what FedAvg expects of a site that receives new global weights.
+    One Lightning trainer for the whole job: each round is one more fit() of `--epochs` over the site's
+    data. Adam's moments, the warmup + cosine schedule (spanning all the job's rounds) and the sampler's
+    epoch go on from round to round, and from a snapshot in a continuation job, as the seeds' RestoreState
+    has them (fedllm.training.nemo.trainer_state); the received global prompt encoder replaces the site's.
     """
 
     def __init__(self, args: argparse.Namespace, site: str, info: ModelSpec):
@@ -68,7 +72,24 @@ class NemoPtuningTask:
         # The prompt encoder is created in setup(); create it now so round 0 can load the global one.
         if self.model.prompt_encoder is None:
             self.model.init_prompt_encoder()
+        epochs = args.epochs
+
+        def place_data(module: Any, round_: int, epoch: int) -> None:
+            # NeMo's DistributedSampler shuffles by seed + epoch: the lineage's epoch, not this process's.
+            module._train_dl.sampler.set_epoch(round_ * epochs + epoch)
+
+        self.state = round_state(self.steps_per_epoch * epochs, place_data)
+        self.trainer.callbacks.append(self.state)
+        self.rank = world()[0]
+        self.round = 0
         self.last_steps = 0
+
+    def begin_round(self, context: RoundContext, snapshot: Path | None) -> None:
+        begin_round(self.trainer, self.state, context, snapshot, self.rank)
+        self.round = context.round
+
+    def save_round_state(self, folder: Path) -> None:
+        self.state.save(folder, self.rank)
 
     def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
         load_prompt_encoder_state(self.model.prompt_encoder, state)
@@ -78,8 +99,8 @@ class NemoPtuningTask:
         return prompt_encoder_state(self.model.prompt_encoder)
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        self.trainer.fit_loop.epoch_loop.max_steps = self.trainer.global_step + epochs * self.steps_per_epoch
-        outcome = fit_round(self.trainer, self.model)
+        self.state.start_round(self.trainer, self.round, seed)
+        outcome = fit_round(self.trainer, self.model, self.state)
         self.last_steps = outcome.steps
         return outcome
 

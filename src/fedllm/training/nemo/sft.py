@@ -7,7 +7,10 @@ streams messages of that size. The server's global model is fedllm.flare.server_
 NemoCheckpointWeights (the same base checkpoint, read with torch alone).
 
 NeMo sizes the SFT dataset by optimizer steps, so the trainer converts epochs into steps from the
-number of records and sizes the data for all `--rounds` at once; each round stops after its steps.
+number of records and sizes the data for all `--rounds` at once; each round stops after its steps, and
+the next starts at the sample where it stopped (NeMo's loader would start at sample 0 on every fit()).
+Adam's moments and the LR schedule go on across rounds and into a continuation job
+(fedllm.training.nemo.trainer_state).
 
     torchrun --nproc_per_node 1 fedllm_site_entry.py --model /data/gpt1.3b.nemo \\
         --train {data_dir}/training.jsonl --val {data_dir}/validation.jsonl --epochs 1 --rounds 5 --devices 1
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +29,9 @@ from fedllm.checkpoint.model_spec import ModelSpec
 from fedllm.flare.server_models import shard_key, split_shard_key
 from fedllm.training.core import TrainOutcome, resolve_path
 from fedllm.training.distributed import world
+from fedllm.training.lineage import RoundContext
 from fedllm.training.nemo.config import SftSettings, sft_config
+from fedllm.training.nemo.errors import NemoLaunchError
 from fedllm.training.nemo.site import (
     base_parser,
     build_trainer,
@@ -37,6 +43,7 @@ from fedllm.training.nemo.site import (
     trainer_settings,
     validation_metrics,
 )
+from fedllm.training.nemo.trainer_state import begin_round, round_state
 from fedllm.training.nemo.weights import load_weights, model_weights
 
 
@@ -71,20 +78,29 @@ class NemoSftTask:
         path = str(resolve_path(args.model, site))
         model_cfg = MegatronGPTSFTModel.merge_cfg_with(path, cfg)
         self.model = MegatronGPTSFTModel.restore_from(path, model_cfg, trainer=self.trainer)
-        self.round_end = 0
+        self.rounds = args.rounds
+        samples_per_round = self.steps_per_round * args.global_batch_size
+
+        def place_data(module: Any, round_: int, epoch: int) -> None:
+            # Megatron's batch sampler reads consumed_samples when a fit() starts drawing from it.
+            module._train_dl.batch_sampler.consumed_samples = round_ * samples_per_round
+
+        self.state = round_state(self.steps_per_round, place_data)
+        self.trainer.callbacks.append(self.state)
+        self.round = 0
         self.last_steps = 0
-        from lightning.pytorch import Callback  # NeMo 2 trains on Lightning 2
 
-        task = self
+    def begin_round(self, context: RoundContext, snapshot: Path | None) -> None:
+        if context.total_rounds != self.rounds:
+            raise NemoLaunchError(
+                f"--rounds {self.rounds} sized this site's SFT data, but the job runs {context.total_rounds} rounds. "
+                "Fix: create the job with fedllm job create (it passes the job's rounds as --rounds)"
+            )
+        begin_round(self.trainer, self.state, context, snapshot, self.rank)
+        self.round = context.round
 
-        class StopAtRoundEnd(Callback):
-            """End this round's fit after its steps (the data loader keeps its place for the next round)."""
-
-            def on_train_batch_end(self, trainer, *_: Any) -> None:
-                if trainer.global_step >= task.round_end:
-                    trainer.should_stop = True
-
-        self.trainer.callbacks.append(StopAtRoundEnd())
+    def save_round_state(self, folder: Path) -> None:
+        self.state.save(folder, self.rank)
 
     def load_exchanged_state(self, state: Mapping[str, Any]) -> None:
         load_weights(
@@ -98,9 +114,8 @@ class NemoSftTask:
         return {shard_key(self.rank, k, self.tensor_parallel): v for k, v in model_weights(self.model).items()}
 
     def train(self, epochs: int, seed: int) -> TrainOutcome:
-        self.round_end = self.trainer.global_step + self.steps_per_round
-        self.trainer.should_stop = False
-        outcome = fit_round(self.trainer, self.model)
+        self.state.start_round(self.trainer, self.round, seed)
+        outcome = fit_round(self.trainer, self.model, self.state)
         self.last_steps = outcome.steps
         return outcome
 

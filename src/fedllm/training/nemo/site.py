@@ -186,12 +186,14 @@ def build_trainer(cfg: Any, tensor_parallel: int, builder: str = "MegatronTraine
     return trainer
 
 
-def fit_round(trainer: Any, model: Any) -> TrainOutcome:
-    """One round of Lightning's fit, from where the last round stopped to where the caller set its end."""
+def fit_round(trainer: Any, model: Any, state: Any) -> TrainOutcome:
+    """One round of Lightning's fit, from where the last round stopped to the end `state` (RoundState) set."""
     start = trainer.global_step
+    if trainer.max_steps < state.round_end:  # no begin_round (a trainer driven without run_site): one round's budget
+        trainer.fit_loop.epoch_loop.max_steps = state.round_end
     trainer.fit(model)
     loss = trainer.callback_metrics.get("reduced_train_loss", torch.tensor(float("nan")))
-    return TrainOutcome(steps=trainer.global_step - start, train_loss=float(loss))
+    return TrainOutcome(steps=trainer.global_step - start, train_loss=float(loss), metrics=state.round_metrics())
 
 
 def validation_metrics(trainer: Any, model: Any, last_steps: int) -> dict[str, float]:
