@@ -10,6 +10,7 @@ samples (NeMo's loader starts at sample 0 on every fit()).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,12 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _rounds(kind: str, model: Path, data: Path, work: Path, first: int) -> list[dict]:
+    # The site's trainer writes its outputs in its working directory (NVFlare's job workspace): run it in `work`.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
          "-m", "tests.support.nemo_rounds", kind, str(model), str(data), str(work), str(first), str(ROUNDS)],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
+        capture_output=True, text=True, cwd=work, env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((work / f"steps-{first}.json").read_text())
