@@ -68,13 +68,26 @@ def create(
             "(`fedllm job args TEMPLATE` lists them).",
         ),
     ] = None,
+    site: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--site",
+            help="One site's own setting NAME:KEY=VALUE (repeatable): devices, micro_batch, quantize, lora_r, model, "
+            "or any trainer argument, e.g. --site site-2:micro_batch=2.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing job folder of the same name (everything in it goes).")
     ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
-    """Render a job folder for local-only, centralized or FedAvg training; print how to submit it."""
+    """Render a job folder for local-only, centralized or FedAvg training; print each site's plan and how to submit it.
+
+    Each site trains on the GPUs its site config lists (one process per GPU for torchrun templates) with
+    the job's effective batch, reached through gradient accumulation where its micro-batch or process
+    count differs.
+    """
     from fedllm.jobs.create import MODES, create_job, resolve_spec
     from fedllm.jobs.template import load_template
     from fedllm.jobs.trainer_args import parse_assignments
@@ -82,8 +95,9 @@ def create(
     if mode not in MODES:
         raise typer.BadParameter(f"'{mode}' is not a mode; use local, central or fedavg", param_hint="--mode")
     federation = _federation(config, workspace)
+    loaded = load_template(template)
     spec = resolve_spec(
-        load_template(template),
+        loaded,
         mode,  # type: ignore[arg-type]
         num_clients=num_clients,
         rounds=rounds,
@@ -95,17 +109,57 @@ def create(
         name=name,
         compression=compress,
         extra_args=parse_assignments(arg or []),
+        site_overrides=_site_overrides(loaded, site or [], federation),
         federation=federation,
     )
+    if spec.plan is not None:
+        _print_plan(spec.plan)
     job_dir = create_job(spec, out, overwrite=overwrite)
     done(
         "created",
         f" {display_path(job_dir)}: {spec.mode}, {spec.num_clients} site(s), "
-        f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s), {spec.devices} device(s) per site",
+        f"{spec.rounds} round(s) × {spec.local_epochs} epoch(s)",
     )
     for note in spec.notes:
         err_console.print(styled("note:", "yellow", f" {note}"))
     _print_submit_hints(job_dir, federation.config.project if federation else "", config, workspace)
+
+
+def _site_overrides(template, items: list[str], federation: Federation | None) -> dict[str, dict[str, str]]:
+    """--site NAME:KEY=VALUE as per-site trainer arguments, for sites the site config names."""
+    from fedllm.jobs.errors import JobSpecError
+    from fedllm.jobs.plan import BatchKeys, parse_site_assignments
+    from fedllm.jobs.trainer_args import TrainerUnavailable, trainer_arguments
+
+    if not items:
+        return {}
+    try:
+        keys = BatchKeys.of(trainer_arguments(template.trainer))
+    except TrainerUnavailable:
+        keys = None
+    overrides = parse_site_assignments(items, keys)
+    if federation is None:
+        raise JobSpecError("--site needs the site config that names the sites: pass -c SITE_CONFIG")
+    unknown = sorted(set(overrides) - set(federation.site_names))
+    if unknown:
+        raise JobSpecError(
+            f"--site {unknown[0]}:...: the site config {federation.source} has no site {unknown[0]}; its sites are "
+            f"{', '.join(federation.site_names)}"
+        )
+    return overrides
+
+
+def _print_plan(plan) -> None:
+    """Each site's share of the job, as a table (fedllm.jobs.plan)."""
+    rows = plan.table()
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        console.print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for site in plan.sites:
+        if site.note:
+            console.print(f"  {site.site}: {site.note}")
+    if plan.effective_batch is not None:
+        console.print(f"  every site steps its optimizer once per {plan.effective_batch} examples (the job's batch)")
 
 
 def _federation(config: Path | None, workspace: Path) -> Federation | None:

@@ -26,6 +26,7 @@ from fedllm.fileio import atomic_directory
 from fedllm.jobs.compression import QUANTIZATIONS, apply_compression, check_compression
 from fedllm.jobs.errors import JobSpecError
 from fedllm.jobs.exchange import apply_exchange_settings, apply_tensor_items, recipe_kwargs, wire_compression
+from fedllm.jobs.plan import JobPlan, plan_job
 from fedllm.jobs.server_model import check_server_model, initial_args
 from fedllm.jobs.sites import Federation, unchecked_quantization_note
 from fedllm.jobs.template import JobTemplate, Mode
@@ -70,6 +71,8 @@ class JobSpec:
     initial_args: dict[str, Any] = field(default_factory=dict)
     # What could not be checked where the job was created, said rather than left silent.
     notes: tuple[str, ...] = ()
+    # Each site's processes, batch, precision, quantization and rank (fedllm.jobs.plan), as printed.
+    plan: JobPlan | None = None
 
 
 def resolve_spec(
@@ -175,11 +178,21 @@ def resolve_spec(
     if trainer is not None:
         args, parsed = trainer.check(args, context)
         for site, overrides in site_args.items():
-            merged, _ = trainer.check({**args, **overrides}, f"{context}, {site}'s arguments")
-            site_args[site] = {key: merged[key] for key in overrides}
+            _, own = trainer.check({**args, **overrides}, f"{context}, {site}'s arguments")
+            site_args[site] = {key: getattr(own, key) for key in overrides}
     else:
         args = coerce_switch_words(args)
         site_args = {site: coerce_switch_words(overrides) for site, overrides in site_args.items()}
+    if template.launch != "torchrun":
+        for site, overrides in site_args.items():
+            if int(overrides.get("devices", 1)) > 1:
+                raise JobSpecError(
+                    f"{site}: devices={overrides['devices']}, but template {template.name} trains in the site's job "
+                    "process on one device. Fix: drop it, or use a template that runs one process per device "
+                    "(launch: torchrun)"
+                )
+    plan = plan_job(template, trainer, vars(parsed) if parsed is not None else args, site_args, federation, devices)
+    site_args = plan.site_args or site_args
 
     if federation is not None:
         federation.check_compression(compression, list(site_args) or federation.site_names)
@@ -194,7 +207,7 @@ def resolve_spec(
                 _check_local_checkpoint({**args, **overrides}, int(overrides.get("devices", dev)))
     check_server_model(template, notes)
     initial = initial_args(template, args, parsed, notes)
-    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes))
+    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes), plan)
 
 
 def _check_extra_args(extra_args: dict[str, Any], options: dict[str, Any]) -> None:
