@@ -66,6 +66,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _is_gpu_memory(v: object) -> bool:
+    """A GiB figure one GPU can have: a number above 0 and at most MAX_GPU_GIB."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_GPU_GIB
+
+
 def _check_label(value: str, what: str) -> str:
     if not LABEL_RE.fullmatch(value):
         suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:63] or "site-1"
@@ -183,8 +188,7 @@ class Site(_Strict):
     @field_validator("gpu_memory_gib", mode="before")
     @classmethod
     def _gpu_memory(cls, v: Any) -> Any:
-        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_GPU_GIB
-        if v is not None and not ok:
+        if v is not None and not _is_gpu_memory(v):
             raise FixableError(
                 f"gpu_memory_gib {clip(repr(v))} is not a GPU memory size",
                 f"give each GPU's memory in GiB as a number above 0 and at most {MAX_GPU_GIB}, e.g. 80 for an "
@@ -479,7 +483,7 @@ def _memory_problems(
 ) -> list[tuple[Path_, str, str]]:
     """gpu_memory_gib on a site without GPUs, or below what the site's workload needs per GPU."""
     memory = entry.get("gpu_memory_gib")
-    if not isinstance(memory, int | float) or isinstance(memory, bool):
+    if not _is_gpu_memory(memory):
         return []  # absent, or the field check reports it
     where = ("sites", i, "gpu_memory_gib")
     if gpus is not None and not gpus:
