@@ -65,8 +65,16 @@ def _built_parameters(config: dict) -> int:
 
 @pytest.mark.parametrize(
     "config",
-    [GPT2, LLAMA, {**LLAMA, "tie_word_embeddings": True}, {**LLAMA, "attention_bias": True}, LLAMA3_8B],
-    ids=["gpt2", "llama-gqa-untied", "llama-tied", "llama-bias", "llama3-8b"],
+    [
+        GPT2,
+        LLAMA,
+        {**LLAMA, "tie_word_embeddings": True},
+        {**LLAMA, "attention_bias": True, "mlp_bias": True},
+        {**LLAMA, "model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+        {**LLAMA, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+        LLAMA3_8B,
+    ],
+    ids=["gpt2", "llama-gqa-untied", "llama-tied", "llama-bias", "mistral", "qwen2", "llama3-8b"],
 )
 def test_parameter_count_from_config_json_is_what_transformers_builds(tmp_path: Path, config: dict) -> None:
     size = model_size(str(_folder(tmp_path, config)))
