@@ -226,3 +226,16 @@ def test_a_nemo_site_is_told_the_tensor_parallel_size_that_fits() -> None:
     message = fit(size, one_gpu, 80, site="site-1", template="nemo-sft-5b").problem
     assert message is not None and "give it 2 GPUs with the checkpoint converted to tensor parallel 2" in message
     assert fit(size, settings, 80).fits
+
+
+def test_without_auto_the_problem_names_the_switch_that_would_fit_and_nemo_gets_no_recomputation() -> None:
+    full = Workload("full", seq_len=2048)
+    with_ckpt = estimate(LLAMA_1B, Workload("full", seq_len=2048, checkpointing=True)).total
+    without = estimate(LLAMA_1B, full).total
+    gpu = (with_ckpt + without) / 2
+    message = fit(LLAMA_1B, full, gpu, margin=0, site="site-1", template="hf-sft").problem
+    assert message is not None and "set -a gradient_checkpointing=true" in message
+    assert fit(LLAMA_1B, full, gpu, margin=0, auto=True).checkpointing
+    # fedllm's NeMo trainers have no recomputation setting: auto never turns it on for them.
+    nemo = Workload("full", seq_len=2048, backend="nemo")
+    assert not fit(LLAMA_1B, nemo, 1, auto=True).checkpointing

@@ -209,9 +209,10 @@ def _micro_batches(requested: int) -> list[int]:
 
 
 def _stages(w: Workload, auto: bool) -> list[Workload]:
-    """The workloads `fit` tries, in order: as asked; with auto, then checkpointing on, then (LoRA) a 4-bit base."""
+    """The workloads `fit` tries, in order: as asked; with auto, then checkpointing on (HF trainers' switch), then
+    (LoRA) a 4-bit base."""
     stages = [w]
-    if auto and not w.checkpointing:
+    if auto and not w.checkpointing and w.backend == "hf":  # fedllm's NeMo trainers expose no recomputation setting
         stages.append(replace(stages[-1], checkpointing=True))
     if auto and w.method == "lora":
         stages.append(replace(stages[-1], method="qlora"))
@@ -290,19 +291,19 @@ def _fixes(size: ModelSize, w: Workload, budget: float) -> list[str]:
         return estimate(size, replace(w, micro_batch=1, **changes)).total <= budget  # type: ignore[arg-type]
 
     out = []
-    ckpt = "-a gradient_checkpointing=true" if w.backend == "hf" else "activation checkpointing"
-    if not w.checkpointing and fits(checkpointing=True):
-        out.append(f"turn on {ckpt}")
-    if w.method == "full" and w.backend == "hf":
-        if fits(method="lora", checkpointing=True):
-            out.append(f"use hf-lora ({ckpt if not w.checkpointing else 'LoRA'})")
-        elif fits(method="qlora", checkpointing=True):
-            out.append("use hf-lora with quantize=4bit and gradient_checkpointing=true")
-    elif w.method == "lora" and fits(method="qlora", checkpointing=True):
-        out.append("set quantize=4bit (QLoRA) with gradient_checkpointing=true")
+    if w.backend == "hf":
+        ckpt = "" if w.checkpointing else " with gradient_checkpointing=true"
+        if not w.checkpointing and fits(checkpointing=True):
+            out.append("set -a gradient_checkpointing=true")
+        if w.method == "full" and fits(method="lora"):
+            out.append("use hf-lora")
+        elif w.method == "full" and fits(method="lora", checkpointing=True):
+            out.append(f"use hf-lora{ckpt}")
+        elif w.method in ("full", "lora") and fits(method="qlora", checkpointing=True):
+            out.append(f"use hf-lora with quantize=4bit{ckpt}" if w.method == "full" else f"set quantize=4bit{ckpt}")
     if w.backend == "nemo":
         for tp in (2, 4, 8):
-            if tp > w.tensor_parallel and fits(tensor_parallel=tp, processes=tp, checkpointing=w.checkpointing):
+            if tp > w.tensor_parallel and fits(tensor_parallel=tp, processes=tp):
                 out.append(
                     f"give it {tp} GPUs with the checkpoint converted to tensor parallel {tp} "
                     f"(fedllm ckpt convert --target-tp {tp})"
