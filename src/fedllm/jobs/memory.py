@@ -28,6 +28,8 @@ __all__ = ["Estimate", "Fit", "ModelSize", "Workload", "estimate", "fit", "model
 # bytes per element of the safetensors dtypes a model's weights come in
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# More parameters than any model has (100 T): a config with such sizes is damaged, and its estimate meaningless.
+MAX_PARAMETERS = 10**14
 # The GPT-2 BPE vocabulary of NVIDIA's Megatron-GPT checkpoints (megatron GPT2BPETokenizer).
 GPT2_VOCAB = 50257
 
@@ -44,12 +46,17 @@ def model_size(model: str) -> ModelSize | None:
     path = Path(model)
     try:
         if path.suffix == ".nemo" or (path / "model_config.yaml").is_file():
-            return _nemo_size(path) if path.exists() else None
-        if (path / "config.json").is_file():
-            return _hf_size(path)
+            size = _nemo_size(path) if path.exists() else None
+        else:
+            size = _hf_size(path) if (path / "config.json").is_file() else None
     except CheckpointError as exc:
-        raise JobSpecError(f"--model {model}: {exc}") from None
-    return None
+        raise JobSpecError(f"--model: {exc}" if str(exc).startswith(str(path)) else f"--model {model}: {exc}") from None
+    if size is not None and not 0 < size.parameters <= MAX_PARAMETERS:
+        raise JobSpecError(
+            f"--model {model}: {size.source} gives {size.parameters} parameters, which no model has. Fix: correct "
+            "the model's config (its layer count and sizes) or re-download the model"
+        )
+    return size
 
 
 # ---- Hugging Face folders -------------------------------------------------------------------------------------
@@ -67,7 +74,7 @@ def _hf_size(folder: Path) -> ModelSize | None:
     config = folder / "config.json"
     try:
         cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise JobSpecError(f"--model {folder}: cannot read {config} ({exc}). Fix: the model folder") from None
     if not isinstance(cfg, dict):
         raise JobSpecError(f"--model {folder}: {config} is not a JSON object. Fix: the model folder")
@@ -98,13 +105,15 @@ def _safetensors_parameters(folder: Path, cfg: dict[str, Any]) -> tuple[int, str
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         shards = sorted(set(data["weight_map"].values()))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not shards or not all(isinstance(shard, str) and Path(shard).name == shard for shard in shards):
+            raise ValueError("weight_map names no shard, or one that is not a file name in the folder")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise JobSpecError(f"--model {folder}: cannot read {index} ({exc}). Fix: the model folder") from None
     if all((folder / s).is_file() for s in shards):
         return sum(_header_elements(folder / s) for s in shards), f"{index} (safetensors headers)"
-    total = data.get("metadata", {}).get("total_size") if isinstance(data.get("metadata"), dict) else None
+    total = data["metadata"].get("total_size") if isinstance(data.get("metadata"), dict) else None
     width = _TORCH_DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")))
-    if isinstance(total, int) and width:
+    if isinstance(total, int) and not isinstance(total, bool) and total > 0 and width:
         return total // width, f"{index} (total_size / {width} bytes)"
     return None
 
@@ -116,10 +125,20 @@ def _header_elements(file: Path) -> int:
             if length > 100 * 1024 * 1024:
                 raise ValueError(f"header length {length} is not plausible")
             header = json.loads(f.read(length))
-        return sum(
-            math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__" and t["dtype"] in _DTYPE_BYTES
-        )
-    except (OSError, struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        shapes = [t["shape"] for k, t in header.items() if k != "__metadata__" and t["dtype"] in _DTYPE_BYTES]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for shape in shapes for d in shape):
+            raise ValueError("a tensor's shape is not a list of non-negative whole numbers")
+        return sum(math.prod(shape) for shape in shapes)
+    except (
+        OSError,
+        struct.error,
+        UnicodeDecodeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    ) as exc:
         raise JobSpecError(
             f"--model {file.parent}: {file.name} is not a readable safetensors file ({exc}). Fix: re-download the model"
         ) from None
@@ -192,11 +211,11 @@ def _nemo_size(path: Path) -> ModelSize:
 
 
 def _nemo_vocab(path: Path, cfg: dict[str, Any]) -> int:
-    """The unpadded vocabulary: a Megatron GPT-2 BPE tokenizer's, else counted from the archive's tokenizer files."""
+    """The unpadded vocabulary: a Megatron GPT-2 BPE tokenizer's, else counted from a .nemo file's tokenizer files."""
     tokenizer = cfg.get("tokenizer") if isinstance(cfg.get("tokenizer"), dict) else {}
     if tokenizer.get("library") == "megatron" and "GPT2" in str(tokenizer.get("type", "")):
         return GPT2_VOCAB
-    vocab = vocabulary_from_archive(NemoArchive(path))
+    vocab = vocabulary_from_archive(NemoArchive(path)) if path.is_file() else None
     if vocab is None:
         raise CheckpointError(
             f"{path}: cannot tell the vocabulary size (no vocab_size in model_config.yaml, no tokenizer file fedllm "
