@@ -13,7 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fedllm.config.memory import ModelSize, Workload, estimate, fit
 from fedllm.config.workloads import NEEDS, SEED_ESTIMATES
 from fedllm.jobs.errors import JobSpecError
-from fedllm.jobs.memory import model_size
+from fedllm.jobs.memory import model_size, workload_for
+from fedllm.jobs.trainer_args import trainer_arguments
+from fedllm.resources import resource_dir
 
 GPT2 = {
     "model_type": "gpt2",
@@ -239,3 +241,38 @@ def test_without_auto_the_problem_names_the_switch_that_would_fit_and_nemo_gets_
     # fedllm's NeMo trainers have no recomputation setting: auto never turns it on for them.
     nemo = Workload("full", seq_len=2048, backend="nemo")
     assert not fit(LLAMA_1B, nemo, 1, auto=True).checkpointing
+
+
+TEMPLATE_OF_SEED = {
+    "gpt-345m-ptuning": "nemo-ptuning-345m",
+    "gpt-1.3b-sft": "nemo-sft-1.3b",
+    "gpt-5b-sft": "nemo-sft-5b",
+    "gpt-20b-ptuning-tp2": "nemo-ptuning-20b",
+}
+
+
+def _template_workload(name: str) -> Workload | None:
+    """What workload_for makes of a shipped template's own arguments, parsed by its trainer's parser."""
+    template = yaml.safe_load((resource_dir("jobs") / f"{name}.yaml").read_text())
+    parser = trainer_arguments(template["trainer"])
+    args = {k: v for k, v in template["train_args"].items() if parser.takes(k)}
+    _, parsed = parser.check(args, name)
+    return workload_for(template["trainer"], vars(parsed), template["defaults"]["devices"])
+
+
+@pytest.mark.parametrize("seed", sorted(TEMPLATE_OF_SEED))
+def test_the_workload_table_estimates_the_seed_templates_own_settings(seed: str) -> None:
+    assert _template_workload(TEMPLATE_OF_SEED[seed]) == SEED_ESTIMATES[seed][1]
+
+
+def test_workload_for_reads_the_hf_templates_and_knows_no_demo() -> None:
+    sft = _template_workload("hf-sft")
+    assert sft == Workload("full", micro_batch=1, seq_len=512, checkpointing=True)
+    lora = _template_workload("hf-lora")
+    assert lora is not None and lora.method == "lora" and lora.backend == "hf"
+    assert workload_for("fedllm.training.hf.lora", {"batch_size": 2, "max_length": 64, "quantize": "4bit"}, 2) == (
+        Workload("qlora", micro_batch=2, seq_len=64, processes=2)
+    )
+    ptuning = _template_workload("hf-ptuning")
+    assert ptuning is not None and ptuning.method == "ptuning" and ptuning.encoder_hidden is None
+    assert _template_workload("demo-mlp") is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from fedllm.checkpoint.vocab import vocabulary_from_archive
 from fedllm.config.memory import Estimate, Fit, ModelSize, Workload, estimate, fit
 from fedllm.jobs.errors import JobSpecError
 
-__all__ = ["Estimate", "Fit", "ModelSize", "Workload", "estimate", "fit", "model_size"]
+__all__ = ["Estimate", "Fit", "ModelSize", "Workload", "estimate", "fit", "model_size", "workload_for"]
 
 # bytes per element of the safetensors dtypes a model's weights come in
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -57,6 +58,56 @@ def model_size(model: str) -> ModelSize | None:
             "the model's config (its layer count and sizes) or re-download the model"
         )
     return size
+
+
+# NeMo's Lightning precision names → the estimate's.
+_NEMO_PRECISION = {"bf16-mixed": "bf16", "bf16": "bf16", "16-mixed": "fp16", "16": "fp16", "32": "fp32"}
+
+
+def workload_for(trainer: str, args: Mapping[str, Any], devices: int) -> Workload | None:
+    """The Workload of a job's trainer and its parsed arguments (`vars(namespace)` as the trainer parses them).
+
+    None for a trainer the estimate does not model (the CPU demo, another package's trainer). `precision=auto`
+    counts as bf16 (fp16 has the same sizes; fp32 is for CPU sites, which have no GPU memory to fit).
+    """
+    if trainer in ("fedllm.training.hf.sft", "fedllm.training.hf.lora"):
+        quantized = args.get("quantize") == "4bit"
+        return Workload(
+            method="full" if trainer.endswith(".sft") else ("qlora" if quantized else "lora"),
+            precision="fp32"
+            if args.get("precision") == "fp32"
+            else "fp16"
+            if args.get("precision") == "fp16"
+            else "bf16",
+            micro_batch=int(args["batch_size"]),
+            seq_len=int(args["max_length"]),
+            checkpointing=bool(args.get("gradient_checkpointing")),
+            lora_r=int(args.get("lora_r") or 8),
+            processes=devices,
+        )
+    if trainer == "fedllm.training.hf.ptuning":
+        return Workload(
+            method="ptuning",
+            micro_batch=int(args["batch_size"]),
+            seq_len=int(args["max_length"]),
+            virtual_tokens=int(args.get("num_virtual_tokens") or 10),
+            encoder_hidden=int(args.get("encoder_hidden_size") or 0) or None,
+            processes=devices,
+        )
+    if trainer in ("fedllm.training.nemo.sft", "fedllm.training.nemo.ptuning"):
+        ptuning = trainer.endswith(".ptuning")
+        return Workload(
+            method="ptuning" if ptuning else "full",
+            precision=_NEMO_PRECISION.get(str(args.get("precision", "bf16-mixed")), "bf16"),  # type: ignore[arg-type]
+            micro_batch=int(args["micro_batch_size"]),
+            seq_len=int(args["max_seq_length"]),
+            virtual_tokens=int(args.get("virtual_tokens") or 10),
+            encoder_hidden=int(args.get("encoder_hidden") or 2048) if ptuning else None,
+            tensor_parallel=devices,
+            processes=devices,
+            backend="nemo",
+        )
+    return None
 
 
 # ---- Hugging Face folders -------------------------------------------------------------------------------------
