@@ -34,6 +34,7 @@ activations, the 16-bit working copies of the weights autocast makes, very long 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -203,8 +204,6 @@ def _micro_batches(requested: int) -> list[int]:
     while mb >= 1:
         out.append(mb)
         mb //= 2
-    if out[-1] != 1:
-        out.append(1)
     return out
 
 
@@ -269,7 +268,7 @@ def _problem(
     budget = gpu_gib * (1 - margin)
     fixes = _fixes(size, w, budget)
     needed_gpu = need.total / (1 - margin)
-    bigger = f"give it GPUs with ≥ {needed_gpu:.0f} GiB each"
+    bigger = f"give it GPUs with ≥ {math.ceil(needed_gpu)} GiB each"
     if w.backend == "hf":
         bigger += " (each of a site's GPUs holds a whole replica: more GPUs do not help)"
     fixes.append(bigger)
