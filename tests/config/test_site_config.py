@@ -314,3 +314,21 @@ def test_aliases_are_read_without_blowing_up(tmp_path: Path) -> None:
 def test_a_huge_value_is_quoted_short(tmp_path: Path) -> None:
     msg = only(tmp_path, VALID.replace("project: fedllm", "project: " + "x" * 100_000))
     assert "project name 'xxxx" in msg and "…'" in msg and len(msg) < 400
+
+
+@pytest.mark.parametrize("value", ["'80'", "0", "-8", "true", "4096", ".nan", "[80]"])
+def test_gpu_memory_gib_must_be_a_gpu_memory_size(tmp_path: Path, value: str) -> None:
+    msg = only(tmp_path, VALID.replace("gpus: [2, 3]}", f"gpus: [2, 3], gpu_memory_gib: {value}}}"))
+    assert "cfg.yaml:7: sites[1].gpu_memory_gib: gpu_memory_gib" in msg and "is not a GPU memory size" in msg
+    assert "Fix: give each GPU's memory in GiB" in msg and "e.g. 80 for an A100-80GB" in msg
+
+
+def test_gpu_memory_gib_is_checked_against_the_sites_gpus_and_workload(tmp_path: Path) -> None:
+    text = VALID.replace("gpus: [2, 3]}", "gpus: [2, 3], gpu_memory_gib: 80, workload: gpt-20b-ptuning-tp2}")
+    assert load_site_config(write_yaml(tmp_path / "ok.yaml", text)).site("site-2").gpu_memory_gib == 80
+    assert load_site_config(write_yaml(tmp_path / "absent.yaml", VALID)).site("site-2").gpu_memory_gib is None
+    msg = only(tmp_path, text.replace("gpu_memory_gib: 80", "gpu_memory_gib: 40"))
+    assert "sites[1].gpu_memory_gib: workload gpt-20b-ptuning-tp2 needs 63.8 GiB on each GPU" in msg
+    assert "the site's GPUs have 40 GiB. Fix: give the site GPUs with more memory" in msg
+    msg = only(tmp_path, VALID.replace("gpus: [2, 3]}", "gpu_memory_gib: 24}"))
+    assert "sites[1].gpu_memory_gib: gpu_memory_gib is set but the site lists no GPUs" in msg

@@ -7,6 +7,7 @@ else in fedllm parses these files.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +33,8 @@ SIZE_RE = re.compile(r"^[0-9]+[bkmg]?$")
 PORT_RANGE_RE = re.compile(r"^([0-9]{1,5})-([0-9]{1,5})$")
 # One port per job running at the same time; a range this long is a typo, not a plan.
 MAX_JOB_PORTS = 1000
+# No GPU has more memory than this (GiB): a larger gpu_memory_gib is a unit mistake (MiB or bytes).
+MAX_GPU_GIB = 1024
 
 
 def parse_port_range(value: object) -> tuple[int, int] | None:
@@ -61,6 +64,11 @@ class UnknownSiteError(FedllmError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_gpu_memory(v: object) -> bool:
+    """A GiB figure one GPU can have: a number above 0 and at most MAX_GPU_GIB."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_GPU_GIB
 
 
 def _check_label(value: str, what: str) -> str:
@@ -172,6 +180,21 @@ class Site(_Strict):
     # What the site will train: the config checks it has enough GPUs for it, GPU preflight that they
     # have the memory and capability (both from fedllm.config.workloads).
     workload: str = "none"
+    # GiB of memory on each of the site's GPUs (nvidia-smi's total / 1024, e.g. 80 for an A100-80GB). The site
+    # config cannot see the site's machine: with it, `fedllm validate` checks the workload's need and
+    # `fedllm job create` the job's memory estimate (fedllm.config.memory) per site. null: neither is checked.
+    gpu_memory_gib: float | None = None
+
+    @field_validator("gpu_memory_gib", mode="before")
+    @classmethod
+    def _gpu_memory(cls, v: Any) -> Any:
+        if v is not None and not _is_gpu_memory(v):
+            raise FixableError(
+                f"gpu_memory_gib {clip(repr(v))} is not a GPU memory size",
+                f"give each GPU's memory in GiB as a number above 0 and at most {MAX_GPU_GIB}, e.g. 80 for an "
+                "A100-80GB (nvidia-smi --query-gpu=memory.total --format=csv shows it in MiB), or leave it out",
+            )
+        return v
 
     @field_validator("name")
     @classmethod
@@ -429,6 +452,7 @@ def _gpu_problems(
                     f"list {NEEDS[workload].min_gpus} GPUs in its gpus, or give it a workload its GPUs can run",
                 )
             )
+        out += _memory_problems(i, entry, gpus if all_valid else None, workload if known else None)
     if raw.get("allow_gpu_sharing", False) is True:
         return out
     names = {i: entry.get("name") for i, entry in sites}
@@ -452,6 +476,35 @@ def _gpu_problems(
             )
         )
     return out
+
+
+def _memory_problems(
+    i: int, entry: dict, gpus: dict[int, int] | None, workload: str | None
+) -> list[tuple[Path_, str, str]]:
+    """gpu_memory_gib on a site without GPUs, or below what the site's workload needs per GPU."""
+    memory = entry.get("gpu_memory_gib")
+    if not _is_gpu_memory(memory):
+        return []  # absent, or the field check reports it
+    where = ("sites", i, "gpu_memory_gib")
+    if gpus is not None and not gpus:
+        return [
+            (
+                where,
+                "gpu_memory_gib is set but the site lists no GPUs",
+                "list the site's GPUs in gpus, or drop gpu_memory_gib",
+            )
+        ]
+    need = NEEDS[workload] if workload else None
+    if need is not None and memory < need.free_gib_per_gpu:
+        return [
+            (
+                where,
+                f"workload {workload} needs {need.free_gib_per_gpu:g} GiB on each GPU ({need.why}); the site's GPUs have "
+                f"{memory:g} GiB",
+                "give the site GPUs with more memory (and correct gpu_memory_gib), or a smaller workload",
+            )
+        ]
+    return []
 
 
 def _submitter_problems(admins: list[tuple[int, dict]]) -> list[tuple[Path_, str, str]]:
