@@ -157,3 +157,68 @@ def test_bad_site_settings_are_one_line_errors(tmp_path: Path, monkeypatch, site
     assert_clean(outcome)
     assert outcome.code == 1 and message in outcome.err
     assert not (tmp_path / "jobs").exists()
+
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+
+def _sized_federation(memory: list[float | None], gpus: list[list[int]]) -> Federation:
+    data = local_config_dict(sites=len(gpus), gpus=gpus)
+    for site, gib in zip(data["sites"], memory, strict=True):
+        if gib is not None:
+            site["gpu_memory_gib"] = gib
+    return Federation(SiteConfig.model_validate(data), "sites.yaml")
+
+
+def _llama_8b(tmp_path: Path) -> str:
+    folder = tmp_path / "llama-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_8B))
+    return str(folder)
+
+
+def test_a_site_that_cannot_hold_its_share_is_refused_with_the_need_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError) as raised:
+        resolve_spec(
+            load_template("hf-sft"), "fedavg", model=_llama_8b(tmp_path), federation=_sized_federation([80, 24], [[0, 1], [2]])
+        )  # fmt: skip
+    message = str(raised.value)
+    assert message.startswith("site-1: hf-sft of an 8B model needs ~")
+    assert "it has 2 × 80 GiB (72.0 GiB usable with a 10% margin): use hf-lora" in message
+
+
+def test_the_fit_halves_a_sites_micro_batch_and_keeps_the_jobs_batch(tmp_path: Path) -> None:
+    model = _llama_8b(tmp_path)
+    spec = resolve_spec(
+        load_template("hf-lora"), "fedavg", model=model, extra_args={"max_length": "2048"},
+        federation=_sized_federation([80, None], [[0, 1], [2]]),
+    )  # fmt: skip
+    plan = {p.site: p for p in spec.plan.sites}
+    assert (plan["site-1"].micro_batch, plan["site-1"].accumulation, plan["site-1"].effective_batch) == (2, 2, 8)
+    assert plan["site-1"].note == "micro-batch 4 → 2 to fit 80 GiB" and plan["site-1"].memory.endswith(" of 80")
+    assert spec.site_args["site-1"]["batch_size"] == 2 and spec.site_args["site-1"]["grad_accum"] == 2
+    # No gpu_memory_gib: the estimate is shown, nothing is changed.
+    assert plan["site-2"].memory.startswith("~") and " of " not in plan["site-2"].memory
+    assert plan["site-2"].micro_batch == 4
+
+    with pytest.raises(JobSpecError, match=r"site-2: hf-lora of an 8B model needs ~.* set quantize=4bit"):
+        resolve_spec(
+            load_template("hf-lora"), "fedavg", model=model, extra_args={"max_length": "2048"},
+            federation=_sized_federation([80, 24], [[0, 1], [2]]),
+        )  # fmt: skip
+
+
+def test_fit_auto_turns_on_checkpointing_and_a_4bit_base_where_nothing_else_fits(tmp_path: Path) -> None:
+    spec = resolve_spec(
+        load_template("hf-lora"), "fedavg", model=_llama_8b(tmp_path), extra_args={"max_length": "2048"},
+        federation=_sized_federation([80, 24], [[0, 1], [2]]), fit="auto",
+    )  # fmt: skip
+    plan = {p.site: p for p in spec.plan.sites}
+    assert plan["site-2"].quantize == "4bit" and plan["site-1"].quantize == "none"
+    assert plan["site-2"].note == "--fit auto: gradient checkpointing and a 4bit base (QLoRA) to fit 24 GiB"
+    command = _command(create_job(spec, tmp_path / "jobs"), "site-2")
+    assert _flag(command, "--quantize") == "4bit" and "--gradient-checkpointing" in command

@@ -76,6 +76,14 @@ def create(
             "or any trainer argument, e.g. --site site-2:micro_batch=2.",
         ),
     ] = None,
+    fit: Annotated[
+        str,
+        typer.Option(
+            help="Memory fit where a site states gpu_memory_gib and the model is readable here: batch (halve the "
+            "micro-batch until the estimate fits), auto (also gradient checkpointing, then a 4-bit LoRA base), "
+            "off (show the estimate only)."
+        ),
+    ] = "batch",
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing job folder of the same name (everything in it goes).")
     ] = False,
@@ -111,6 +119,7 @@ def create(
         extra_args=parse_assignments(arg or []),
         site_overrides=_site_overrides(loaded, site or [], federation),
         federation=federation,
+        fit=fit,
     )
     if spec.plan is not None:
         _print_plan(spec.plan)

@@ -92,6 +92,7 @@ def resolve_spec(
     compression: str = "none",
     site_overrides: dict[str, dict[str, Any]] | None = None,
     federation: Federation | None = None,
+    fit: str = "batch",
 ) -> JobSpec:
     """Apply the mode's rules to the template defaults and the caller's options, and check the result.
 
@@ -191,7 +192,9 @@ def resolve_spec(
                     "process on one device. Fix: drop it, or use a template that runs one process per device "
                     "(launch: torchrun)"
                 )
-    plan = plan_job(template, trainer, vars(parsed) if parsed is not None else args, site_args, federation, devices)
+    plan = plan_job(
+        template, trainer, vars(parsed) if parsed is not None else args, site_args, federation, devices, fit
+    )
     site_args = plan.site_args or site_args
 
     if federation is not None:

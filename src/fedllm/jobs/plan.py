@@ -16,7 +16,7 @@ global / (micro × data-parallel)); a NeMo site trains one tensor-parallel group
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedllm.jobs.errors import JobSpecError
@@ -24,6 +24,10 @@ from fedllm.jobs.sites import Federation
 from fedllm.jobs.template import JobTemplate
 from fedllm.jobs.trainer_args import TrainerArguments
 
+# --fit: "batch" halves a site's micro-batch until its estimate fits; "auto" may also turn on gradient
+# checkpointing and (LoRA) a 4-bit base; "off" estimates and shows, but changes and refuses nothing.
+FIT_MODES = ("batch", "auto", "off")
+MEMORY_MARGIN = 0.1  # of a GPU's memory kept free of the estimate: its error and what it does not model
 # What `--site NAME:KEY=VALUE` calls a site's micro-batch, whatever the trainer names it.
 MICRO_BATCH = "micro_batch"
 EVERY_SITE = "(every site)"  # the plan's one row where no site config is known
@@ -65,6 +69,8 @@ class SitePlan:
     # Data-parallel replicas: the processes of a Hugging Face site; 1 for a NeMo site (its processes are
     # one tensor-parallel group that trains one replica).
     replicas: int = 1
+    # The memory estimate per GPU (fedllm.jobs.memory), against the site's gpu_memory_gib where it states one.
+    memory: str = "?"
 
     @property
     def batch(self) -> str:
@@ -87,11 +93,11 @@ class JobPlan:
     def table(self) -> list[tuple[str, ...]]:
         """The plan as rows of text, a header first (what `fedllm job create` prints)."""
         show_rank = any(p.lora_r is not None for p in self.sites)
-        header = ("site", "GPUs", "processes", "micro × accum × replicas = batch", "precision", "quantize")
+        header = ("site", "GPUs", "processes", "micro × accum × replicas = batch", "precision", "quantize", "GiB/GPU")
         rows = [header + (("LoRA r",) if show_rank else ())]
         for p in self.sites:
             gpus = ",".join(map(str, p.gpus)) if p.gpus else "none (CPU)"
-            row = (p.site, gpus, str(p.processes), p.batch, p.precision, p.quantize)
+            row = (p.site, gpus, str(p.processes), p.batch, p.precision, p.quantize, p.memory)
             rows.append(row + ((str(p.lora_r) if p.lora_r is not None else "-",) if show_rank else ()))
         return rows
 
@@ -103,6 +109,7 @@ def plan_job(
     site_args: Mapping[str, Mapping[str, Any]],
     federation: Federation | None,
     devices: int | None,
+    fit_mode: str = "batch",
 ) -> JobPlan:
     """Plan every site of `federation` (one row for every site where none is known).
 
@@ -110,7 +117,14 @@ def plan_job(
     `site_args` the per-site overrides (typed as the trainer parses them), `devices`
     the job's --devices when given. Raises JobSpecError naming the site and the fix when a site cannot
     run its share.
+
+    Memory (fedllm.jobs.memory): where the model is readable here and a site states `gpu_memory_gib`,
+    the site's micro-batch is the largest (halving) whose estimate fits its GPUs with a 10% margin, its
+    accumulation raised to keep the job's batch; `fit_mode="auto"` may also turn on gradient
+    checkpointing, then (LoRA) a 4-bit base. A site that cannot fit at all is refused, naming the need.
     """
+    if fit_mode not in FIT_MODES:
+        raise JobSpecError(f"--fit {fit_mode!r}: use one of {', '.join(FIT_MODES)}")
     keys = BatchKeys.of(trainer)
     torchrun = template.launch == "torchrun"
     job_devices = int(devices or job_args.get("devices") or template.defaults.devices)
@@ -123,6 +137,11 @@ def plan_job(
         args = {**job_args, **own}
         processes = _processes(name, own, gpus, devices, job_devices, torchrun, keys, federation)
         plan, changes = _site_plan(name, gpus, processes, own, args, keys, target, template)
+        if federation is not None and trainer is not None:
+            site = federation.config.site(name)
+            plan = _fit_memory(
+                plan, changes, {**args, **changes}, keys, site.gpu_memory_gib, trainer.module, template.name, fit_mode
+            )
         plans.append(plan)
         if federation is not None:
             if torchrun:
@@ -223,6 +242,60 @@ def _site_plan(
     lora_r = int(args["lora_r"]) if "lora_r" in template.train_args and "lora_r" in args else None
     plan = SitePlan(name, gpus, processes, micro, accumulation, effective, precision, quantize, lora_r, note, replicas)
     return plan, changes
+
+
+def _fit_memory(
+    plan: SitePlan,
+    changes: dict[str, Any],
+    args: Mapping[str, Any],
+    keys: BatchKeys | None,
+    gpu_gib: float | None,
+    trainer: str,
+    template: str,
+    fit_mode: str,
+) -> SitePlan:
+    """The site's plan with the memory estimate, and (gpu_memory_gib stated) the micro-batch that fits."""
+    from fedllm.jobs.memory import estimate, fit, model_size, workload_for
+
+    if not plan.gpus or "model" not in args:
+        return plan
+    workload = workload_for(trainer, args, plan.processes)
+    size = model_size(str(args["model"])) if workload is not None else None
+    if workload is None or size is None:
+        return plan
+    if gpu_gib is None or fit_mode == "off":
+        shown = f"~{estimate(size, workload).total:.1f}" + (f" of {gpu_gib:g}" if gpu_gib else "")
+        return replace(plan, memory=shown)
+    chosen = fit(
+        size, workload, gpu_gib, margin=MEMORY_MARGIN, auto=fit_mode == "auto", site=plan.site,
+        gpus=len(plan.gpus), template=template,
+    )  # fmt: skip
+    if chosen.problem is not None:
+        raise JobSpecError(chosen.problem)
+    memory = f"~{chosen.estimate.total:.1f} of {gpu_gib:g}"
+    turned_on = []
+    if chosen.checkpointing and not args.get("gradient_checkpointing"):
+        changes["gradient_checkpointing"] = True
+        turned_on.append("gradient checkpointing")
+    if chosen.quantize != "none" and args.get("quantize", "none") == "none":
+        changes["quantize"] = chosen.quantize
+        turned_on.append(f"a {chosen.quantize} base (QLoRA)")
+        plan = replace(plan, quantize=chosen.quantize)
+    if turned_on:
+        plan = replace(plan, note=f"--fit auto: {' and '.join(turned_on)} to fit {gpu_gib:g} GiB")
+    if keys is None or plan.micro_batch is None or chosen.micro_batch >= plan.micro_batch:
+        return replace(plan, memory=memory)
+    share = (plan.effective_batch or 0) // (1 if keys.global_batch is not None else plan.replicas)
+    micro = max(d for d in range(1, chosen.micro_batch + 1) if share % d == 0)  # it must divide the site's share
+    changes[keys.micro] = micro
+    note = "; ".join(filter(None, [plan.note, f"micro-batch {plan.micro_batch} → {micro} to fit {gpu_gib:g} GiB"]))
+    if keys.global_batch is not None:  # NeMo: global / micro
+        accumulation = (plan.effective_batch or 0) // micro
+    else:
+        accumulation = (plan.effective_batch or 0) // (micro * plan.replicas)
+        if keys.accumulation is not None:
+            changes[keys.accumulation] = accumulation
+    return replace(plan, micro_batch=micro, accumulation=accumulation, memory=memory, note=note)
 
 
 def _accumulation(

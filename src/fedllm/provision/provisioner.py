@@ -70,9 +70,14 @@ class Kits:
         return [a.name for a in self.config.admins]
 
 
+# Site fields that only plan jobs (fedllm.jobs.plan) and go into no kit: editing them needs no new kits.
+PLANNING_ONLY = {"gpu_memory_gib"}
+
+
 def config_digest(config: SiteConfig) -> str:
     """A stable fingerprint of the validated config (not of its formatting or comments)."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    dumped = config.model_dump(mode="json", exclude={"sites": {"__all__": PLANNING_ONLY}})
+    canonical = json.dumps(dumped, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -82,7 +87,7 @@ def participant_digest(config: SiteConfig, name: str) -> str:
     A kit made the distributed way holds only its participant's facts, so another site joining the
     config leaves it as good as it was; a change to its own entry, the server or the containers does not.
     """
-    own = [e.model_dump(mode="json") for e in (*config.sites, *config.admins) if e.name == name]
+    own = [e.model_dump(mode="json", exclude=PLANNING_ONLY) for e in (*config.sites, *config.admins) if e.name == name]
     canonical = json.dumps(
         {
             "project": config.project,
