@@ -207,7 +207,10 @@ def _port_holder(port: int) -> str:
         for conn in psutil.net_connections(kind="tcp"):
             if not conn.laddr or conn.laddr.port != port:
                 continue
-            who = f"pid {conn.pid} ({_process_name(conn.pid)})" if conn.pid else "another user's process"
+            if not conn.pid:  # the kernel's, or another user's: say what state it is in
+                who = f"a socket in state {conn.status} that no process of this user owns"
+            else:
+                who = f"pid {conn.pid} ({_process_name(conn.pid)}, {conn.status})"
             if conn.raddr and conn.raddr.port == port and conn.raddr.ip == conn.laddr.ip:
                 return (
                     f" by a connection of {who} to itself, made while it dialed the stopped server from a source "
