@@ -124,3 +124,31 @@ def test_padding_is_zeros_beyond_the_sites_rank_in_numpy_too() -> None:
 )
 def test_the_rank_dimension_of_peft_keys(key: str, dim: int | None) -> None:
     assert rank_dim(key) == dim
+
+
+def test_a_rank_4_site_loads_the_rank_16_global_and_answers_at_rank_16_through_nvflares_own_calls(
+    tiny_gpt, tmp_path
+) -> None:
+    """The site's PEFT model (rank 4) through NVFlare's HF integration's load_params / extract_params."""
+    from nvflare.app_opt.hf import utils as nvflare_hf
+
+    from fedllm.flare.server_models import LoraAdapterWeights
+    from fedllm.training.hf.sft import build_trainer, parser
+
+    sent = {k: v + 0.01 for k, v in LoraAdapterWeights(str(tiny_gpt), r=16, alpha=32).state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in sent.items()}
+    args = parser("lora").parse_args(
+        ["--model", str(tiny_gpt), "--train", "-", "--val", "-", "--lora-r", "4", "--lora-alpha", "8"]
+    )
+    args.model_path = str(tiny_gpt)
+    pairs = [{"input": "Profit rose . sentiment:", "output": "positive"}] * 4
+    trainer = build_trainer(args, "lora", pairs, pairs, tmp_path / "trainer")
+    with pytest.raises(RuntimeError, match="shape"):  # what NVFlare does with the rank-16 adapter as it is
+        nvflare_hf.load_params(trainer, sent, params_scope="adapter")
+    nvflare_hf.load_params(trainer, truncate_adapter(sent, 4, "site-3"), params_scope="adapter")
+    back = nvflare_hf.extract_params(trainer, params_scope="adapter")
+    assert set(back) == set(sent) and adapter_rank(back) == 4
+    for key, value in back.items():
+        assert torch.equal(value, sent[key][:4] if rank_dim(key) == 0 else sent[key][:, :4])
+    padded = pad_adapter(back, shapes)
+    assert {k: tuple(v.shape) for k, v in padded.items()} == shapes
