@@ -141,11 +141,14 @@ class RankAdaptingClientAPI:
         self._received, self._adapted = model, adapted
         return adapted
 
-    def send(self, model: Any, *args: Any, **kwargs: Any) -> Any:
+    def send(self, model: Any, clear_cache: bool = True) -> Any:
         if model.params and self._shapes:
             model = copy.copy(model)
             model.params = pad_adapter(model.params, self._shapes)
-        return self._api.send(model, *args, **kwargs)
+        outcome = self._api.send(model, clear_cache)
+        if clear_cache:  # the task is answered: the next receive is a new one
+            self._received = self._adapted = None
+        return outcome
 
     def _tell(self, global_rank: int | None) -> None:
         if global_rank is not None and global_rank != self.rank and global_rank != self._told:
