@@ -154,8 +154,8 @@ def test_a_rank_4_site_loads_the_rank_16_global_and_answers_at_rank_16_through_n
     assert {k: tuple(v.shape) for k, v in padded.items()} == shapes
 
 
-@pytest.mark.parametrize("transfer", ["FULL", "DIFF"])
-def test_the_sites_client_api_truncates_what_it_receives_and_pads_what_it_sends(transfer: str) -> None:
+@pytest.mark.parametrize(("transfer", "rank"), [("FULL", 4), ("DIFF", 4), ("FULL", 16)])
+def test_the_sites_client_api_truncates_what_it_receives_and_pads_what_it_sends(transfer: str, rank: int) -> None:
     """RankAdaptingClientAPI around NVFlare's real in-process Client API, fed and drained through its data bus."""
     from nvflare.app_common.abstract.fl_model import FLMetaKey
     from nvflare.client.config import ConfigKey, ExchangeFormat
@@ -184,30 +184,33 @@ def test_the_sites_client_api_truncates_what_it_receives_and_pads_what_it_sends(
     bus = DataBus()  # the process's one bus: the test's subscription goes when it ends
     bus.subscribe([TOPIC_LOCAL_RESULT], collect)
     try:
-        _exchange_one_round(api, bus, results, transfer)
+        _exchange_one_round(api, bus, results, transfer, rank)
     finally:
         bus.unsubscribe(TOPIC_LOCAL_RESULT, collect)
         api.shutdown()
 
 
-def _exchange_one_round(api, bus, results: list, transfer: str) -> None:
+def _exchange_one_round(api, bus, results: list, transfer: str, rank: int) -> None:
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
     from nvflare.client.in_process.api import TOPIC_GLOBAL_RESULT
 
     from fedllm.training.hf.hetlora import RankAdaptingClientAPI
 
     told: list[str] = []
-    site = RankAdaptingClientAPI(api, 4, "site-3", log=told.append)
+    site = RankAdaptingClientAPI(api, rank, "site-3", log=told.append)
 
     sent = _adapter(16, torch.Generator().manual_seed(4))
     bus.publish([TOPIC_GLOBAL_RESULT], FLModelUtils.to_shareable(FLModel(params=sent, current_round=0)))
     received = site.receive(timeout=10)
     assert site.receive() is received  # the task is held until answered: the same truncated model
-    assert adapter_rank(received.params) == 4 and adapter_rank(api.fl_model.params) == 16  # NVFlare's own untouched
-    assert told == [
-        "[site-3] LoRA rank 4 of the global adapter's 16 (HetLoRA): this site trains the first 4 rank "
-        "components and sends them back zero-padded to rank 16"
-    ]
+    assert adapter_rank(received.params) == rank and adapter_rank(api.fl_model.params) == 16  # NVFlare's untouched
+    if rank == 16:  # the global adapter's own rank: the very tensors, and nothing to tell
+        assert all(received.params[k] is v for k, v in api.fl_model.params.items()) and not told
+    else:
+        assert told == [
+            "[site-3] LoRA rank 4 of the global adapter's 16 (HetLoRA): this site trains the first 4 rank "
+            "components and sends them back zero-padded to rank 16"
+        ]
     assert site.get_site_name() == "site-3"  # everything else goes to NVFlare's API
 
     trained = {k: v * 2 for k, v in received.params.items()}
@@ -218,4 +221,4 @@ def _exchange_one_round(api, bus, results: list, transfer: str) -> None:
         assert tuple(value.shape) == tuple(sent[key].shape)
         full = pad_adapter({key: trained[key]}, {key: tuple(sent[key].shape)})[key]
         assert torch.equal(value, full - sent[key] if transfer == "DIFF" else full)
-        assert not (full[:, 4:] if rank_dim(key) == 1 else full[4:]).any()  # zeros beyond the site's rank
+        assert not (full[:, rank:] if rank_dim(key) == 1 else full[rank:]).any()  # zeros beyond the site's rank
