@@ -142,7 +142,7 @@ class PeftPromptEncoderWeights(WeightsOnly):
             )
 
 
-def lora_config(r: int = 8, alpha: int = 16, target_modules: str = ""):
+def lora_config(r: int = 8, alpha: float = 16, target_modules: str = ""):
     """The LoRA settings sites and server share; target_modules "a,b" (empty: PEFT's default for the model)."""
     from peft import LoraConfig, TaskType
 
@@ -173,7 +173,7 @@ class CausalLMWeights(WeightsOnly):
 class LoraAdapterWeights(ParameterTree):
     """The LoRA adapter of `model` (PEFT, the sites' settings): the only weights LoRA sites exchange."""
 
-    def __init__(self, model: str, r: int = 8, alpha: int = 16, target_modules: str = "", seed: int = 0):
+    def __init__(self, model: str, r: int = 8, alpha: float = 16, target_modules: str = "", seed: int = 0):
         from peft import get_peft_model, get_peft_model_state_dict
 
         torch.manual_seed(seed)

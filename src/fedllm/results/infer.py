@@ -187,7 +187,7 @@ def _lora_settings(state: dict[str, torch.Tensor], job_args: dict[str, Any], lor
     job_alpha = job_args.get("alpha", 0)
     if lora_alpha is None and not _is_alpha(job_alpha):
         raise InferenceError(f"the job's server config gives LoRA alpha {job_alpha!r}, not a number; pass --lora-alpha")
-    alpha = lora_alpha or int(job_alpha) or None
+    alpha = lora_alpha or job_alpha or None  # a float where --lora-ranks scaled it (fedllm.jobs.lora_ranks)
     if alpha is None:
         raise InferenceError(
             "the result does not say the adapter's lora_alpha (no server config in it); pass --lora-alpha "

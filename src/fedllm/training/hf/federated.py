@@ -126,6 +126,7 @@ def run_federated(
     read_data: Callable[[str], tuple[list, list]],
     build_trainer: BuildTrainer,
     log: Callable[[str], None] = print,
+    lora_rank: int | None = None,
 ) -> None:
     """The site's job: one patched Trainer for all rounds, on every rank, its state kept per job lineage.
 
@@ -133,14 +134,21 @@ def run_federated(
     RNG, trainer state) go to <site workspace>/fedllm-state/<lineage>/ (or --output-dir/<lineage>/),
     not to the job's folder, so that a continuation job finds them: its first round resumes from the
     checkpoint of the round before, where the uninterrupted run resumes in memory from the same file.
+
+    `lora_rank` (LoRA only: the site's own rank) lets the site train below the global adapter's rank
+    (fedllm.training.hf.hetlora): rank 0's Client API truncates what it receives and zero-pads what it sends.
     """
     import nvflare.client.hf as flare
 
+    from fedllm.training.hf.hetlora import RankAdaptingClientAPI
     from fedllm.training.hf.sft import steps_per_round
 
     rank, world_size = init_ranks()
-    flare.init(rank=rank)
+    context = flare.init(rank=rank)
     site, job_id = broadcast_from_rank0((flare.get_site_name(), flare.get_job_id() or "") if rank == 0 else None)
+    if lora_rank is not None:
+        # Every Client API call, NVFlare's patch's included, goes through the context's api.
+        context.api = RankAdaptingClientAPI(context.api, lora_rank, site, log)
     first = broadcast_from_rank0(received_round(flare, job_id) if rank == 0 else None)
     if first is None:
         return  # the job ended before it sent this site a task

@@ -66,7 +66,7 @@ def load_model(
     method: str,
     *,
     lora_r: int = 8,
-    lora_alpha: int = 16,
+    lora_alpha: float = 16,
     target_modules: str = "",
     quantize: str = "none",
     precision: str = "fp32",
@@ -203,7 +203,8 @@ def parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--packing", action="store_true", help="pack short examples into full sequences (TRL)")
     p.add_argument("--chat-template", action="store_true", help="format pairs as chat turns (tokenizer's template)")
     p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
+    # A float: with --lora-ranks each site's alpha is the job's alpha/r times its own rank (fedllm.jobs.lora_ranks).
+    p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--target-modules", default="", help="LoRA: comma-separated module names (empty: PEFT's default)")
     p.add_argument("--without-nvflare", default="", help="train once without NVFlare and save the model here")
     p.set_defaults(method=method)
@@ -257,6 +258,7 @@ def main_for(method: str, argv: list[str] | None = None) -> None:
         args,
         lambda site: read_site_data(args, site),
         lambda a, tr, va, out, cbs: build_trainer(a, method, tr, va, out, cbs),
+        lora_rank=args.lora_r if method == "lora" else None,
     )
 
 
