@@ -222,3 +222,30 @@ def test_fit_auto_turns_on_checkpointing_and_a_4bit_base_where_nothing_else_fits
     assert plan["site-2"].note == "--fit auto: gradient checkpointing and a 4bit base (QLoRA) to fit 24 GiB"
     command = _command(create_job(spec, tmp_path / "jobs"), "site-2")
     assert _flag(command, "--quantize") == "4bit" and "--gradient-checkpointing" in command
+
+
+def test_lora_ranks_per_site_keep_one_scaling_and_the_server_holds_the_largest(tmp_path: Path, monkeypatch) -> None:
+    config = _config(tmp_path, [[0, 1], [2], [3]], monkeypatch)
+    outcome = run_cli(
+        ["job", "create", "hf-lora", "--model", MODEL, "-c", config, "--out", "jobs",
+         "--lora-ranks", "site-1:16,site-2:8", "--site", "site-3:lora_r=4"]
+    )  # fmt: skip
+    assert_clean(outcome)
+    assert outcome.code == 0, outcome.err
+    assert [line.split()[-1] for line in outcome.out.splitlines()[1:4]] == ["16", "8", "4"]
+    job = tmp_path / "jobs" / "hf-lora-fedavg-3sites"
+    server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
+    assert '"r": 16' in json.dumps(server) and '"alpha": 32.0' in json.dumps(server)
+    for site, (r, alpha) in {"site-1": ("16", "32.0"), "site-2": ("8", "16.0"), "site-3": ("4", "8.0")}.items():
+        command = _command(job, site)
+        assert (_flag(command, "--lora-r"), _flag(command, "--lora-alpha")) == (r, alpha)
+
+
+def test_a_rank_given_twice_is_refused(tmp_path: Path, monkeypatch) -> None:
+    config = _config(tmp_path, [[0], [1]], monkeypatch)
+    outcome = run_cli(
+        ["job", "create", "hf-lora", "--model", MODEL, "-c", config, "--out", "jobs",
+         "--lora-ranks", "site-1:16", "--site", "site-1:lora_r=4"]
+    )  # fmt: skip
+    assert_clean(outcome)
+    assert outcome.code == 1 and "--site site-1:lora_r=4 and --lora-ranks both set site-1's rank" in outcome.err

@@ -76,6 +76,13 @@ def create(
             "or any trainer argument, e.g. --site site-2:micro_batch=2.",
         ),
     ] = None,
+    lora_ranks: Annotated[
+        str | None,
+        typer.Option(
+            help="Each site's own LoRA rank, e.g. site-1:16,site-2:8,site-3:4 (hf-lora; HetLoRA zero-padding: the "
+            "server averages at the largest rank, each site trains its first components). Unlisted sites: the largest."
+        ),
+    ] = None,
     fit: Annotated[
         str,
         typer.Option(
@@ -104,6 +111,9 @@ def create(
         raise typer.BadParameter(f"'{mode}' is not a mode; use local, central or fedavg", param_hint="--mode")
     federation = _federation(config, workspace)
     loaded = load_template(template)
+    extra_args = parse_assignments(arg or [])
+    site_overrides = _site_overrides(loaded, site or [], federation)
+    _apply_lora_ranks(loaded, lora_ranks, extra_args, site_overrides, federation)
     spec = resolve_spec(
         loaded,
         mode,  # type: ignore[arg-type]
@@ -116,8 +126,8 @@ def create(
         validation=validation,
         name=name,
         compression=compress,
-        extra_args=parse_assignments(arg or []),
-        site_overrides=_site_overrides(loaded, site or [], federation),
+        extra_args=extra_args,
+        site_overrides=site_overrides,
         federation=federation,
         fit=fit,
     )
@@ -156,6 +166,36 @@ def _site_overrides(template, items: list[str], federation: Federation | None) -
             f"{', '.join(federation.site_names)}"
         )
     return overrides
+
+
+def _apply_lora_ranks(
+    template, text: str | None, extra_args: dict, site_overrides: dict[str, dict], federation: Federation | None
+) -> None:
+    """--lora-ranks and --site NAME:lora_r=R as HetLoRA's per-site ranks with one LoRA scaling (in place)."""
+    from fedllm.jobs.errors import JobSpecError
+    from fedllm.jobs.lora_ranks import lora_rank_overrides, parse_lora_ranks
+
+    ranks = parse_lora_ranks(text) if text is not None else {}
+    for name, overrides in site_overrides.items():
+        if "lora_r" not in overrides:
+            continue
+        given = str(overrides.pop("lora_r"))
+        if name in ranks:
+            raise JobSpecError(f"--site {name}:lora_r={given} and --lora-ranks both set {name}'s rank. Fix: give one")
+        if not given.isdigit() or int(given) < 1:
+            raise JobSpecError(f"--site {name}:lora_r={given}: a LoRA rank is a whole number ≥ 1, e.g. {name}:lora_r=8")
+        ranks[name] = int(given)
+    if not ranks:
+        return
+    if federation is not None and (unknown := sorted(set(ranks) - set(federation.site_names))):
+        raise JobSpecError(
+            f"--lora-ranks: the site config {federation.source} has no site {unknown[0]}; its sites are "
+            f"{', '.join(federation.site_names)}"
+        )
+    job, sites = lora_rank_overrides(ranks, {**template.train_args, **extra_args})
+    extra_args.update(job)
+    for name, changes in sites.items():
+        site_overrides.setdefault(name, {}).update(changes)
 
 
 def _print_plan(plan) -> None:
