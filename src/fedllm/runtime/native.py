@@ -43,6 +43,8 @@ from fedllm.runtime.site_env import SERVER_ENVIRONMENT, site_environment
 STATE_FILE = "native.json"
 # How often `up` looks at its processes, the server's ports and the sites' registration.
 POLL_S = 0.3
+# How long `up` waits for a just-killed server's ports that no process owns any more (see _wait_for_port).
+PORT_RELEASE_WAIT_S = 60.0
 
 
 class NativeRuntimeError(FedllmError):
@@ -170,7 +172,7 @@ def _has_admin_kit(kits: Kits) -> bool:
     return (kits.admin() / "startup" / "fed_admin.json").is_file()
 
 
-def _preflight(kits: Kits, names: Sequence[str], ports: bool = True) -> None:
+def _preflight(kits: Kits, names: Sequence[str], ports: bool = True, echo: Callable[[str], None] = print) -> None:
     # An expired or foreign certificate makes NVFlare retry its connection without a word: say it first.
     for name in names:
         check_kit_certificate(kits.kit(name))
@@ -184,40 +186,66 @@ def _preflight(kits: Kits, names: Sequence[str], ports: bool = True) -> None:
             f"or map the name in /etc/hosts (127.0.0.1 {server.name})"
         ) from None
     for port in (server.fed_learn_port, server.admin_port) if ports else ():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                raise NativeRuntimeError(
-                    f"port {port} is already in use{_port_holder(port)}; stop the federation that holds it "
-                    "(`fedllm down`) or change server.fed_learn_port / server.admin_port in the site config and "
-                    "re-provision"
-                ) from None
+        _wait_for_port(port, echo)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_for_port(port: int, echo: Callable[[str], None], wait_s: float = PORT_RELEASE_WAIT_S) -> None:
+    """Return once the server could bind `port`; a port a live process holds is an error at once.
+
+    A server SIGKILLed a moment ago can leave its listening socket behind with no process owning it
+    (seen on CI's 2-core VM after fault-injected kills: it even completes the sites' reconnects) until the
+    kernel lets it go, a few seconds later: `up` after a crash waits for that instead of failing.
+    """
+    deadline = time.monotonic() + wait_s
+    said = False
+    while not _bindable(port):
+        held = _port_holder(port)
+        if "no process of this user owns" not in held or time.monotonic() > deadline:
+            waited = f" (waited {wait_s:.0f} s for it to be released)" if said else ""
+            raise NativeRuntimeError(
+                f"port {port} is already in use{held}{waited}; stop the federation that holds it "
+                "(`fedllm down`) or change server.fed_learn_port / server.admin_port in the site config and "
+                "re-provision"
+            )
+        if not said:
+            echo(f"port {port} is still held{held}; waiting up to {wait_s:.0f} s for the kernel to release it")
+            said = True
+        time.sleep(0.2)
 
 
 def _port_holder(port: int) -> str:
-    """' by pid N (name)' for the local socket on `port`, when this user may see it; '' otherwise.
+    """' by pid N (name, state)' for the local socket on `port` (a live process's first); '' where none is seen.
 
     A connection from the port to itself is a client that dialed the stopped server from a source port the
     kernel happened to pick equal to it (TCP simultaneous open): only a server port in the ephemeral range
     (/proc/sys/net/ipv4/ip_local_port_range) lets a same-machine site do that.
     """
-    with contextlib.suppress(psutil.Error, OSError):
-        for conn in psutil.net_connections(kind="tcp"):
-            if not conn.laddr or conn.laddr.port != port:
-                continue
-            if not conn.pid:  # the kernel's, or another user's: say what state it is in
-                who = f"a socket in state {conn.status} that no process of this user owns"
-            else:
-                who = f"pid {conn.pid} ({_process_name(conn.pid)}, {conn.status})"
-            if conn.raddr and conn.raddr.port == port and conn.raddr.ip == conn.laddr.ip:
-                return (
-                    f" by a connection of {who} to itself, made while it dialed the stopped server from a source "
-                    "port equal to the server's: restart that participant, and give the server a port below the "
-                    "ephemeral range (see /proc/sys/net/ipv4/ip_local_port_range)"
-                )
-            return f" by {who}"
+    try:
+        found = [c for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port]
+    except (psutil.Error, OSError):
+        return ""
+    found.sort(key=lambda c: (c.pid is None, c.status != psutil.CONN_LISTEN))  # a live owner, listening, first
+    for conn in found:
+        if not conn.pid:  # the kernel's, or another user's: say what state it is in
+            return f" by a socket in state {conn.status} that no process of this user owns"
+        who = f"pid {conn.pid} ({_process_name(conn.pid)}, {conn.status})"
+        if conn.raddr and conn.raddr.port == port and conn.raddr.ip == conn.laddr.ip:
+            return (
+                f" by a connection of {who} to itself, made while it dialed the stopped server from a source "
+                "port equal to the server's: restart that participant, and give the server a port below the "
+                "ephemeral range (see /proc/sys/net/ipv4/ip_local_port_range)"
+            )
+        return f" by {who}"
     return ""
 
 
@@ -348,7 +376,7 @@ def up(kits: Kits, timeout: float = 120.0, echo=print) -> list[Process]:
         raise NativeRuntimeError(
             f"{', '.join(alive)} already running from {kits.prod_dir.parent}; run `fedllm down` first"
         )
-    _preflight(kits, [n for n in names if n not in alive], ports=server in names and server not in alive)
+    _preflight(kits, [n for n in names if n not in alive], ports=server in names and server not in alive, echo=echo)
     started: dict[str, Process] = {}
     try:
         for name in names:
