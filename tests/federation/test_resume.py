@@ -187,6 +187,12 @@ def _died(fed: LocalFederation, name: str, timeout: float = 300) -> None:
     _wait_for(f"{name} to die at its fault point", lambda: not native.status(fed.kits).get(name, False), timeout)
 
 
+def _port_waits(message: str) -> None:
+    """`up`'s messages, quiet but for a wait for a killed server's port (shown with -s, and on failure)."""
+    if "still held" in message:
+        print(message, flush=True)
+
+
 def _start(fed: LocalFederation, fault: str | None = None, *, dies_soon: bool = False) -> None:
     """`fedllm up` again: start what is not running (the server with FEDLLM_FAULT=`fault`, if given).
 
@@ -196,7 +202,7 @@ def _start(fed: LocalFederation, fault: str | None = None, *, dies_soon: bool = 
     env = {FAULT_ENV: fault} if fault else {}
     with _environment(env):
         try:
-            native.up(fed.kits, echo=_quiet)
+            native.up(fed.kits, echo=_port_waits)
         except (NativeRuntimeError, AdminError) as exc:
             # Only the crash the fault makes is expected: anything else (a port still held...) fails the test.
             expected = isinstance(exc, AdminError) or "exited during start-up" in str(exc)
