@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,21 @@ from fedllm.jobs.submit import JobResult, submit_job
 from fedllm.provision import Kits, provision
 from fedllm.runtime import native
 from fedllm.runtime.admin import admin_session
+
+# Where test federations take their ports: below Linux's ephemeral range (32768-60999).
+PORTS_BELOW_EPHEMERAL = (20000, 32000)
+
+
+def _bindable_together(ports: Sequence[int]) -> bool:
+    """Whether every one of `ports` can be bound right now, all at once (so none is counted twice)."""
+    with contextlib.ExitStack() as held:
+        for port in ports:
+            s = held.enter_context(socket.socket())
+            try:
+                s.bind(("", port))
+            except OSError:
+                return False
+    return True
 
 
 def free_ports(n: int) -> list[int]:
@@ -37,17 +52,11 @@ def free_ports(n: int) -> list[int]:
     rng = random.Random()
     found: list[int] = []
     for _ in range(200 * n):
-        port = rng.randrange(20000, 32000)
-        if port in found:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == n:
-            return found
+        port = rng.randrange(*PORTS_BELOW_EPHEMERAL)
+        if port not in found and _bindable_together([port]):
+            found.append(port)
+            if len(found) == n:
+                return found
     raise RuntimeError(f"no {n} free ports found below the ephemeral range")
 
 
@@ -55,21 +64,9 @@ def free_port_range(n: int = 4, *, avoiding: Collection[int] = ()) -> str:
     """'first-last': n consecutive ports nothing listens on now, below Linux's ephemeral range."""
     rng = random.Random()
     for _ in range(200):
-        first = rng.randrange(20000, 32000)
-        if any(first <= port < first + n for port in avoiding):
-            continue
-        socks = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("", port))
+        first = rng.randrange(*PORTS_BELOW_EPHEMERAL)
+        if not any(first <= port < first + n for port in avoiding) and _bindable_together(range(first, first + n)):
             return f"{first}-{first + n - 1}"
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError(f"no {n} consecutive free ports found")
 
 

@@ -200,10 +200,7 @@ def _apply_lora_ranks(
 
 def _print_plan(plan) -> None:
     """Each site's share of the job, as a table (fedllm.jobs.plan)."""
-    rows = plan.table()
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        console.print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_aligned(plan.table())
     for site in plan.sites:
         if site.note:
             console.print(f"  {site.site}: {site.note}")
@@ -252,9 +249,14 @@ def args_command(
             value = "(required)" if a.required else f"{_shown(a.default)} (default)"
         about = a.help + (f" [{set_by[a.key]}]" if a.key in set_by else "")
         rows.append((a.key, a.kind, value, about))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    _print_aligned(rows)
+
+
+def _print_aligned(rows: list[tuple[str, ...]]) -> None:
+    """Rows of cells as indented columns, every column but the last padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        console.print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+        console.print("  " + "  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]))
 
 
 def _shown(value) -> str:

@@ -133,12 +133,12 @@ def plan_job(
     plans, rendered = [], {}
     for name in names:
         own = dict(site_args.get(name, {}))
-        gpus = tuple(federation.config.site(name).gpus) if federation is not None else ()
+        site = federation.config.site(name) if federation is not None else None
+        gpus = tuple(site.gpus) if site is not None else ()
         args = {**job_args, **own}
         processes = _processes(name, own, gpus, devices, job_devices, torchrun, keys, federation)
         plan, changes = _site_plan(name, gpus, processes, own, args, keys, target, template)
-        if federation is not None and trainer is not None:
-            site = federation.config.site(name)
+        if site is not None and trainer is not None:
             plan = _fit_memory(
                 plan, changes, {**args, **changes}, keys, site.gpu_memory_gib, trainer.module, template.name, fit_mode
             )
@@ -177,12 +177,12 @@ def _processes(
     elif torchrun and keys is not None and keys.global_batch is None:
         return max(1, len(gpus))  # Hugging Face under torchrun: every GPU the site lists
     elif torchrun:  # NeMo: one tensor-parallel group of the job's devices (the checkpoint's TP)
-        count, option = job_devices, f"the job's devices ({job_devices}, the checkpoint's tensor parallelism)"
+        count, option = job_devices, None
     else:
         return 1  # the trainer runs in the site's job process
     if gpus and count > len(gpus):
         source = federation.source if federation is not None else "the site config"
-        if "devices" not in own and devices is None:  # NeMo's TP: the site cannot take fewer processes
+        if option is None:  # NeMo's TP: the site cannot take fewer processes
             raise JobSpecError(
                 f"{name} lists {len(gpus)} GPU(s) ({', '.join(map(str, gpus))}) in {source}; the job trains "
                 f"tensor parallel {count} (its devices: the checkpoint's TP), one process per GPU. Fix: give {name} {count} GPUs in the site "
@@ -286,7 +286,7 @@ def _fit_memory(
     if keys is None or plan.micro_batch is None or chosen.micro_batch >= plan.micro_batch:
         return replace(plan, memory=memory)
     share = (plan.effective_batch or 0) // (1 if keys.global_batch is not None else plan.replicas)
-    micro = max(d for d in range(1, chosen.micro_batch + 1) if share % d == 0)  # it must divide the site's share
+    micro = _largest_divisor(share, chosen.micro_batch)  # it must divide the site's share
     changes[keys.micro] = micro
     note = "; ".join(filter(None, [plan.note, f"micro-batch {plan.micro_batch} → {micro} to fit {gpu_gib:g} GiB"]))
     if keys.global_batch is not None:  # NeMo: global / micro
@@ -322,8 +322,13 @@ def _accumulation(
             f"per step of the job's effective batch {target}, which {micro} does not divide. Fix: a micro-batch "
             f"dividing {per_process}"
         )
-    smaller = max(d for d in range(1, min(micro, per_process) + 1) if per_process % d == 0)
+    smaller = _largest_divisor(per_process, micro)
     return smaller, per_process // smaller, f"micro-batch {micro} → {smaller}: {per_process} examples per process"
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most`: a micro-batch that splits a share evenly."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def parse_site_assignments(items: list[str], keys: BatchKeys | None) -> dict[str, dict[str, str]]:

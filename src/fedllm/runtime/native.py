@@ -209,8 +209,10 @@ def _wait_for_port(port: int, echo: Callable[[str], None], wait_s: float = PORT_
     deadline = time.monotonic() + wait_s
     said = False
     while not _bindable(port):
-        held = _port_holder(port)
-        if "no process of this user owns" not in held or time.monotonic() > deadline:
+        sockets = _port_sockets(port)
+        held = _port_holder(port, sockets)
+        ownerless = bool(sockets) and not sockets[0].pid  # sorted: an owned socket would come first
+        if not ownerless or time.monotonic() > deadline:
             waited = f" (waited {wait_s:.0f} s for it to be released)" if said else ""
             raise NativeRuntimeError(
                 f"port {port} is already in use{held}{waited}; stop the federation that holds it "
@@ -223,30 +225,35 @@ def _wait_for_port(port: int, echo: Callable[[str], None], wait_s: float = PORT_
         time.sleep(0.2)
 
 
-def _port_holder(port: int) -> str:
-    """' by pid N (name, state)' for the local socket on `port` (a live process's first); '' where none is seen.
+def _port_sockets(port: int) -> list:
+    """This machine's TCP sockets on local `port`, a live owner's first and listening ones first among them."""
+    try:
+        found = [c for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port]
+    except (psutil.Error, OSError):
+        return []
+    return sorted(found, key=lambda c: (c.pid is None, c.status != psutil.CONN_LISTEN))
+
+
+def _port_holder(port: int, sockets: list) -> str:
+    """' by pid N (name, state)' for the first of `sockets` (from _port_sockets); '' where none is seen.
 
     A connection from the port to itself is a client that dialed the stopped server from a source port the
     kernel happened to pick equal to it (TCP simultaneous open): only a server port in the ephemeral range
     (/proc/sys/net/ipv4/ip_local_port_range) lets a same-machine site do that.
     """
-    try:
-        found = [c for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port]
-    except (psutil.Error, OSError):
+    if not sockets:
         return ""
-    found.sort(key=lambda c: (c.pid is None, c.status != psutil.CONN_LISTEN))  # a live owner, listening, first
-    for conn in found:
-        if not conn.pid:  # the kernel's, or another user's: say what state it is in
-            return f" by a socket in state {conn.status} that no process of this user owns"
-        who = f"pid {conn.pid} ({_process_name(conn.pid)}, {conn.status})"
-        if conn.raddr and conn.raddr.port == port and conn.raddr.ip == conn.laddr.ip:
-            return (
-                f" by a connection of {who} to itself, made while it dialed the stopped server from a source "
-                "port equal to the server's: restart that participant, and give the server a port below the "
-                "ephemeral range (see /proc/sys/net/ipv4/ip_local_port_range)"
-            )
-        return f" by {who}"
-    return ""
+    conn = sockets[0]
+    if not conn.pid:  # the kernel's, or another user's: say what state it is in
+        return f" by a socket in state {conn.status} that no process of this user owns"
+    who = f"pid {conn.pid} ({_process_name(conn.pid)}, {conn.status})"
+    if conn.raddr and conn.raddr.port == port and conn.raddr.ip == conn.laddr.ip:
+        return (
+            f" by a connection of {who} to itself, made while it dialed the stopped server from a source "
+            "port equal to the server's: restart that participant, and give the server a port below the "
+            "ephemeral range (see /proc/sys/net/ipv4/ip_local_port_range)"
+        )
+    return f" by {who}"
 
 
 def _process_name(pid: int) -> str:
