@@ -18,9 +18,11 @@ Points (tests/federation/test_resume.py uses each):
 
 Without `:<n>`, a point fires whatever its round.
 
-`FEDLLM_SITE_FAULT=<site>@<point>[:<round>][,...]` in a site's environment does the same on the site side, to
-only the site's job process (`site_crash_point`): the site's parent survives, as when a job process is
-OOM-killed, and takes the next job. Points (tests/federation/test_secure_aggregation.py):
+`FEDLLM_SITE_FAULT=<site>@<point>[:<round>][,...]` in a site's environment does the same on the site side
+(`site_crash_point`): the named site's parent process and its job processes die by SIGKILL, as when the
+site's machine is lost. (Killing only a site's job process would not be a lost site: NVFlare 2.9's site
+parent reports the job process's death and the server then fails the whole job.) Points
+(tests/federation/test_secure_aggregation_dropout.py):
 
 - `secagg-mask:<r>`: the site's secure-aggregation output filter, before its masked update of round r leaves;
 - `secagg-unmask:<r>`: the site's secure-aggregation component, when the server asks for its unmasking shares
@@ -72,12 +74,15 @@ def kill_server(*, job_process: bool) -> None:
 
 
 def site_crash_point(point: str, site: str, round_number: int | None = None) -> None:
-    """SIGKILL this site job process if FEDLLM_SITE_FAULT names `site` at this point (and round); else nothing."""
+    """SIGKILL the site (its parent and job processes) if FEDLLM_SITE_FAULT names `site` at this point and round.
+
+    Called in a site's job process; unset (always, outside tests), one environment lookup and nothing else.
+    """
     spec = os.environ.get(SITE_FAULT_ENV)
     if not spec:
         return
     for item in spec.split(","):
         name, _, at = item.strip().partition("@")
         if name == site and fault_matches(at, point, round_number):
-            print(f"{SITE_FAULT_ENV}={spec}: SIGKILL of {site}'s job process at {point}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            print(f"{SITE_FAULT_ENV}={spec}: SIGKILL of {site} at {point}", file=sys.stderr, flush=True)
+            kill_server(job_process=True)  # the same tree as a server's: the parent, its job processes, this one
