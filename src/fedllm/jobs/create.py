@@ -105,6 +105,8 @@ def resolve_spec(
     the job's notes say what went unchecked. The trainer's arguments are checked against its own parser.
     `site_overrides` sets trainer arguments for single sites, e.g. {"site-3": {"devices": 2, "model": ...}}
     for a site that trains a TP-2 copy of the model on its GPU pair (its torchrun starts that many processes).
+    `secure_agg` turns on secure aggregation; its defaults are filled in for the job's sites and what cannot
+    run is refused here (fedllm.jobs.secure_agg).
     """
     if mode not in MODES:
         raise JobSpecError(f"--mode {mode!r} is not a mode; use local, central or fedavg")
