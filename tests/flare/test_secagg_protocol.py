@@ -33,7 +33,7 @@ def _assert_weighted_mean(result, updates, weights, params, survivors) -> None:
     weight_step = 2.0 ** -(crypto.weight_bits(len(result.server.u0)) + 1)
     assert abs(result.weight_sum - exact_weight) <= len(survivors) * weight_step
     error = np.max(np.abs(result.values / result.weight_sum - exact / exact_weight))
-    assert error <= bound, (error, bound)
+    assert bound / 10 < error <= bound, (error, bound)  # holds, and is not loose by orders of magnitude
 
 
 def test_unmasked_sum_is_the_weighted_sum_within_the_bound() -> None:

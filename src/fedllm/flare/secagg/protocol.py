@@ -81,6 +81,15 @@ def _info(purpose: str, job_id: str, round_num: int) -> bytes:
     return json.dumps(["fedllm-secagg", purpose, job_id, round_num]).encode()
 
 
+def _self_mask_key(seed: bytes, job_id: str, round_num: int) -> bytes:
+    return crypto.derive_key(seed, info=_info("self", job_id, round_num))
+
+
+def _pair_mask_key(s_sk, peer_s_pk: bytes, job_id: str, round_num: int) -> bytes:
+    """The PRG key two sites share for their pairwise mask; the server rebuilds it for a dropped site."""
+    return crypto.agree(s_sk, peer_s_pk, info=_info("pair", job_id, round_num))
+
+
 def _share_aad(job_id: str, round_num: int, sender: str, recipient: str) -> bytes:
     return json.dumps(["fedllm-secagg share", job_id, round_num, sender, recipient]).encode()
 
@@ -241,10 +250,10 @@ class SiteSession:
             part *= scale
             out[start : start + part.size] = np.rint(part, out=part).astype(np.int64).astype(np.uint32)
         out[-1] = crypto.encode(np.array([w]), crypto.weight_bits(len(self._u0)))[0]
-        crypto.add_prg(out, self._self_mask_key(self._seed, self.job_id, self.round_num))
+        crypto.add_prg(out, _self_mask_key(self._seed, self.job_id, self.round_num))
         for peer in self._u2:
             if peer != self.site:
-                pair_key = crypto.agree(self._s_sk, self._u1_keys[peer]["s_pk"], info=self._pair_info())
+                pair_key = _pair_mask_key(self._s_sk, self._u1_keys[peer]["s_pk"], self.job_id, self.round_num)
                 crypto.add_prg(out, pair_key, subtract=self.site > peer)
         self._seed = self._s_sk = None  # no longer needed; the shares others hold are the only copies
         self._stage = "masked"
@@ -281,13 +290,6 @@ class SiteSession:
 
     def _share_info(self) -> bytes:
         return _info("share", self.job_id, self.round_num)
-
-    def _pair_info(self) -> bytes:
-        return _info("pair", self.job_id, self.round_num)
-
-    @staticmethod
-    def _self_mask_key(seed: bytes, job_id: str, round_num: int) -> bytes:
-        return crypto.derive_key(seed, info=_info("self", job_id, round_num))
 
 
 class ServerSession:
@@ -408,7 +410,7 @@ class ServerSession:
         total = self._sum
         for site in self._u3:
             seed = secret_of(site)
-            crypto.add_prg(total, SiteSession._self_mask_key(seed, self.job_id, self.round_num), subtract=True)
+            crypto.add_prg(total, _self_mask_key(seed, self.job_id, self.round_num), subtract=True)
         for gone in dropped:
             s_sk = crypto.private_from_bytes(secret_of(gone))
             if crypto.public_bytes(s_sk) != self._keys[gone]["s_pk"]:
@@ -417,7 +419,7 @@ class ServerSession:
                     f"cannot be unmasked"
                 )
             for site in self._u3:
-                pair_key = crypto.agree(s_sk, self._keys[site]["s_pk"], info=_info("pair", self.job_id, self.round_num))
+                pair_key = _pair_mask_key(s_sk, self._keys[site]["s_pk"], self.job_id, self.round_num)
                 # The survivor added +PRG when its name sorts before the dropped site's; take back what it added.
                 crypto.add_prg(total, pair_key, subtract=site < gone)
         self._stage = "finished"
