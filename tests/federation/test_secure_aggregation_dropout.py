@@ -124,8 +124,9 @@ def test_below_the_threshold_the_round_fails_naming_the_sites_and_t(five) -> Non
 
 
 def _restart_lost_sites(kits) -> None:
-    """`fedllm up` again: start the sites a fault point killed (a no-op when all run)."""
-    native.up(kits, echo=lambda _m: None)
+    """`fedllm up` again: start the sites a fault point killed (nothing to do when all run)."""
+    if not all(native.status(kits).values()):
+        native.up(kits, echo=lambda _m: None)
 
 
 def _weights(path) -> dict[str, np.ndarray]:
