@@ -22,12 +22,23 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.app_constant import AppConstants
 
 from fedllm.fileio import atomic_path
-from fedllm.flare.secagg.vectors import as_numpy
 
 CAPTURE_ENV = "FEDLLM_CAPTURE_DIR"
 CAPTURE_COMPONENT_ID = "fedllm_result_capture"
 META_ENTRY = "__meta__"
 TASKS = ("train",)
+
+
+def _as_numpy(value) -> np.ndarray:
+    """An array as it arrived: lazy references (disk offload) loaded; bf16 widened (numpy has no bfloat16)."""
+    if hasattr(value, "materialize"):
+        value = value.materialize()
+    if hasattr(value, "detach"):
+        import torch
+
+        tensor = value.detach().cpu()
+        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    return np.asarray(value)
 
 
 class ResultCapture(FLComponent):
@@ -50,7 +61,7 @@ class ResultCapture(FLComponent):
         round_num = result.get_header(AppConstants.CURRENT_ROUND)
         if round_num is None:
             round_num = result.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        arrays = {name: as_numpy(value) for name, value in (dxo.data or {}).items()}
+        arrays = {name: _as_numpy(value) for name, value in (dxo.data or {}).items()}
         meta = json.dumps({"data_kind": dxo.data_kind, **dxo.meta}, default=str)
         path = Path(root) / str(fl_ctx.get_job_id()) / str(round_num) / f"{site}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
