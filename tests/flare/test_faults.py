@@ -78,3 +78,51 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# A "site": a parent that starts its "job process", which reaches a site crash point.
+_SITE_JOB = (
+    "import sys; from fedllm.flare.faults import site_crash_point; "
+    "site_crash_point('secagg-mask', sys.argv[1], 1); print('passed its crash point', flush=True)"
+)
+_SITE = textwrap.dedent(
+    f"""
+    import subprocess, sys, time
+    job = subprocess.Popen([sys.executable, "-c", {_SITE_JOB!r}, sys.argv[1]], start_new_session=True)
+    print(job.pid, flush=True)
+    job.wait()
+    time.sleep(60)
+    """
+)
+
+
+def test_a_site_fault_names_a_site_a_point_and_a_round(monkeypatch) -> None:
+    from fedllm.flare.faults import SITE_FAULT_ENV, site_crash_point
+
+    monkeypatch.setenv(SITE_FAULT_ENV, "site-4@secagg-unmask:0,site-5@secagg-mask:1")
+    site_crash_point("secagg-unmask", "site-5", 0)  # another site's point: still alive
+    site_crash_point("secagg-mask", "site-5", 0)  # another round
+    site_crash_point("secagg-unmask", "site-1", 0)  # another site
+    monkeypatch.delenv(SITE_FAULT_ENV)
+    site_crash_point("secagg-mask", "site-5", 1)  # unset
+
+
+@pytest.mark.parametrize(("site", "killed"), [("site-5", True), ("site-4", False)])
+def test_a_site_fault_sigkills_the_site_and_its_job_processes(site: str, killed: bool) -> None:
+    from fedllm.flare.faults import SITE_FAULT_ENV
+
+    env = {**os.environ, SITE_FAULT_ENV: "site-4@secagg-unmask:0,site-5@secagg-mask:1"}
+    parent = subprocess.Popen([sys.executable, "-c", _SITE, site], env=env, stdout=subprocess.PIPE, text=True)
+    job_pid = int(parent.stdout.readline())
+    try:
+        if killed:
+            assert parent.wait(timeout=60) == -9, "the site's parent process died of SIGKILL"
+            assert not _running(job_pid), "and its job process"
+        else:
+            assert parent.stdout.readline().strip() == "passed its crash point"
+            assert parent.poll() is None, "another site's point: the site lives on"
+    finally:
+        for pid in (parent.pid, job_pid):
+            if _running(pid):
+                os.kill(pid, 9)
+        parent.wait()

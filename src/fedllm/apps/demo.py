@@ -23,6 +23,7 @@ from fedllm.config import load_site_config
 from fedllm.config.problems import display_path
 from fedllm.data.io import write_jsonl_files
 from fedllm.jobs.create import create_job, resolve_spec
+from fedllm.jobs.secure_agg import SecureAggregation
 from fedllm.jobs.template import load_template
 from fedllm.output import make_console, styled
 from fedllm.resources import resource_dir
@@ -55,6 +56,7 @@ def run_demo(
     config_path: Path | None = None,
     local_epochs: int = 2,
     console: Console | None = None,
+    secure_agg: bool = False,
 ) -> dict:
     from fedllm.data.io import read_jsonl
     from fedllm.results.report import run_curves, write_report
@@ -91,14 +93,16 @@ def run_demo(
         "extra_args": {"cpu_threads": 1},  # 3 sites share this machine's cores
     }
     # The demo's own jobs folder: a rerun replaces the last run's jobs.
+    # --secure-agg: the FedAvg job's server learns only the sum of the sites' updates (fedllm.jobs.secure_agg).
+    secure = SecureAggregation() if secure_agg else None
     fedavg_job = create_job(
-        resolve_spec(template, "fedavg", rounds=rounds, **common), workspace / "jobs", overwrite=True
+        resolve_spec(template, "fedavg", rounds=rounds, secure_agg=secure, **common), workspace / "jobs", overwrite=True
     )
     common["local_epochs"] = rounds * local_epochs  # local-only: the same number of passes over the data
     local_job = create_job(resolve_spec(template, "local", **common), workspace / "jobs", overwrite=True)
     step(
         3,
-        f"jobs: FedAvg {rounds} rounds × {local_epochs} epochs, local-only 1 round × "
+        f"jobs: FedAvg {rounds} rounds × {local_epochs} epochs{' with secure aggregation' if secure else ''}, local-only 1 round × "
         f"{rounds * local_epochs} epochs → {display_path(workspace / 'jobs')}",
     )
 

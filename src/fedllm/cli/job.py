@@ -91,6 +91,28 @@ def create(
             "off (show the estimate only)."
         ),
     ] = "batch",
+    secure_agg: Annotated[
+        bool,
+        typer.Option(
+            "--secure-agg",
+            help="Secure aggregation: the server learns only the sum of the sites' updates, never one site's; a "
+            "round goes on while the threshold of sites stays (needs 3+ sites, no --compress).",
+        ),
+    ] = False,
+    secagg_threshold: Annotated[
+        int | None,
+        typer.Option(help="With --secure-agg: sites whose shares unmask a round, 2..N (default ⌊N/2⌋+1)."),
+    ] = None,
+    secagg_min_sites: Annotated[
+        int | None,
+        typer.Option(
+            help="With --secure-agg: sites that must be connected for the job to start (default the threshold)."
+        ),
+    ] = None,
+    secagg_clip: Annotated[
+        float | None,
+        typer.Option(help="With --secure-agg: each site clamps its update to ±CLIP per value (default 1.0)."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing job folder of the same name (everything in it goes).")
     ] = False,
@@ -113,6 +135,7 @@ def create(
     loaded = load_template(template)
     extra_args = parse_assignments(arg or [])
     site_overrides = _site_overrides(loaded, site or [], federation)
+    secure = _secure_agg(secure_agg, secagg_threshold, secagg_min_sites, secagg_clip)
     _apply_lora_ranks(loaded, lora_ranks, extra_args, site_overrides, federation)
     spec = resolve_spec(
         loaded,
@@ -130,9 +153,12 @@ def create(
         site_overrides=site_overrides,
         federation=federation,
         fit=fit,
+        secure_agg=secure,
     )
     if spec.plan is not None:
         _print_plan(spec.plan)
+    if spec.secure_agg is not None:
+        console.print(f"  {spec.secure_agg.describe()}")
     job_dir = create_job(spec, out, overwrite=overwrite)
     done(
         "created",
@@ -142,6 +168,21 @@ def create(
     for note in spec.notes:
         err_console.print(styled("note:", "yellow", f" {note}"))
     _print_submit_hints(job_dir, federation.config.project if federation else "", config, workspace)
+
+
+def _secure_agg(enabled: bool, threshold: int | None, min_sites: int | None, clip: float | None):
+    """--secure-agg and its settings; a setting without the switch is a usage error (it would do nothing)."""
+    from fedllm.jobs.secure_agg import SecureAggregation
+
+    given = {"--secagg-threshold": threshold, "--secagg-min-sites": min_sites, "--secagg-clip": clip}
+    if not enabled:
+        for option, value in given.items():
+            if value is not None:
+                raise typer.BadParameter(
+                    f"{option} applies to secure aggregation only: add --secure-agg", param_hint=option
+                )
+        return None
+    return SecureAggregation(threshold=threshold, min_sites=min_sites, **({} if clip is None else {"clip": clip}))
 
 
 def _site_overrides(template, items: list[str], federation: Federation | None) -> dict[str, dict[str, str]]:

@@ -54,13 +54,16 @@ def demo(
         "workspace/demo", "-w", "--workspace", help="Where the demo keeps kits, data, results."
     ),
     rounds: int = typer.Option(5, min=1, help="FedAvg rounds."),
+    secure_agg: bool = typer.Option(
+        False, "--secure-agg", help="Run the FedAvg job with secure aggregation (the server sees only the sum)."
+    ),
 ) -> None:
     """Federated p-tuning of a tiny GPT on 3 local sites vs each site alone: accuracies and a plot."""
     from pathlib import Path
 
     from fedllm.apps.demo import run_demo
 
-    run_demo(Path(workspace), rounds=rounds, console=console)
+    run_demo(Path(workspace), rounds=rounds, console=console, secure_agg=secure_agg)
 
 
 def main(argv: list[str] | None = None) -> int:

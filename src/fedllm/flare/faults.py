@@ -17,6 +17,16 @@ Points (tests/federation/test_resume.py uses each):
   `cloning`, `cloned`, `marked`); with n, only while it makes the job's n-th continuation.
 
 Without `:<n>`, a point fires whatever its round.
+
+`FEDLLM_SITE_FAULT=<site>@<point>[:<round>][,...]` in a site's environment does the same on the site side
+(`site_crash_point`): the named site's parent process and its job processes die by SIGKILL, as when the
+site's machine is lost. (Killing only a site's job process would not be a lost site: NVFlare 2.9's site
+parent reports the job process's death and the server then fails the whole job.) Points
+(tests/federation/test_secure_aggregation_dropout.py):
+
+- `secagg-mask:<r>`: the site's secure-aggregation output filter, before its masked update of round r leaves;
+- `secagg-unmask:<r>`: the site's secure-aggregation component, when the server asks for its unmasking shares
+  of round r (its masked update has been sent).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import sys
 import psutil
 
 FAULT_ENV = "FEDLLM_FAULT"
+SITE_FAULT_ENV = "FEDLLM_SITE_FAULT"
 
 
 def crash_point(point: str, round_number: int | None = None, *, job_process: bool = False) -> None:
@@ -60,3 +71,18 @@ def kill_server(*, job_process: bool) -> None:
             with contextlib.suppress(psutil.Error):
                 victim.send_signal(signal.SIGKILL)
     os.kill(me.pid, signal.SIGKILL)
+
+
+def site_crash_point(point: str, site: str, round_number: int | None = None) -> None:
+    """SIGKILL the site (its parent and job processes) if FEDLLM_SITE_FAULT names `site` at this point and round.
+
+    Called in a site's job process; unset (always, outside tests), one environment lookup and nothing else.
+    """
+    spec = os.environ.get(SITE_FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, at = item.strip().partition("@")
+        if name == site and fault_matches(at, point, round_number):
+            print(f"{SITE_FAULT_ENV}={spec}: SIGKILL of {site} at {point}", file=sys.stderr, flush=True)
+            kill_server(job_process=True)  # the same tree as a server's: the parent, its job processes, this one

@@ -27,6 +27,7 @@ from fedllm.jobs.compression import QUANTIZATIONS, apply_compression, check_comp
 from fedllm.jobs.errors import JobSpecError
 from fedllm.jobs.exchange import apply_exchange_settings, apply_tensor_items, recipe_kwargs, wire_compression
 from fedllm.jobs.plan import JobPlan, plan_job
+from fedllm.jobs.secure_agg import SecureAggregation, apply_secure_agg, resolve_secure_agg
 from fedllm.jobs.server_model import check_server_model, initial_args
 from fedllm.jobs.sites import Federation, unchecked_quantization_note
 from fedllm.jobs.template import JobTemplate, Mode
@@ -73,6 +74,8 @@ class JobSpec:
     notes: tuple[str, ...] = ()
     # Each site's processes, batch, precision, quantization and rank (fedllm.jobs.plan), as printed.
     plan: JobPlan | None = None
+    # Secure aggregation (fedllm.jobs.secure_agg), resolved for num_clients; None: plain FedAvg.
+    secure_agg: SecureAggregation | None = None
 
 
 def resolve_spec(
@@ -93,6 +96,7 @@ def resolve_spec(
     site_overrides: dict[str, dict[str, Any]] | None = None,
     federation: Federation | None = None,
     fit: str = "batch",
+    secure_agg: SecureAggregation | None = None,
 ) -> JobSpec:
     """Apply the mode's rules to the template defaults and the caller's options, and check the result.
 
@@ -101,6 +105,8 @@ def resolve_spec(
     the job's notes say what went unchecked. The trainer's arguments are checked against its own parser.
     `site_overrides` sets trainer arguments for single sites, e.g. {"site-3": {"devices": 2, "model": ...}}
     for a site that trains a TP-2 copy of the model on its GPU pair (its torchrun starts that many processes).
+    `secure_agg` turns on secure aggregation; its defaults are filled in for the job's sites and what cannot
+    run is refused here (fedllm.jobs.secure_agg).
     """
     if mode not in MODES:
         raise JobSpecError(f"--mode {mode!r} is not a mode; use local, central or fedavg")
@@ -126,6 +132,10 @@ def resolve_spec(
             raise JobSpecError("--mode central trains on one site (the combined data); drop --num-clients")
     if federation is not None:
         federation.check_site_count(n)
+    if secure_agg is not None:
+        effective = compression if compression != "none" else wire_compression(template.exchange)
+        federation_sites = len(federation.site_names) if federation is not None else None
+        secure_agg = resolve_secure_agg(secure_agg, n, mode, effective, federation_sites)
     dev = devices or d.devices
     if dev > 1 and template.launch != "torchrun":
         raise JobSpecError(
@@ -210,7 +220,9 @@ def resolve_spec(
                 _check_local_checkpoint({**args, **overrides}, int(overrides.get("devices", dev)))
     check_server_model(template, notes)
     initial = initial_args(template, args, parsed, notes)
-    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes), plan)
+    return JobSpec(
+        template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes), plan, secure_agg
+    )
 
 
 def _check_extra_args(extra_args: dict[str, Any], options: dict[str, Any]) -> None:
@@ -317,6 +329,7 @@ def create_job(spec: JobSpec, out_dir: Path, *, overwrite: bool = False) -> Path
     """
     from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evaluation, set_per_site_config
 
+    from fedllm.flare.capture import CAPTURE_COMPONENT_ID, ResultCapture
     from fedllm.jobs.recipe import FedllmFedAvgRecipe
 
     out_dir = Path(out_dir).absolute()
@@ -330,7 +343,9 @@ def create_job(spec: JobSpec, out_dir: Path, *, overwrite: bool = False) -> Path
         recipe = FedllmFedAvgRecipe(
             name=spec.name,
             model={"class_path": initial.class_path, "args": spec.initial_args} if initial else None,
-            min_clients=spec.num_clients,
+            # With secure aggregation the job starts with min_sites and a dropout does not end it (fedllm.jobs.secure_agg).
+            min_clients=spec.secure_agg.min_sites if spec.secure_agg else spec.num_clients,
+            secure_agg_sites=spec.num_clients if spec.secure_agg else None,
             num_rounds=spec.rounds,
             train_script=ENTRY_NAME,
             train_args=cli_args(spec.train_args),
@@ -349,7 +364,11 @@ def create_job(spec: JobSpec, out_dir: Path, *, overwrite: bool = False) -> Path
         # --compress wins over the template's exchange.wire_dtype; both use the same filters.
         compression = spec.compression if spec.compression != "none" else wire_compression(spec.template.exchange)
         apply_compression(recipe, compression)
+        if spec.secure_agg is not None:
+            apply_secure_agg(recipe, spec.secure_agg)  # the mask: last filter out but WireViews
         apply_tensor_items(recipe, spec.template.exchange)  # after compression: it must be the last filter out
+        # What the server's job process receives, saved only where FEDLLM_CAPTURE_DIR is set (a test hook).
+        recipe.add_server_component(ResultCapture(), CAPTURE_COMPONENT_ID)
         # Live metrics in one place: every site's scalars (nvflare.client.tracking) land in the server's
         # TensorBoard, workspace/tb_events/<site>/, and come back with the job's result.
         add_experiment_tracking(recipe, "tensorboard")

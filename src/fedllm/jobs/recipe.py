@@ -24,12 +24,22 @@ class FedllmFedAvgRecipe(FedAvgRecipe):
 
     Same arguments as FedAvgRecipe; `lean_server=False` builds the stock controller and persistor;
     `background_checkpoint=False` makes the lean persistor write each checkpoint before the round goes on.
+    `secure_agg_sites=N` builds `SecAggFedAvg` (fedllm.flare.secagg.server) instead, which sends each round to
+    all N sites while `min_clients` (the sites the job needs to start) is secure aggregation's min_sites.
     With the lean server the job is marked resumable (custom_props): the server's JobResumer continues
     it from its last completed round after a server or site restart (fedllm.flare.resume).
     """
 
-    def __init__(self, *, lean_server: bool = True, background_checkpoint: bool = True, **kwargs):
+    def __init__(
+        self,
+        *,
+        lean_server: bool = True,
+        background_checkpoint: bool = True,
+        secure_agg_sites: int | None = None,
+        **kwargs,
+    ):
         self._lean_server = lean_server
+        self._secure_agg_sites = secure_agg_sites
         self._background_checkpoint = background_checkpoint
         super().__init__(**kwargs)
         if lean_server:
@@ -52,8 +62,22 @@ class FedllmFedAvgRecipe(FedAvgRecipe):
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> FedAvg:
         controller = super()._create_controller(persistor_id, model_params, model_aggregator)
-        if self._lean_server:
+        if self._secure_agg_sites is not None:
+            from fedllm.flare.secagg.server import SecAggFedAvg
+
+            # NVFlare's recipe makes min_clients FedAvg's sites per round too; every site trains each round.
+            controller.__class__ = SecAggFedAvg
+            controller.num_clients = self._secure_agg_sites
+        elif self._lean_server:
             # LeanFedAvg only overrides methods (no state, no __init__): re-typing the FedAvg NVFlare
             # built keeps every argument NVFlare passes, and the Job API exports the subclass path.
             controller.__class__ = LeanFedAvg
         return controller
+
+    # NVFlare's Recipe has filter and config helpers but none for components; these go through the same
+    # FedJob placement its filter helpers use (per-site client apps stay intact). Re-check on an NVFlare upgrade.
+    def add_server_component(self, component, component_id: str) -> None:
+        self._job.to_server(component, id=component_id)
+
+    def add_client_component(self, component, component_id: str) -> None:
+        self._add_to_client_apps(component, id=component_id)
