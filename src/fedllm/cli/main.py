@@ -57,13 +57,18 @@ def demo(
     secure_agg: bool = typer.Option(
         False, "--secure-agg", help="Run the FedAvg job with secure aggregation (the server sees only the sum)."
     ),
+    dp: str | None = typer.Option(
+        None,
+        help="Train the FedAvg job with DP-SGD at this budget, e.g. --dp epsilon=8 (δ 1e-5, below 1/300 per site; "
+        "as `fedllm job create --dp`).",
+    ),
 ) -> None:
     """Federated p-tuning of a tiny GPT on 3 local sites vs each site alone: accuracies and a plot."""
     from pathlib import Path
 
     from fedllm.apps.demo import run_demo
 
-    run_demo(Path(workspace), rounds=rounds, console=console, secure_agg=secure_agg)
+    run_demo(Path(workspace), rounds=rounds, console=console, secure_agg=secure_agg, dp=dp)
 
 
 def main(argv: list[str] | None = None) -> int:
