@@ -1,0 +1,185 @@
+"""Record-level DP-SGD for LoRA in TRL's SFTTrainer (fedllm.training.hf.dp_trainer), on a tiny GPT, without NVFlare.
+
+Two rounds run the way NVFlare's patch runs them with restore_state=True: the Trainer saves a checkpoint at the
+round's last step, and the next train() resumes from it with max_steps extended by one round. ε is checked against
+Opacus' RDP analysis computed here directly (not through fedllm's ledger or Opacus' accountant object).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedllm.data.synthetic import sentiment_records
+from fedllm.training.dp import LEDGER_NAME, DPError, PrivacyLedger
+from fedllm.training.hf.dp_trainer import per_example_loss, shareable_log
+from fedllm.training.hf.sft import build_trainer, parser, steps_per_round
+from fedllm.training.hf.trainer_options import TrainerOptionError
+
+SIGMA, CLIP, Q, DELTA = 1.0, 1.0, 0.125, 1e-5
+RECORDS = 64
+
+
+def _pairs(n: int, seed: int) -> list[dict[str, str]]:
+    return [{"input": f"{r['sentence']} sentiment:", "output": r["label"]} for r in sentiment_records(n, seed=seed)]
+
+
+def _args(tiny_gpt: Path, *extra: str, method: str = "lora", dp: str = f"noise={SIGMA},clip={CLIP},sample_rate={Q}"):
+    argv = ["--model", str(tiny_gpt), "--train", "-", "--val", "-", "--max-length", "64", "--lr", "0.01"]
+    args = parser(method).parse_args([*argv, "--dp", f"{dp},delta={DELTA}", *extra])
+    args.model_path = str(tiny_gpt)
+    return args
+
+
+def _oracle_epsilon(steps: int) -> float:
+    """Opacus' RDP analysis of the sampled Gaussian mechanism, at RDPAccountant's orders."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=Q, noise_multiplier=SIGMA, steps=steps, orders=orders)
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=DELTA)[0])
+
+
+class _Observer:
+    """A TrainerCallback that sees each step's per-sample gradients before the DP optimizer consumes them,
+    and saves a checkpoint at the round's last step (what NVFlare's patch asks for with restore_state=True)."""
+
+    def __init__(self, round_steps: int):
+        from transformers import TrainerCallback
+
+        observer = self
+        self.grad_sample_rows: list[dict[str, int]] = []
+
+        class Callback(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                observer.grad_sample_rows.append(
+                    {
+                        n: (p.grad_sample.shape[0] if getattr(p, "grad_sample", None) is not None else -1)
+                        for n, p in model.named_parameters()
+                        if p.requires_grad
+                    }
+                )
+                return control
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step % round_steps == 0:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        self.callback = Callback()
+
+
+def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_step(tiny_gpt, tmp_path: Path) -> None:
+    from peft import get_peft_model_state_dict
+
+    trainer = build_trainer(_args(tiny_gpt), "lora", _pairs(RECORDS, 1), _pairs(8, 2), tmp_path)
+    steps = steps_per_round(trainer, 1)
+    assert steps == 8 == round(1 / Q)
+    assert trainer.args.max_grad_norm == 0, "the DP clip is per record; no second clip after the noise"
+    observer = _Observer(steps)
+    trainer.add_callback(observer.callback)
+    sent_keys = set(get_peft_model_state_dict(trainer.model))
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+
+    trainer.args.max_steps = steps  # NVFlare's patch: max_steps = steps per round × rounds, extended round by round
+    trainer.train()
+
+    after = get_peft_model_state_dict(trainer.model)
+    assert set(after) == sent_keys, "non-wrapping hooks: the PEFT state-dict keys NVFlare exchanges are unchanged"
+    assert all(".lora_A." in k or ".lora_B." in k for k in after)
+    assert max((after[k] - before[k]).abs().max().item() for k in after) > 0, "opacus#820: LoRA must change"
+    sizes = trainer.dp_batch_sizes
+    assert len(sizes) == steps and len(set(sizes)) > 1, f"Poisson batches vary: {sizes}"
+    # Per-sample gradients for every LoRA factor, one row per record of the step's batch.
+    assert len(observer.grad_sample_rows) == steps
+    for size, rows in zip(sizes, observer.grad_sample_rows, strict=True):
+        assert rows and all(("lora_A" in n or "lora_B" in n) for n in rows)
+        assert set(rows.values()) == {size}
+    assert trainer.dp_steps_taken == steps
+    ledger = PrivacyLedger.load(tmp_path / LEDGER_NAME)
+    assert ledger.steps_total == steps
+    assert ledger.epsilon(DELTA) == pytest.approx(_oracle_epsilon(steps), abs=1e-6)
+
+    # Nothing computed on private records without noise is logged (NVFlare streams these logs).
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert not logged & {"loss", "grad_norm", "train_loss", "num_tokens", "mean_token_accuracy", "entropy"}
+    assert all(shareable_log(k) or k == "step" for k in logged)
+    reported = [e for e in trainer.state.log_history if "dp_epsilon" in e]
+    assert reported[-1]["dp_epsilon"] == pytest.approx(_oracle_epsilon(steps), abs=1e-6)
+    assert reported[-1]["dp_steps_total"] == steps
+
+    # Round 2 resumes the Trainer's checkpoint (restore_state=True): the optimizer and the accounting go on.
+    trainer.args.max_steps = 2 * steps
+    trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{steps}"))
+    assert trainer.state.global_step == 2 * steps
+    assert trainer.dp_steps_taken == 2 * steps and len(trainer.dp_batch_sizes) == 2 * steps
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.optimizer.original_optimizer.state.values()}
+    assert adam_steps == {2 * steps}, "AdamW's moments were restored from round 1's checkpoint"
+    ledger = PrivacyLedger.load(tmp_path / LEDGER_NAME)
+    assert [h[2] for h in ledger.history] == [steps, steps]
+    assert ledger.epsilon(DELTA) == pytest.approx(_oracle_epsilon(2 * steps), abs=1e-6)
+    assert trainer.dp_settle_round()["dp_epsilon"] == pytest.approx(_oracle_epsilon(2 * steps), abs=1e-6)
+
+
+def test_an_empty_poisson_draw_is_a_counted_noise_only_step(tiny_gpt, tmp_path: Path) -> None:
+    from peft import get_peft_model_state_dict
+
+    # q = 1/64 of 8 records: most draws are empty; 64 steps a round.
+    trainer = build_trainer(
+        _args(tiny_gpt, dp=f"noise={SIGMA},clip={CLIP},sample_rate=0.015625"),
+        "lora",
+        _pairs(8, 1),
+        _pairs(4, 2),
+        tmp_path,
+    )
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    trainer.args.max_steps = steps_per_round(trainer, 1)
+    trainer.train()
+    assert trainer.args.max_steps == 64 == trainer.dp_steps_taken == len(trainer.dp_batch_sizes)
+    assert 0 in trainer.dp_batch_sizes
+    after = get_peft_model_state_dict(trainer.model)
+    assert max((after[k] - before[k]).abs().max().item() for k in after) > 0
+
+
+def test_the_loss_is_each_records_own_mean_over_its_answer() -> None:
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, -100, 1, 2], [-100, 3, -100, -100]])
+    ce = torch.nn.functional.cross_entropy
+    expected = torch.stack(
+        [
+            (ce(logits[0, 1:2], labels[0, 2:3]) + ce(logits[0, 2:3], labels[0, 3:4])) / 2,
+            ce(logits[1, 0:1], labels[1, 1:2]),
+        ]
+    )
+    assert per_example_loss(logits, labels) == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+def test_a_round_past_the_budget_is_refused_before_it_trains(tiny_gpt, tmp_path: Path) -> None:
+    dp = f"noise=0.5,clip={CLIP},sample_rate={Q},epsilon=1"
+    trainer = build_trainer(_args(tiny_gpt, dp=dp), "lora", _pairs(RECORDS, 1), _pairs(4, 2), tmp_path)
+    trainer.args.max_steps = steps_per_round(trainer, 1)
+    with pytest.raises(DPError, match=r"would reach ε=.* > the job's epsilon=1, so this site does not train it"):
+        trainer.train()
+    assert trainer.dp_steps_taken == 0 and trainer.state.global_step == 0
+    assert not (tmp_path / LEDGER_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "method", "match"),
+    [
+        (["--packing"], "lora", r"--packing packs several records"),
+        (["--grad-accum", "2"], "lora", r"--grad-accum 2: a DP step is one Poisson batch"),
+        (["--gradient-checkpointing"], "lora", r"--gradient-checkpointing recomputes"),
+        (["--devices", "2"], "lora", r"--devices 2: .* use --devices 1"),
+        (["--precision", "fp16"], "lora", r"--precision fp16 scales the loss"),
+        ([], "full", r"--dp on full SFT is not supported: .* Fix: use the hf-lora template"),
+    ],
+)
+def test_what_breaks_record_level_dp_is_refused_with_the_fix(tiny_gpt, tmp_path, extra, method, match) -> None:
+    data = _pairs(4, 1)
+    with pytest.raises(TrainerOptionError, match=match):
+        build_trainer(_args(tiny_gpt, *extra, method=method), method, data, data, tmp_path)
