@@ -1,0 +1,82 @@
+"""hf-lora with record-level DP-SGD through the real federation: NVFlare's HF patch drives the DP Trainer.
+
+Two sites, two rounds, restore_state=True (NVFlare's patch): every round's result carries the site's ε, which
+equals Opacus' RDP analysis computed here for the same (q, σ, steps) to 1e-6; the steps add up across rounds; the
+global adapter moved; nothing computed on private records without noise reached the server's TensorBoard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedllm.data.io import write_jsonl_files
+from fedllm.data.synthetic import sentiment_records
+from fedllm.jobs.create import create_job, resolve_spec
+from fedllm.jobs.submit import COMPLETED, submit_job
+from fedllm.jobs.template import load_template
+from fedllm.results.metrics import load_global_state, read_round_metrics, read_site_scalars
+from fedllm.training.hf.tiny_gpt import build_tiny_gpt
+
+pytestmark = pytest.mark.federation
+
+SIGMA, CLIP, Q, DELTA = 1.0, 1.0, 0.125, 1e-5
+RECORDS, ROUNDS = 48, 2
+STEPS = 8  # ceil(1 epoch / q)
+
+
+def _pairs(n: int, seed: int) -> list[dict[str, str]]:
+    return [{"input": f"{r['sentence']} sentiment:", "output": r["label"]} for r in sentiment_records(n, seed)]
+
+
+def _oracle_epsilon(steps: int) -> float:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=Q, noise_multiplier=SIGMA, steps=steps, orders=orders)
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=DELTA)[0])
+
+
+def test_dp_lora_reports_the_accountants_epsilon_every_round(federation, data_root: Path, tmp_path: Path) -> None:
+    root = data_root / "dp-lora"
+    write_jsonl_files(
+        {
+            root / "validation.jsonl": _pairs(8, 2),
+            root / "site-1.jsonl": _pairs(RECORDS, 3),
+            root / "site-2.jsonl": _pairs(RECORDS, 4),
+        }
+    )
+    dp = f"noise={SIGMA},clip={CLIP},sample_rate={Q},delta={DELTA}"
+    spec = resolve_spec(
+        load_template("hf-lora"), "fedavg", num_clients=2, rounds=ROUNDS, local_epochs=1,
+        model=str(build_tiny_gpt(log=lambda _m: None)), validation=str(root / "validation.jsonl"),
+        extra_args={"lr": 0.01, "max_length": 64, "logging_steps": 1, "grad_accum": 1, "gradient_checkpointing": False,
+                    "cpu_threads": 1, "dp": dp},
+        data=[str(root / "site-1.jsonl"), str(root / "site-2.jsonl")], sites=["site-1", "site-2"],
+    )  # fmt: skip
+    result = submit_job(federation, create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=600)
+    assert result.status == COMPLETED
+
+    history = read_round_metrics(result.result_dir)
+    assert [r["round"] for r in history] == list(range(ROUNDS))
+    for r in history:
+        steps = STEPS * (r["round"] + 1)
+        for site in ("site-1", "site-2"):
+            sent = r["sites"][site]
+            assert sent["dp_steps_total"] == steps
+            assert sent["dp_epsilon"] == pytest.approx(_oracle_epsilon(steps), abs=1e-6)
+            assert (sent["dp_delta"], sent["dp_noise_multiplier"], sent["dp_sample_rate"]) == (DELTA, SIGMA, Q)
+
+    # The global adapter trained (PEFT starts lora_B at zero): DP's updates reached it.
+    state = load_global_state(result.result_dir)
+    assert max(v.abs().max().item() for k, v in state.items() if "lora_B" in k) > 0
+
+    scalars = read_site_scalars(result.result_dir)
+    for site in ("site-1", "site-2"):
+        tags = set(scalars[site])
+        assert not tags & {"loss", "grad_norm", "train_loss", "num_tokens", "mean_token_accuracy", "entropy"}
+        assert [s for s, _ in scalars[site]["dp_epsilon"]] == [STEPS * (r + 1) for r in range(ROUNDS)]
+    log = (result.result_dir / "site_logs" / "site-1.log").read_text()
+    assert f"DP-SGD: {STEPS} Poisson steps per round (sample rate {Q:g}: expected batch 6 of {RECORDS}" in log
