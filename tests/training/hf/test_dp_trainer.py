@@ -145,6 +145,45 @@ def test_an_empty_poisson_draw_is_a_counted_noise_only_step(tiny_gpt, tmp_path: 
     assert max((after[k] - before[k]).abs().max().item() for k in after) > 0
 
 
+def test_each_records_per_sample_gradient_is_the_gradient_of_its_own_loss(tiny_gpt, tmp_path: Path) -> None:
+    """What DP-SGD clips must be one record's gradient: Opacus' hooks on the padded batch, with the Trainer's loss,
+    against a backward pass of each record alone (lora_B made non-zero so that lora_A's gradients are too)."""
+    # Answers of different lengths: a token mean over the batch would weigh the records unequally.
+    pairs = [{**r, "output": r["output"] + " and more" * i} for i, r in enumerate(_pairs(3, 1))]
+    trainer = build_trainer(_args(tiny_gpt), "lora", pairs, _pairs(4, 2), tmp_path)
+    model = trainer.model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    for module in model.modules():  # the same function in both passes: no dropout draws
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainer.create_optimizer()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    records = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(records)
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) > 1, "records of different lengths: padding matters"
+    assert len({int((row != -100).sum()) for row in batch["labels"]}) == 3, "answers of different lengths"
+
+    model.train()
+    trainer.compute_loss(model, dict(batch)).backward()
+    per_sample = {n: p.grad_sample.detach().clone() for n, p in lora.items()}
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer._dp_hooks.disable_hooks()
+    for row, record in enumerate(records):
+        alone = trainer.data_collator([record])
+        loss = per_example_loss(
+            model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone["labels"]
+        ).mean()
+        grads = torch.autograd.grad(loss, list(lora.values()))
+        for (name, _), grad in zip(lora.items(), grads, strict=True):
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(per_sample[name][row], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_the_loss_is_each_records_own_mean_over_its_answer() -> None:
     logits = torch.randn(2, 4, 5)
     labels = torch.tensor([[-100, -100, 1, 2], [-100, 3, -100, -100]])
@@ -162,10 +201,56 @@ def test_a_round_past_the_budget_is_refused_before_it_trains(tiny_gpt, tmp_path:
     dp = f"noise=0.5,clip={CLIP},sample_rate={Q},epsilon=1"
     trainer = build_trainer(_args(tiny_gpt, dp=dp), "lora", _pairs(RECORDS, 1), _pairs(4, 2), tmp_path)
     trainer.args.max_steps = steps_per_round(trainer, 1)
-    with pytest.raises(DPError, match=r"would reach ε=.* > the job's epsilon=1, so this site does not train it"):
+    with pytest.raises(
+        DPError,
+        match=r"round -1 NOT trained: its 8 DP-SGD steps would take this site's ε from 0 to "
+        r".* over the job's budget epsilon=1 .* Fix: create a new job with a larger budget",
+    ):
         trainer.train()
     assert trainer.dp_steps_taken == 0 and trainer.state.global_step == 0
     assert not (tmp_path / LEDGER_NAME).exists()
+
+
+def test_under_nvflare_a_refused_round_is_answered_as_stopped_with_no_weights(tiny_gpt, tmp_path: Path) -> None:
+    """What DPReportingClientAPI hands to NVFlare's Client API (here a recorder in its place; the federation
+    test runs the real one): a trained round's result with dp_* and FedAvg's weight, a refused one stopped."""
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedllm.training.dp import STOPPED_META
+    from fedllm.training.hf.dp_trainer import DPReportingClientAPI
+
+    class Recorder:
+        def __init__(self):
+            self.sent: list = []
+
+        def send(self, model, clear_cache=True):
+            self.sent.append(model)
+
+    # A budget that fits one round of σ=1 (8 steps of q=1/8: ε≈3.79 at δ=1e-5) and not two (ε≈4.70).
+    dp = f"noise={SIGMA},clip={CLIP},sample_rate={Q},epsilon=4"
+    trainer = build_trainer(_args(tiny_gpt, dp=dp), "lora", _pairs(RECORDS, 1), _pairs(4, 2), tmp_path)
+    recorder, said = Recorder(), []
+    api = DPReportingClientAPI(recorder, trainer, said.append)
+    steps = steps_per_round(trainer, 1)
+    trainer.args.max_steps = steps
+    trainer.train()
+    api.send(FLModel(params={"w": torch.zeros(1)}, metrics={"global_val_loss": 1.0}))
+    trained = recorder.sent[-1]
+    assert trained.metrics["global_val_loss"] == 1.0 and trained.metrics["dp_steps_total"] == steps
+    assert trained.metrics["dp_epsilon"] == pytest.approx(_oracle_epsilon(steps), abs=1e-6)
+    assert trained.metrics["dp_epsilon"] < 4
+    assert trained.meta["NUM_STEPS_CURRENT_ROUND"] == steps * round(Q * RECORDS)
+
+    trainer.args.max_steps = 2 * steps
+    assert trainer.train() is None and trainer.dp_stopped
+    assert trainer.dp_steps_taken == steps and trainer.state.global_step == steps
+    assert said and f"NOT trained: its {steps} DP-SGD steps would take this site's ε from" in said[-1]
+    api.send(FLModel(params={"w": torch.zeros(1)}, metrics={"global_val_loss": 1.0}))
+    stopped = recorder.sent[-1]
+    assert not stopped.params and stopped.meta[STOPPED_META] is True
+    assert stopped.meta["NUM_STEPS_CURRENT_ROUND"] == 0
+    assert stopped.metrics["dp_epsilon"] == trained.metrics["dp_epsilon"]
+    assert PrivacyLedger.load(tmp_path / LEDGER_NAME).steps_total == steps
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fedllm.training.dp import LEDGER_NAME, DPError, DPSettings, SiteBudget, steps_per_round
+from fedllm.training.dp import LEDGER_NAME, STOPPED_META, DPError, DPSettings, SiteBudget, steps_per_round
 from fedllm.training.hf.trainer_options import TrainerOptionError
 
 # What a DP trainer may log (and NVFlare may stream): nothing computed from private records without noise.
@@ -152,6 +152,9 @@ def dp_trainer_class(base: type) -> type:
             self._dp_round_start = 0
             self._dp_settled = True
             self._dp_sampler_generator = _os_seeded_generator()
+            self.dp_stopped = False  # the last train() was refused (over the budget): no step was taken
+            self.dp_answer_refusals = False  # raise on a refused round; DPReportingClientAPI answers it instead
+            self.dp_log: Callable[[str], None] = print
             self.add_callback(_SettleAtTrainEnd(self))
 
         # -- the batches ---------------------------------------------------------------------------------------
@@ -222,17 +225,24 @@ def dp_trainer_class(base: type) -> type:
         # -- a round -------------------------------------------------------------------------------------------
         def train(self, *args: Any, **kwargs: Any):
             over = self.dp_budget.would_exceed(self.dp_steps_per_round)
-            if over is not None:
-                spent = self.dp_budget.ledger.epsilon(self.dp.delta)
-                raise DPError(
-                    f"DP budget: this site has spent ε={spent:.4g} (δ={self.dp.delta:g}, ledger "
-                    f"{self.dp_budget.path}); round {self.dp_round} ({self.dp_steps_per_round} steps) would reach "
-                    f"ε={over:.4g} > the job's epsilon={self.dp.epsilon:g}, so this site does not train it. The "
-                    "job's last global model stands; to train further, create a new job with a larger budget"
-                )
             self._dp_round_start = self.dp_steps_taken
             self._dp_settled = False
-            return super().train(*args, **kwargs)
+            self.dp_stopped = over is not None
+            if over is None:
+                return super().train(*args, **kwargs)
+            spent = self.dp_budget.ledger.epsilon(self.dp.delta)
+            message = (
+                f"DP budget: round {self.dp_round} NOT trained: its {self.dp_steps_per_round} DP-SGD steps would take "
+                f"this site's ε from {spent:.4g} to {over:.4g}, over the job's budget epsilon={self.dp.epsilon:g} "
+                f"(δ={self.dp.delta:g}); its privacy ledger is {self.dp_budget.path}"
+            )
+            if not self.dp_answer_refusals:
+                raise DPError(f"{message}. Fix: create a new job with a larger budget to train further")
+            # Under NVFlare the task is answered like a round without steps: the Trainer's train-end callbacks run
+            # (NVFlare's sends the result), and DPReportingClientAPI turns it into a stopped result with no weights.
+            self.dp_log(message)
+            self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+            return None
 
         def dp_settle_round(self) -> dict[str, float]:
             """Record the round just trained in the ledger (once, durably), and return the dp_* metrics."""
@@ -273,21 +283,31 @@ class DPReportingClientAPI:
     """NVFlare's Client API of a DP site: a train result carries the dp_* metrics and FedAvg's weight.
 
     NVFlare's patch sends the round's result from the Trainer's train-end callback; this wrapper first has the
-    trainer record the round in its ledger (`dp_settle_round`), so no update leaves the site unaccounted.
-    Every other call goes to the wrapped API unchanged.
+    trainer record the round in its ledger (`dp_settle_round`), so no update leaves the site unaccounted. A round
+    the trainer refused (over the budget) goes out as fedllm's loop sends one: no weights, the dp_* metrics and
+    `STOPPED_META` (FedAvg skips it). Every other call goes to the wrapped API unchanged.
     """
 
-    def __init__(self, api: Any, trainer: Any):
+    def __init__(self, api: Any, trainer: Any, log: Callable[[str], None] = print):
         self._api = api
         self._trainer = trainer
+        trainer.dp_answer_refusals = True  # a round over the budget is answered as stopped, not raised
+        trainer.dp_log = log
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._api, name)
 
     def send(self, model: Any, clear_cache: bool = True) -> Any:
-        from nvflare.app_common.abstract.fl_model import MetaKey
+        from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 
-        if model.params:
+        if self._trainer.dp_stopped and model.params:  # a refused round: the site's numbers, no weights
+            model = FLModel(
+                metrics=self._trainer.dp_settle_round(),
+                meta={STOPPED_META: True, MetaKey.NUM_STEPS_CURRENT_ROUND: 0},
+                current_round=model.current_round,
+                total_rounds=model.total_rounds,
+            )
+        elif model.params:
             model = copy.copy(model)
             model.metrics = {**(model.metrics or {}), **self._trainer.dp_settle_round()}
             model.meta = {**(model.meta or {}), MetaKey.NUM_STEPS_CURRENT_ROUND: self._trainer.dp_weight()}

@@ -161,7 +161,7 @@ def run_federated(
     if private:
         from fedllm.training.hf.dp_trainer import DPReportingClientAPI
 
-        context.api = DPReportingClientAPI(context.api, trainer)
+        context.api = DPReportingClientAPI(context.api, trainer, lambda m: log(f"[{site}] {m}"))
     steps = steps_per_round(trainer, args.epochs)
     # The schedule spans the lineage's rounds (NVFlare's patch sets max_steps = steps × total_rounds).
     trainer.args.warmup_steps = warmup_steps(args.warmup_ratio, steps * lineage.total_rounds)
