@@ -91,6 +91,14 @@ def create(
             "off (show the estimate only)."
         ),
     ] = "batch",
+    dp: Annotated[
+        str | None,
+        typer.Option(
+            help="Record-level DP-SGD at every site with a privacy budget: epsilon=E[,delta=D][,noise=SIGMA]"
+            "[,clip=C][,sample_rate=Q] (defaults: delta 1e-5, clip 1.0, sample_rate 0.05; noise calibrated so the "
+            "whole job spends at most E). Prints ε after each round; the job stops at the last round within E.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing job folder of the same name (everything in it goes).")
     ] = False,
@@ -130,9 +138,15 @@ def create(
         site_overrides=site_overrides,
         federation=federation,
         fit=fit,
+        dp=dp,
     )
     if spec.plan is not None:
         _print_plan(spec.plan)
+    if spec.dp is not None:
+        from fedllm.jobs.privacy import plan_rows
+
+        for line in plan_rows(spec.dp):
+            console.print(f"  {line}")
     job_dir = create_job(spec, out, overwrite=overwrite)
     done(
         "created",

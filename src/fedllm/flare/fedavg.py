@@ -43,6 +43,8 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm.fileio import atomic_path, write_text
+from fedllm.flare.dp_budget import COMPONENT_ID as DP_BUDGET_ID
+from fedllm.flare.dp_budget import DPBudget
 from fedllm.flare.faults import crash_point
 from fedllm.flare.resume import (
     METRICS_FILE,
@@ -262,7 +264,22 @@ class LeanFedAvg(FedAvg):
         folder = getattr(self.persistor, "resume_folder", None)
         if folder is not None:
             self._resume_from(folder, getattr(self.persistor, "resumed_progress", None))
+        self._stop_at_dp_budget()
         return model
+
+    def _stop_at_dp_budget(self) -> None:
+        """A `--dp` job runs no round past its privacy budget (fedllm.flare.dp_budget): fewer rounds, same end."""
+        engine = getattr(self, "engine", None)
+        budget = engine.get_component(DP_BUDGET_ID) if engine is not None else None
+        if not isinstance(budget, DPBudget):
+            return
+        total = self.start_round + self.num_rounds
+        if budget.last_round(total) >= total:
+            self.info(f"DP budget ε={budget.epsilon:g} (δ={budget.delta:g}) holds for all {total} rounds")
+            return
+        self.num_rounds = max(0, budget.last_round(total) - self.start_round)
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
+        self.info(budget.reason(total))
 
     def _resume_from(self, folder: ResumeFolder, progress: RoundProgress | None) -> None:
         """Start after the interrupted job's last completed round, with its rounds' metrics and selector state."""

@@ -27,6 +27,7 @@ from fedllm.jobs.compression import QUANTIZATIONS, apply_compression, check_comp
 from fedllm.jobs.errors import JobSpecError
 from fedllm.jobs.exchange import apply_exchange_settings, apply_tensor_items, recipe_kwargs, wire_compression
 from fedllm.jobs.plan import JobPlan, plan_job
+from fedllm.jobs.privacy import DP_KEY, resolve_dp
 from fedllm.jobs.server_model import check_server_model, initial_args
 from fedllm.jobs.sites import Federation, unchecked_quantization_note
 from fedllm.jobs.template import JobTemplate, Mode
@@ -37,6 +38,7 @@ from fedllm.jobs.trainer_args import (
     coerce_switch_words,
     trainer_arguments,
 )
+from fedllm.training.dp import BudgetPlan
 
 __all__ = ["JobSpec", "JobSpecError", "cli_args", "create_job", "resolve_spec"]
 
@@ -47,7 +49,7 @@ JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The options of `fedllm job create` that set a trainer argument.
 OPTION_KEYS = {"model": "--model", "train": "--data", "val": "--validation"}
 # Trainer arguments job create derives from the mode and its options: never set by -a (they would be overridden).
-DERIVED_KEYS = {"epochs": "--local-epochs", "devices": "--devices", "rounds": "--rounds"}
+DERIVED_KEYS = {"epochs": "--local-epochs", "devices": "--devices", "rounds": "--rounds", DP_KEY: "--dp"}
 MAX_JOB_NAME = 128  # a folder name, with room for the staging folder's prefix and suffix
 
 
@@ -73,6 +75,8 @@ class JobSpec:
     notes: tuple[str, ...] = ()
     # Each site's processes, batch, precision, quantization and rank (fedllm.jobs.plan), as printed.
     plan: JobPlan | None = None
+    # --dp: the sites' DP-SGD settings and ε after each round (fedllm.jobs.privacy), as printed.
+    dp: BudgetPlan | None = None
 
 
 def resolve_spec(
@@ -93,6 +97,7 @@ def resolve_spec(
     site_overrides: dict[str, dict[str, Any]] | None = None,
     federation: Federation | None = None,
     fit: str = "batch",
+    dp: str | None = None,
 ) -> JobSpec:
     """Apply the mode's rules to the template defaults and the caller's options, and check the result.
 
@@ -101,6 +106,7 @@ def resolve_spec(
     the job's notes say what went unchecked. The trainer's arguments are checked against its own parser.
     `site_overrides` sets trainer arguments for single sites, e.g. {"site-3": {"devices": 2, "model": ...}}
     for a site that trains a TP-2 copy of the model on its GPU pair (its torchrun starts that many processes).
+    `dp` (`--dp epsilon=E,...`) trains every site with DP-SGD and plans the privacy budget (fedllm.jobs.privacy).
     """
     if mode not in MODES:
         raise JobSpecError(f"--mode {mode!r} is not a mode; use local, central or fedavg")
@@ -196,6 +202,11 @@ def resolve_spec(
         template, trainer, vars(parsed) if parsed is not None else args, site_args, federation, devices, fit
     )
     site_args = plan.site_args or site_args
+    budget = None
+    if dp is not None:
+        budget = resolve_dp(dp, template, trainer, rounds=r, local_epochs=e, devices=dev, site_args=site_args,
+                            extra_args=extra_args or {})  # fmt: skip
+        args[DP_KEY] = budget.settings.to_arg()
 
     if federation is not None:
         federation.check_compression(compression, list(site_args) or federation.site_names)
@@ -210,7 +221,9 @@ def resolve_spec(
                 _check_local_checkpoint({**args, **overrides}, int(overrides.get("devices", dev)))
     check_server_model(template, notes)
     initial = initial_args(template, args, parsed, notes)
-    return JobSpec(template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes), plan)
+    return JobSpec(
+        template, mode, job_name, n, r, e, dev, args, site_args, compression, initial, tuple(notes), plan, budget
+    )
 
 
 def _check_extra_args(extra_args: dict[str, Any], options: dict[str, Any]) -> None:
@@ -355,6 +368,8 @@ def create_job(spec: JobSpec, out_dir: Path, *, overwrite: bool = False) -> Path
         add_experiment_tracking(recipe, "tensorboard")
         if spec.template.final_evaluation and spec.mode != "local" and initial is not None:
             add_final_global_evaluation(recipe)
+        if spec.dp is not None and spec.dp.settings.epsilon is not None:
+            _add_dp_budget(recipe, spec.dp)
         # Sites stream their job logs to the server, so `fedllm job submit` can show a failing site's error.
         recipe.enable_log_streaming("log.txt")
         staging = Path(tmp) / "export"
@@ -366,6 +381,17 @@ def create_job(spec: JobSpec, out_dir: Path, *, overwrite: bool = False) -> Path
             shutil.rmtree(copied)
         _place(staging / spec.name, out_dir, job_dir, overwrite)
     return job_dir
+
+
+def _add_dp_budget(recipe, plan: BudgetPlan) -> None:
+    """The server's copy of the budget plan: it runs no round past the last one within ε (fedllm.flare.dp_budget)."""
+    from fedllm.flare.dp_budget import COMPONENT_ID, DPBudget
+
+    s = plan.settings
+    assert s.epsilon is not None
+    budget = DPBudget(plan.stop_round, s.epsilon, s.delta, list(plan.epsilons), s.noise_multiplier, s.sample_rate,
+                      plan.steps_per_round)  # fmt: skip
+    recipe._job.to_server(budget, id=COMPONENT_ID)  # NVFlare's recipes add server components through their job
 
 
 def _check_target(out_dir: Path, job_dir: Path, overwrite: bool) -> None:

@@ -27,6 +27,7 @@ from fedllm.results.metrics import (
     read_final_evaluation,
     read_site_scalars,
 )
+from fedllm.training.dp import METRIC_NAMES as DP_METRICS
 
 
 class ReportError(FedllmError):
@@ -52,6 +53,8 @@ class RunCurves:
     per_site: dict[str, float]  # each site's <metric> after its last round
     final: dict[str, float] = field(default_factory=dict)  # the final global model: {metric: mean over sites}
     skipped: list[str] = field(default_factory=list)  # what the numbers above leave out, and why
+    # A --dp run: each site's dp_* metrics after its last round (ε spent, δ, σ, q, steps), else empty.
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def headline(self) -> float | None:
@@ -125,8 +128,26 @@ def run_curves(result_dir: Path) -> RunCurves:
         values = [m[f"global_{name}"] for m in final_by_site.values() if f"global_{name}" in m]
         if values:
             final[name] = _mean(values)
+    privacy = {
+        site: dp
+        for site, m in last["sites"].items()
+        if (dp := {k: v for k in DP_METRICS if k in m and (v := numbers(last, k, m, site)) is not None})
+    }
     # Rounds run, from the last round's number: a damaged line in between leaves the count as it was.
-    return RunCurves(metric, last["round"] + 1, received, after, per_site, final, skipped)
+    return RunCurves(metric, last["round"] + 1, received, after, per_site, final, skipped, privacy)
+
+
+def privacy_line(label: str, c: RunCurves) -> str | None:
+    """A --dp run's privacy, as the report states it: the ε each site spent at the job's δ, and with what."""
+    if not c.privacy:
+        return None
+    first = next(iter(c.privacy.values()))
+    spent = ", ".join(f"{s} ε={m.get('dp_epsilon', float('nan')):.3f}" for s, m in sorted(c.privacy.items()))
+    return (
+        f"{label}: DP-SGD after {c.rounds} round(s): {spent} at δ={first.get('dp_delta', float('nan')):g} "
+        f"(σ={first.get('dp_noise_multiplier', float('nan')):.4g}, q={first.get('dp_sample_rate', float('nan')):g}, "
+        f"{first.get('dp_steps_total', float('nan')):.0f} steps; RDP accountant)"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -198,6 +219,9 @@ def write_report(runs: dict[str, Path], out_dir: Path, title: str = "validation"
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     png, markdown = out_dir / "report.png", out_dir / "report.md"
+    dp_lines = [line for label, c in loaded.items() if (line := privacy_line(label, c))]
+    if dp_lines:
+        lines += ["", "Differential privacy (record level, per site):", "", *(f"- {line}" for line in dp_lines)]
     table = "\n".join(lines) + "\n"
     warnings = [f"{label}: {note}" for label, c in loaded.items() for note in c.skipped]
     left_out = "".join(f"- {w}\n" for w in warnings)

@@ -34,6 +34,10 @@ Metric names (what reports and the server's round_metrics.jsonl read):
                                                takes FLModel.metrics to be the received model's)
     bytes_sent                                 bytes of the exchanged state this round (before filters)
     round_seconds                              wall time of the site's round (load → send)
+    dp_epsilon, dp_delta, dp_noise_multiplier, under `--dp` (a `DPTask`, fedllm.training.dp): the privacy the
+    dp_sample_rate, dp_steps_total             site has spent in the job's lineage so far; train_loss then
+                                               stays in the site's own TensorBoard (it is computed on
+                                               private records without noise) and leaves the site nowhere
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from nvflare.apis.dxo import MetaKey
 
-from fedllm.training.lineage import LineageState, RoundContext, state_root
+from fedllm.training.dp import LEDGER_NAME, STOPPED_META, DPError, DPSettings, SiteBudget, steps_per_round
+from fedllm.training.lineage import LineageState, RoundContext, safe_name, state_root
+
+PRIVATE_UNDER_DP = ("train_loss",)  # metrics a DP site keeps in its own TensorBoard only
 
 
 @dataclass
@@ -68,6 +75,15 @@ class SiteTask(Protocol):
     def train(self, epochs: int, seed: int) -> TrainOutcome: ...
 
     def evaluate(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class DPTask(SiteTask, Protocol):
+    """A SiteTask that can train a round with DP-SGD (fedllm.training.dp.dp_round) for `--dp` jobs."""
+
+    def train_dp(self, settings: DPSettings, steps: int, seed: int) -> TrainOutcome:
+        """`steps` DP-SGD steps with Poisson batches at the job's rate (an empty batch is a step: noise only)."""
+        ...
 
 
 @runtime_checkable
@@ -194,10 +210,11 @@ class MetricsLog:
 
             self._stream = FlareSummaryWriter()
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int, private: tuple[str, ...] = ()) -> None:
+        """`private` metrics go to the site's own TensorBoard only, never to the server."""
         for name, value in metrics.items():
             self._writer.add_scalar(name, value, step)
-            if self._stream is not None:
+            if self._stream is not None and name not in private:
                 self._stream.add_scalar(name, float(value), global_step=step)
         self._writer.flush()
 
@@ -205,12 +222,29 @@ class MetricsLog:
         self._writer.close()
 
 
-def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, seed: int) -> tuple[dict, dict, int]:
-    """One round on one site without NVFlare (unit-testable): returns (state to send, metrics, steps)."""
+def run_round(
+    task: SiteTask,
+    incoming_params: Mapping[str, Any],
+    epochs: int,
+    seed: int,
+    budget: SiteBudget | None = None,
+    round_: int = 0,
+) -> tuple[dict, dict, int]:
+    """One round on one site without NVFlare (unit-testable): returns (state to send, metrics, steps).
+
+    With a `budget` (a `--dp` job) the round trains with DP-SGD and is in the site's privacy ledger, on disk,
+    before anything leaves the site; its metrics then hold the dp_* numbers (and train_loss, for the site only).
+    """
     started = time.monotonic()
     task.load_exchanged_state(as_tensors(incoming_params))
     before = task.evaluate()
-    outcome = task.train(epochs, seed)
+    if budget is None:
+        outcome = task.train(epochs, seed)
+    else:
+        if not isinstance(task, DPTask):
+            raise DPError(f"{type(task).__name__} has no DP-SGD training: this trainer cannot run a --dp job")
+        outcome = task.train_dp(budget.settings, steps_per_round(budget.settings, epochs), seed)
+        budget.spend(outcome.steps, round_)
     after = task.evaluate()
     state = {k: v.detach().cpu().contiguous() for k, v in task.exchanged_state().items()}
     metrics = {
@@ -220,6 +254,7 @@ def run_round(task: SiteTask, incoming_params: Mapping[str, Any], epochs: int, s
         **outcome.metrics,
         "bytes_sent": float(state_bytes(state)),
         "round_seconds": time.monotonic() - started,
+        **(budget.metrics() if budget is not None else {}),
     }
     return state, metrics, outcome.steps
 
@@ -237,8 +272,9 @@ def run_site(
     seed: int = 0,
     tb_dir: str | None = None,
     log: Callable[[str], None] = print,
+    dp: DPSettings | None = None,
 ) -> None:
-    """The Client API loop: what every fedllm site runs inside an NVFlare job."""
+    """The Client API loop: what every fedllm site runs inside an NVFlare job (with DP-SGD where `dp` is given)."""
     import nvflare.client as flare
 
     flare.init()
@@ -249,6 +285,8 @@ def run_site(
     carried = (
         CarriedState(task, state_root(job_folder(site, job_id)), log) if isinstance(task, TrainerStateTask) else None
     )
+    budget: SiteBudget | None = None
+    private = PRIVATE_UNDER_DP if dp is not None else ()
     try:
         while flare.is_running():
             incoming = flare.receive()
@@ -262,14 +300,40 @@ def run_site(
                     carried.finish()
                 continue
             context = RoundContext.of_task(incoming, job_id)
+            if dp is not None:
+                budget = budget or SiteBudget(dp, ledger_path(site, job_id, context.lineage))
+                if (over := budget.would_exceed(steps_per_round(dp, epochs))) is not None:
+                    stop_over_budget(flare, budget, context, over, epochs, site, log, metrics_log)
+                    continue
             if carried is not None:
                 carried.begin(context)
-            state, metrics, steps = run_round(task, incoming.params, epochs, seed * 1000 + current)
+            state, metrics, steps = run_round(task, incoming.params, epochs, seed * 1000 + current, budget, current)
             if carried is not None:
                 carried.end(context)
-            metrics_log.log(metrics, current)
+            metrics_log.log(metrics, current, private)
+            metrics = {k: v for k, v in metrics.items() if k not in private}
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
             log(f"[{site}] round {current}: {shown} ({steps} steps)")
             flare.send(flare.FLModel(params=state, metrics=metrics, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}))
     finally:
         metrics_log.close()
+
+
+def ledger_path(site: str, job_id: str, lineage: str) -> Path:
+    """A site's privacy ledger of one job lineage: beside its trainer state, where a continuation job finds it."""
+    return state_root(job_folder(site, job_id)) / safe_name(lineage) / LEDGER_NAME
+
+
+def stop_over_budget(flare, budget: SiteBudget, context: RoundContext, over: float, epochs: int, site: str,
+                     log: Callable[[str], None], metrics_log: MetricsLog) -> None:  # fmt: skip
+    """The backstop: a round that would take the site past the job's ε is not trained; the site says why and
+    answers with its dp_* metrics and no weights (FedAvg skips an empty result)."""
+    settings = budget.settings
+    spent = budget.metrics()
+    log(
+        f"[{site}] round {context.round} NOT trained: its {steps_per_round(settings, epochs)} DP-SGD steps would take "
+        f"this site's ε from {spent['dp_epsilon']:.4g} to {over:.4g}, over the job's budget ε={settings.epsilon:g} "
+        f"(δ={settings.delta:g}); its privacy ledger is {budget.path}"
+    )
+    metrics_log.log(spent, context.round)
+    flare.send(flare.FLModel(metrics=spent, meta={STOPPED_META: True, MetaKey.NUM_STEPS_CURRENT_ROUND: 0}))

@@ -81,3 +81,17 @@ def test_initial_global_prompt_encoder_is_seeded() -> None:
     torch.manual_seed(123)
     state(0)
     assert torch.equal(torch.rand(1), expected)  # the caller's random stream is left alone
+
+
+def test_a_dp_round_changes_the_prompt_encoder(tiny_gpt) -> None:
+    from fedllm.training.dp import DPSettings
+
+    torch.manual_seed(0)
+    task = PTuningTask(str(tiny_gpt), sentiment_records(60, seed=5), sentiment_records(10, seed=6), lr=1e-2)
+    before = {k: v.clone() for k, v in prompt_encoder(task.model).state_dict().items()}
+    settings = DPSettings(delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25)
+    outcome = task.train_dp(settings, steps=3, seed=0)
+    after = prompt_encoder(task.model).state_dict()
+    assert outcome.steps == 3
+    assert all((after[k] - before[k]).abs().max() > 0 for k in before)  # every tensor moved (opacus#820's symptom)
+    assert all(p.grad_sample is None for p in prompt_encoder(task.model).parameters() if hasattr(p, "grad_sample"))

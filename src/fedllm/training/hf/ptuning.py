@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.training.dp import DPSettings, dp_round
 from fedllm.training.hf.common import (
     CausalLMTask,
     base_parser,
@@ -150,6 +151,37 @@ class PTuningTask(CausalLMTask):
             outcome = trainer.train()
         return TrainOutcome(steps=outcome.global_step, train_loss=outcome.training_loss)
 
+    def train_dp(self, settings: DPSettings, steps: int, seed: int) -> TrainOutcome:
+        """A round of DP-SGD on the prompt encoder (fedllm.training.dp), in fedllm's own loop, not the Trainer.
+
+        The Trainer's loss is the mean over every answer token of the batch, so one record's share of the gradient
+        depends on the others' lengths; here each record's loss is the mean over its own answer tokens and the
+        batch's loss the mean over its records, so a record's gradient is its own (what per-sample clipping
+        bounds). PEFT runs the encoder on the virtual tokens expanded to the batch, one row per record, so
+        Opacus' hooks on it see per-record activations. The model is on its device (the constructor) before the
+        hooks attach (opacus#820). AdamW (decay 0.01) and the template's LR, as without DP; no clipping after the noise.
+        """
+        encoder = prompt_encoder(self.model)
+        self.model.train()
+        optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=self.lr,
+                                      weight_decay=0.01)  # fmt: skip
+
+        def batch_loss(indices: list[int]) -> torch.Tensor:
+            batch = self._batch([self.train_examples[i] for i in indices])
+            labels = batch.pop("labels")
+            logits = self.model(**batch).logits
+            logits = logits[:, logits.shape[1] - labels.shape[1] :]  # drop the virtual tokens' positions
+            token_loss = nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100, reduction="none"
+            )
+            scored = (labels[:, 1:] != -100).float()
+            per_record = (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
+            return per_record.mean()
+
+        outcome = dp_round(encoder, optimizer, batch_loss, num_records=len(self.train_examples), settings=settings,
+                           steps=steps, seed=seed)  # fmt: skip
+        return TrainOutcome(steps=outcome.steps, train_loss=outcome.mean_loss)
+
     def exchanged_state(self) -> dict[str, torch.Tensor]:
         return dict(prompt_encoder(self.model).state_dict())
 
@@ -220,6 +252,7 @@ def parser():
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--num-virtual-tokens", type=int, default=10)
     p.add_argument("--encoder-hidden-size", type=int, default=0, help="prompt encoder MLP width (0: model's)")
+    p.add_argument("--dp", default="", help="DP-SGD settings (set by `fedllm job create --dp`)")
     return p
 
 
@@ -245,4 +278,5 @@ def build_task(args, site: str) -> PTuningTask:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    run_site(lambda site: build_task(args, site), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)
+    dp = DPSettings.from_arg(args.dp) if args.dp else None
+    run_site(lambda site: build_task(args, site), epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir, dp=dp)

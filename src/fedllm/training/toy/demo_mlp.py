@@ -22,6 +22,7 @@ from fedllm.data.io import DataError
 from fedllm.fileio import atomic_path
 from fedllm.flare.server_models import CLASSES, FEATURES, TinyClassifier
 from fedllm.training.core import TrainOutcome, resolve_path, run_site
+from fedllm.training.dp import DPSettings, dp_round
 
 # ---- data ---------------------------------------------------------------------------------
 
@@ -122,6 +123,17 @@ class ClassifierTask:
             last = float(np.mean(losses))
         return TrainOutcome(steps=steps, train_loss=last)
 
+    def train_dp(self, settings: DPSettings, steps: int, seed: int) -> TrainOutcome:
+        """The same SGD with DP-SGD (fedllm.training.dp): Poisson batches, per-record clipping, Gaussian noise."""
+        model = self._model()
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+
+        def batch_loss(indices: list[int]) -> torch.Tensor:
+            return nn.functional.cross_entropy(model(self.x[indices]), self.y[indices])  # mean of per-record losses
+
+        outcome = dp_round(model, opt, batch_loss, num_records=len(self.x), settings=settings, steps=steps, seed=seed)
+        return TrainOutcome(steps=outcome.steps, train_loss=outcome.mean_loss)
+
     def _model(self) -> TinyClassifier:
         if self.model is None:
             raise RuntimeError("no global model loaded yet: the server sends one before every round")
@@ -138,6 +150,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dp", default="", help="DP-SGD settings (set by `fedllm job create --dp`)")
     parser.add_argument("--tb-dir", default=None, help="TensorBoard dir (default: tb/ in the job workspace)")
     return parser
 
@@ -151,4 +164,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{site}] {len(train[0])} training and {len(val[0])} validation examples")
         return ClassifierTask(train, val, lr=args.lr, batch_size=args.batch_size)
 
-    run_site(build, epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir)
+    dp = DPSettings.from_arg(args.dp) if args.dp else None
+    run_site(build, epochs=args.epochs, seed=args.seed, tb_dir=args.tb_dir, dp=dp)
