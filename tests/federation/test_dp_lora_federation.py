@@ -1,8 +1,10 @@
 """hf-lora with record-level DP-SGD through the real federation: NVFlare's HF patch drives the DP Trainer.
 
-Two sites, two rounds, restore_state=True (NVFlare's patch): every round's result carries the site's ε, which
-equals Opacus' RDP analysis computed here for the same (q, σ, steps) to 1e-6; the steps add up across rounds; the
-global adapter moved; nothing computed on private records without noise reached the server's TensorBoard.
+Two sites, a job of three rounds whose budget holds two (restore_state=True, NVFlare's patch): every round's
+result carries the site's ε, which equals Opacus' RDP analysis computed here for the same (q, σ, steps) to 1e-6;
+the steps add up across rounds; the server ends the job after the second round, completed; the global adapter
+moved; nothing computed on private records without noise reached the server's TensorBoard; each site's ledger
+stays after the job.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, submit_job
 from fedllm.jobs.template import load_template
 from fedllm.results.metrics import load_global_state, read_round_metrics, read_site_scalars
+from fedllm.training.dp import LEDGER_NAME, PrivacyLedger
 from fedllm.training.hf.tiny_gpt import build_tiny_gpt
+from fedllm.training.lineage import STATE_ROOT
 
 pytestmark = pytest.mark.federation
 
 SIGMA, CLIP, Q, DELTA = 1.0, 1.0, 0.125, 1e-5
-RECORDS, ROUNDS = 48, 2
+RECORDS, ROUNDS = 48, 2  # rounds run: ε after rounds 1..3 = 3.79, 4.70, 5.41, so a budget of 5 holds 2 of 3
 STEPS = 8  # ceil(1 epoch / q)
+BUDGET = 5.0
 
 
 def _pairs(n: int, seed: int) -> list[dict[str, str]]:
@@ -48,19 +53,19 @@ def test_dp_lora_reports_the_accountants_epsilon_every_round(federation, data_ro
             root / "site-2.jsonl": _pairs(RECORDS, 4),
         }
     )
-    dp = f"noise={SIGMA},clip={CLIP},sample_rate={Q},delta={DELTA}"
     spec = resolve_spec(
-        load_template("hf-lora"), "fedavg", num_clients=2, rounds=ROUNDS, local_epochs=1,
+        load_template("hf-lora"), "fedavg", num_clients=2, rounds=ROUNDS + 1, local_epochs=1,
         model=str(build_tiny_gpt(log=lambda _m: None)), validation=str(root / "validation.jsonl"),
-        extra_args={"lr": 0.01, "max_length": 64, "logging_steps": 1, "grad_accum": 1, "gradient_checkpointing": False,
-                    "cpu_threads": 1, "dp": dp},
+        extra_args={"lr": 0.01, "max_length": 64, "logging_steps": 1, "cpu_threads": 1},
         data=[str(root / "site-1.jsonl"), str(root / "site-2.jsonl")], sites=["site-1", "site-2"],
+        dp=f"epsilon={BUDGET},noise={SIGMA},clip={CLIP},sample_rate={Q},delta={DELTA}",
     )  # fmt: skip
+    assert spec.dp is not None and (spec.dp.stop_round, spec.dp.steps_per_round) == (ROUNDS, STEPS)
     result = submit_job(federation, create_job(spec, tmp_path / "jobs"), download=tmp_path / "results", timeout=600)
     assert result.status == COMPLETED
 
     history = read_round_metrics(result.result_dir)
-    assert [r["round"] for r in history] == list(range(ROUNDS))
+    assert [r["round"] for r in history] == list(range(ROUNDS)), "the third round would exceed ε=5: none ran"
     for r in history:
         steps = STEPS * (r["round"] + 1)
         for site in ("site-1", "site-2"):
@@ -79,4 +84,11 @@ def test_dp_lora_reports_the_accountants_epsilon_every_round(federation, data_ro
         assert not tags & {"loss", "grad_norm", "train_loss", "num_tokens", "mean_token_accuracy", "entropy"}
         assert [s for s, _ in scalars[site]["dp_epsilon"]] == [STEPS * (r + 1) for r in range(ROUNDS)]
     log = (result.result_dir / "site_logs" / "site-1.log").read_text()
-    assert f"DP-SGD: {STEPS} Poisson steps per round (sample rate {Q:g}: expected batch 6 of {RECORDS}" in log
+    # The template's batch 4 × accumulation 2 do not apply: a step is one Poisson batch.
+    assert (
+        f"DP-SGD: {STEPS} Poisson steps per round (sample rate {Q:g}: expected batch 6 of {RECORDS} examples; "
+        "--batch-size 4 and --grad-accum 2 do not apply)" in log
+    )
+    for site in ("site-1", "site-2"):  # the record of what each site spent stays after the job
+        ledger = PrivacyLedger.load(federation.site(site) / STATE_ROOT / result.job_id / LEDGER_NAME)
+        assert [h[2] for h in ledger.history] == [STEPS] * ROUNDS

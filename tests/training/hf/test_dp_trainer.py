@@ -26,9 +26,9 @@ def _pairs(n: int, seed: int) -> list[dict[str, str]]:
     return [{"input": f"{r['sentence']} sentiment:", "output": r["label"]} for r in sentiment_records(n, seed=seed)]
 
 
-def _args(tiny_gpt: Path, *extra: str, method: str = "lora", dp: str = f"noise={SIGMA},clip={CLIP},sample_rate={Q}"):
+def _args(tiny_gpt: Path, *extra: str, dp: str = f"noise={SIGMA},clip={CLIP},sample_rate={Q}"):
     argv = ["--model", str(tiny_gpt), "--train", "-", "--val", "-", "--max-length", "64", "--lr", "0.01"]
-    args = parser(method).parse_args([*argv, "--dp", f"{dp},delta={DELTA}", *extra])
+    args = parser("lora").parse_args([*argv, "--dp", f"{dp},delta={DELTA}", *extra])
     args.model_path = str(tiny_gpt)
     return args
 
@@ -76,10 +76,13 @@ class _Observer:
 def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_step(tiny_gpt, tmp_path: Path) -> None:
     from peft import get_peft_model_state_dict
 
-    trainer = build_trainer(_args(tiny_gpt), "lora", _pairs(RECORDS, 1), _pairs(8, 2), tmp_path)
+    # The template's batch size and accumulation do not apply under DP (a step is one Poisson batch).
+    args = _args(tiny_gpt, "--grad-accum", "2", "--batch-size", "4")
+    trainer = build_trainer(args, "lora", _pairs(RECORDS, 1), _pairs(8, 2), tmp_path)
     steps = steps_per_round(trainer, 1)
     assert steps == 8 == round(1 / Q)
     assert trainer.args.max_grad_norm == 0, "the DP clip is per record; no second clip after the noise"
+    assert trainer.args.gradient_accumulation_steps == 1
     observer = _Observer(steps)
     trainer.add_callback(observer.callback)
     sent_keys = set(get_peft_model_state_dict(trainer.model))
@@ -257,7 +260,6 @@ def test_under_nvflare_a_refused_round_is_answered_as_stopped_with_no_weights(ti
     ("extra", "method", "match"),
     [
         (["--packing"], "lora", r"--packing packs several records"),
-        (["--grad-accum", "2"], "lora", r"--grad-accum 2: a DP step is one Poisson batch"),
         (["--gradient-checkpointing"], "lora", r"--gradient-checkpointing recomputes"),
         (["--devices", "2"], "lora", r"--devices 2: .* use --devices 1"),
         (["--precision", "fp16"], "lora", r"--precision fp16 scales the loss"),
@@ -267,4 +269,12 @@ def test_under_nvflare_a_refused_round_is_answered_as_stopped_with_no_weights(ti
 def test_what_breaks_record_level_dp_is_refused_with_the_fix(tiny_gpt, tmp_path, extra, method, match) -> None:
     data = _pairs(4, 1)
     with pytest.raises(TrainerOptionError, match=match):
-        build_trainer(_args(tiny_gpt, *extra, method=method), method, data, data, tmp_path)
+        build_trainer(_args(tiny_gpt, *extra), method, data, data, tmp_path)
+
+
+def test_full_sft_takes_no_dp_and_auto_precision_never_trains_dp_in_fp16() -> None:
+    from fedllm.training.hf.dp_trainer import dp_precision
+
+    with pytest.raises(SystemExit):  # argparse: unrecognized argument (job create refuses --dp for hf-sft)
+        parser("full").parse_args(["--model", "m", "--train", "-", "--val", "-", "--dp", "noise=1"])
+    assert [dp_precision(p) for p in ("fp16", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]

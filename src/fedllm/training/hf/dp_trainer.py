@@ -70,11 +70,6 @@ def check_dp_options(args: argparse.Namespace, method: str) -> None:
             "--padding-free flattens the batch into one sequence, so a sample is no longer one record",
         ),
         (
-            args.grad_accum != 1,
-            f"--grad-accum {args.grad_accum}: a DP step is one Poisson batch (raise the expected "
-            "batch with --dp sample_rate=... instead)",
-        ),
-        (
             args.gradient_checkpointing,
             "--gradient-checkpointing recomputes activations in backward, which Opacus' "
             "per-sample gradient hooks do not support",
@@ -98,6 +93,21 @@ def check_dp_options(args: argparse.Namespace, method: str) -> None:
     for refused, reason in refusals:
         if refused:
             raise TrainerOptionError(f"--dp: {reason}. Fix: {fix}")
+
+
+# TrainingArguments a DP trainer overrides: a step is one Poisson batch (the template's batch size and accumulation
+# do not apply: the expected batch is q × the site's records), and the clip is per record (--dp clip=C), not a
+# second clip of the noised sum.
+DP_TRAINER_OPTIONS = {"gradient_accumulation_steps": 1, "max_grad_norm": 0.0}
+
+
+def dp_precision(resolved: str) -> str:
+    """The precision a DP site trains in: "auto" resolved to fp16 (a GPU without bf16) becomes fp32.
+
+    fp16's loss scaling acts on the summed gradient, outside Opacus' per-sample clipping; an explicit fp16 is
+    refused by check_dp_options, this covers "auto".
+    """
+    return "fp32" if resolved == "fp16" else resolved
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

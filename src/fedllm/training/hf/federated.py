@@ -173,8 +173,9 @@ def run_federated(
     if private:
         log(
             f"[{site}] DP-SGD: {steps} Poisson steps per round (sample rate {trainer.dp.sample_rate:g}: expected batch "
-            f"{trainer.dp_expected_batch} of {len(trainer.train_dataset)} examples), noise σ={trainer.dp.noise_multiplier:g}, "
-            f"clip {trainer.dp.max_grad_norm:g}; ε spent so far {trainer.dp_budget.ledger.epsilon(trainer.dp.delta):.4g}"
+            f"{trainer.dp_expected_batch} of {len(trainer.train_dataset)} examples; --batch-size {args.batch_size} and "
+            f"--grad-accum {args.grad_accum} do not apply), noise σ={trainer.dp.noise_multiplier:g}, clip "
+            f"{trainer.dp.max_grad_norm:g}; ε spent so far {trainer.dp_budget.ledger.epsilon(trainer.dp.delta):.4g}"
         )
     else:
         batches = len(trainer.get_train_dataloader())

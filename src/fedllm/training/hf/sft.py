@@ -169,6 +169,10 @@ def build_trainer(
         dp_kwargs = dp_trainer_kwargs(args, output_dir)
         trainer_class = dp_trainer_class(trainer_class)
     precision = resolve_precision(args.precision)
+    if dp_kwargs:
+        from fedllm.training.hf.dp_trainer import dp_precision
+
+        precision = dp_precision(precision)
     model, tokenizer = load_model(
         args.model_path,
         method,
@@ -182,7 +186,9 @@ def build_trainer(
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     options = trainer_kwargs(args, str(output_dir), precision)
     if dp_kwargs:
-        options["max_grad_norm"] = 0.0  # the DP clip is per record (--dp clip=C); no second clip after the noise
+        from fedllm.training.hf.dp_trainer import DP_TRAINER_OPTIONS
+
+        options.update(DP_TRAINER_OPTIONS)
     config = SFTConfig(
         **options,
         max_length=min(args.max_length, context or args.max_length),
@@ -223,7 +229,8 @@ def parser(method: str) -> argparse.ArgumentParser:
     # A float: with --lora-ranks each site's alpha is the job's alpha/r times its own rank (fedllm.jobs.lora_ranks).
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--target-modules", default="", help="LoRA: comma-separated module names (empty: PEFT's default)")
-    p.add_argument("--dp", default="", help="record-level DP-SGD settings (set by `fedllm job create --dp`), LoRA only")
+    if method == "lora":  # full SFT has no DP-SGD (fedllm.training.hf.dp_trainer.check_dp_options says why)
+        p.add_argument("--dp", default="", help="record-level DP-SGD settings (set by `fedllm job create --dp`)")
     p.add_argument("--without-nvflare", default="", help="train once without NVFlare and save the model here")
     p.set_defaults(method=method)
     return p
