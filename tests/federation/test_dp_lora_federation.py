@@ -3,8 +3,8 @@
 Two sites, a job of three rounds whose budget holds two (restore_state=True, NVFlare's patch): every round's
 result carries the site's ε, which equals Opacus' RDP analysis computed here for the same (q, σ, steps) to 1e-6;
 the steps add up across rounds; the server ends the job after the second round, completed; the global adapter
-moved; nothing computed on private records without noise reached the server's TensorBoard; each site's ledger
-stays after the job.
+moved; nothing computed on private records without noise reached the server's TensorBoard (the training loss
+stays in the site's own); `fedllm report` states each site's ε; each site's ledger stays after the job.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, submit_job
 from fedllm.jobs.template import load_template
 from fedllm.results.metrics import load_global_state, read_round_metrics, read_site_scalars
+from fedllm.results.report import write_report
 from fedllm.training.dp import LEDGER_NAME, PrivacyLedger
 from fedllm.training.hf.tiny_gpt import build_tiny_gpt
 from fedllm.training.lineage import STATE_ROOT
@@ -89,6 +90,15 @@ def test_dp_lora_reports_the_accountants_epsilon_every_round(federation, data_ro
         f"DP-SGD: {STEPS} Poisson steps per round (sample rate {Q:g}: expected batch 6 of {RECORDS} examples; "
         "--batch-size 4 and --grad-accum 2 do not apply)" in log
     )
+    # The training loss stays in the site's own TensorBoard, every step of both rounds.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    own = EventAccumulator(str(federation.site("site-1") / result.job_id / "tb"), size_guidance={"scalars": 0})
+    own.Reload()
+    assert [e.step for e in own.Scalars("train/loss")] == list(range(1, ROUNDS * STEPS + 1))
+    # fedllm report states the privacy each site spent.
+    report = write_report({"dp-lora": result.result_dir}, tmp_path / "report")
+    assert f"site-2 ε={_oracle_epsilon(ROUNDS * STEPS):.3f}" in report.table
     for site in ("site-1", "site-2"):  # the record of what each site spent stays after the job
         ledger = PrivacyLedger.load(federation.site(site) / STATE_ROOT / result.job_id / LEDGER_NAME)
         assert [h[2] for h in ledger.history] == [STEPS] * ROUNDS

@@ -73,11 +73,33 @@ class _Observer:
         self.callback = Callback()
 
 
+def _SiteBoard():
+    from transformers.integrations import TensorBoardCallback
+
+    class SiteBoard(TensorBoardCallback):
+        """A TensorBoardCallback that records what it is given instead of writing events."""
+
+        def __init__(self):
+            super().__init__(tb_writer=object())
+            self.seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs or {}))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            return control
+
+    return SiteBoard()
+
+
 def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_step(tiny_gpt, tmp_path: Path) -> None:
     from peft import get_peft_model_state_dict
 
     # The template's batch size and accumulation do not apply under DP (a step is one Poisson batch).
-    args = _args(tiny_gpt, "--grad-accum", "2", "--batch-size", "4")
+    args = _args(tiny_gpt, "--grad-accum", "2", "--batch-size", "4", "--logging-steps", "1")
     trainer = build_trainer(args, "lora", _pairs(RECORDS, 1), _pairs(8, 2), tmp_path)
     steps = steps_per_round(trainer, 1)
     assert steps == 8 == round(1 / Q)
@@ -85,6 +107,8 @@ def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_s
     assert trainer.args.gradient_accumulation_steps == 1
     observer = _Observer(steps)
     trainer.add_callback(observer.callback)
+    site_board = _SiteBoard()  # the site's own TensorBoard (fedllm.training.hf.federated.site_tensorboard)
+    trainer.add_callback(site_board)
     sent_keys = set(get_peft_model_state_dict(trainer.model))
     before = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
 
@@ -111,6 +135,8 @@ def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_s
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert not logged & {"loss", "grad_norm", "train_loss", "num_tokens", "mean_token_accuracy", "entropy"}
     assert all(shareable_log(k) or k == "step" for k in logged)
+    # ... except to the site's own TensorBoard, which keeps the training curve (every step: logging_steps 1).
+    assert len([e for e in site_board.seen if "loss" in e]) == steps
     reported = [e for e in trainer.state.log_history if "dp_epsilon" in e]
     assert reported[-1]["dp_epsilon"] == pytest.approx(_oracle_epsilon(steps), abs=1e-6)
     assert reported[-1]["dp_steps_total"] == steps

@@ -11,8 +11,8 @@ four of its parts, each where the Trainer lets a subclass change it:
   PEFT state-dict keys NVFlare exchanges) and `DPOptimizer` around the Trainer's AdamW, attached once the
   Trainer has put the model on its device (opacus#820, peft#3409: hooks attached before leave LoRA unchanged);
 - what leaves the site: the training loss, gradient norm, token counts and TRL's token accuracy are computed on
-  private records without noise, so the Trainer logs (NVFlare streams them) only the LR, the epoch, runtimes,
-  evaluations on the validation set and the `dp_*` numbers. `DPReportingClientAPI` adds the `dp_*` numbers to
+  private records without noise, so they go to the site's own TensorBoard only; the Trainer logs (NVFlare
+  streams them) the LR, the epoch, runtimes, evaluations on the validation set and the `dp_*` numbers. `DPReportingClientAPI` adds the `dp_*` numbers to
   each round's result (round_metrics.jsonl, `fedllm report`) once the round is in the site's ledger.
 
 The accounting is fedllm.training.dp's: the site's `SiteBudget` (its `PrivacyLedger` beside the lineage's
@@ -268,6 +268,16 @@ def dp_trainer_class(base: type) -> type:
             return self.dp_steps_per_round * self.dp_expected_batch
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            """Only shareable entries go through the Trainer's log (its history, NVFlare's stream); the training
+            loss and the like reach the site's own TensorBoard alone (the Trainer's only TensorBoardCallback is
+            the site-local one, fedllm.training.hf.federated.site_tensorboard: report_to is none)."""
+            from transformers.integrations import TensorBoardCallback
+
+            private = {k: v for k, v in logs.items() if not shareable_log(k)}
+            if private:
+                for callback in self.callback_handler.callbacks:
+                    if isinstance(callback, TensorBoardCallback):
+                        callback.on_log(self.args, self.state, self.control, logs=private)
             super().log({k: v for k, v in logs.items() if shareable_log(k)}, start_time)
 
     class _SettleAtTrainEnd(TrainerCallback):
