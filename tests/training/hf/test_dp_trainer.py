@@ -304,3 +304,28 @@ def test_full_sft_takes_no_dp_and_auto_precision_never_trains_dp_in_fp16() -> No
     with pytest.raises(SystemExit):  # argparse: unrecognized argument (job create refuses --dp for hf-sft)
         parser("full").parse_args(["--model", "m", "--train", "-", "--val", "-", "--dp", "noise=1"])
     assert [dp_precision(p) for p in ("fp16", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
+
+
+def test_the_noise_cannot_be_replayed_from_the_jobs_seed(tiny_gpt, tmp_path: Path) -> None:
+    """Two sites with the same --seed and the same records draw other batches and other noise: whoever knows the
+    job's arguments cannot regenerate a site's noise and subtract it, nor tell which records a step used."""
+    from peft import get_peft_model_state_dict
+
+    from fedllm.training.hf.dp_trainer import EmptyBatchCollator
+
+    draws, noise = [], []
+    for run in range(2):
+        trainer = build_trainer(
+            _args(tiny_gpt, "--seed", "7"), "lora", _pairs(RECORDS, 1), _pairs(4, 2), tmp_path / f"{run}"
+        )
+        draws.append([list(batch) for batch in trainer.get_train_dataloader().batch_sampler])
+        # One noise-only step (an empty draw): what the optimizer adds is the noise alone.
+        trainer.create_optimizer()
+        before = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+        trainer.training_step(trainer.model, EmptyBatchCollator(trainer.data_collator, trainer.train_dataset[0])([]))
+        trainer.optimizer.step()
+        after = get_peft_model_state_dict(trainer.model)
+        noise.append({k: after[k] - before[k] for k in after})
+    assert len(draws[0]) == len(draws[1]) == 8 and draws[0] != draws[1]
+    assert all(d.abs().max() > 0 for d in noise[0].values())
+    assert all(not torch.equal(noise[0][k], noise[1][k]) for k in noise[0])

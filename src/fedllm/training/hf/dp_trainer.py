@@ -62,12 +62,8 @@ def check_dp_options(args: argparse.Namespace, method: str) -> None:
         )
     refusals = [
         (
-            getattr(args, "packing", False),
+            args.packing,
             "--packing packs several records into one sequence, so a sample is no longer one record",
-        ),
-        (
-            getattr(args, "padding_free", False),
-            "--padding-free flattens the batch into one sequence, so a sample is no longer one record",
         ),
         (
             args.gradient_checkpointing,
