@@ -174,6 +174,7 @@ def test_an_empty_poisson_draw_is_a_counted_noise_only_step(tiny_gpt, tmp_path: 
     assert max((after[k] - before[k]).abs().max().item() for k in after) > 0
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the first LoRA layer: see training_step
 def test_each_records_per_sample_gradient_is_the_gradient_of_its_own_loss(tiny_gpt, tmp_path: Path) -> None:
     """What DP-SGD clips must be one record's gradient: Opacus' hooks on the padded batch, with the Trainer's loss,
     against a backward pass of each record alone (lora_B made non-zero so that lora_A's gradients are too)."""
