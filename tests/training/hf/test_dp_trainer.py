@@ -95,7 +95,9 @@ def _SiteBoard():
     return SiteBoard()
 
 
-def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_step(tiny_gpt, tmp_path: Path) -> None:
+def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_step(
+    tiny_gpt, tmp_path: Path, capsys
+) -> None:
     from peft import get_peft_model_state_dict
 
     # The template's batch size and accumulation do not apply under DP (a step is one Poisson batch).
@@ -135,6 +137,8 @@ def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_s
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert not logged & {"loss", "grad_norm", "train_loss", "num_tokens", "mean_token_accuracy", "entropy"}
     assert all(shareable_log(k) or k == "step" for k in logged)
+    printed = capsys.readouterr().out  # the Trainer prints its logs; a site's job log streams to the server
+    assert "'dp_epsilon'" in printed and "'loss'" not in printed and "'grad_norm'" not in printed
     # ... except to the site's own TensorBoard, which keeps the training curve (every step: logging_steps 1).
     assert len([e for e in site_board.seen if "loss" in e]) == steps
     reported = [e for e in trainer.state.log_history if "dp_epsilon" in e]
