@@ -85,6 +85,7 @@ def test_dp_lora_reports_the_accountants_epsilon_every_round(federation, data_ro
         assert not tags & {"loss", "grad_norm", "train_loss", "num_tokens", "mean_token_accuracy", "entropy"}
         assert [s for s, _ in scalars[site]["dp_epsilon"]] == [STEPS * (r + 1) for r in range(ROUNDS)]
     log = (result.result_dir / "site_logs" / "site-1.log").read_text()
+    assert "'dp_epsilon'" in log and "'loss'" not in log and "train_loss" not in log  # the job log the server gets
     # The template's batch 4 × accumulation 2 do not apply: a step is one Poisson batch.
     assert (
         f"DP-SGD: {STEPS} Poisson steps per round (sample rate {Q:g}: expected batch 6 of {RECORDS} examples; "
