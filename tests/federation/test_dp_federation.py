@@ -52,6 +52,8 @@ def test_dp_job_reports_the_accountants_epsilon_and_stops_at_the_planned_round(f
         ledgers = list(federation.site(site).glob(f"fedllm-state/{result.job_id}/dp-ledger.json"))
         assert len(ledgers) == 1 and sum(h[2] for h in json.loads(ledgers[0].read_text())["history"]) == 20
 
+    server_log = (result.result_dir / "workspace" / "log.txt").read_text(errors="replace")
+    assert "round 2 would take it to ε=4.848" in server_log and "the job ends after round 1 of 4" in server_log
     # It ended as any job does: its global model saved and evaluated by every site.
     assert load_global_state(result.result_dir)
     assert set(read_final_evaluation(result.result_dir)) == set(SITES)

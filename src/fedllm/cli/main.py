@@ -54,13 +54,18 @@ def demo(
         "workspace/demo", "-w", "--workspace", help="Where the demo keeps kits, data, results."
     ),
     rounds: int = typer.Option(5, min=1, help="FedAvg rounds."),
+    dp: str | None = typer.Option(
+        None,
+        help="Train the FedAvg job with DP-SGD at this budget, e.g. --dp epsilon=8 (δ 1e-5, below 1/300 per site; "
+        "as `fedllm job create --dp`).",
+    ),
 ) -> None:
     """Federated p-tuning of a tiny GPT on 3 local sites vs each site alone: accuracies and a plot."""
     from pathlib import Path
 
     from fedllm.apps.demo import run_demo
 
-    run_demo(Path(workspace), rounds=rounds, console=console)
+    run_demo(Path(workspace), rounds=rounds, console=console, dp=dp)
 
 
 def main(argv: list[str] | None = None) -> int:
