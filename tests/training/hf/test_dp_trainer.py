@@ -1,8 +1,9 @@
 """Record-level DP-SGD for LoRA in TRL's SFTTrainer (fedllm.training.hf.dp_trainer), on a tiny GPT, without NVFlare.
 
 Two rounds run the way NVFlare's patch runs them with restore_state=True: the Trainer saves a checkpoint at the
-round's last step, and the next train() resumes from it with max_steps extended by one round. ε is checked against
-Opacus' RDP analysis computed here directly (not through fedllm's ledger or Opacus' accountant object).
+round's last step, and the next train() resumes from it with max_steps extended by one round; a third round runs
+in a new Trainer, as a continuation job after a restart does. ε is checked against Opacus' RDP analysis computed
+here directly (not through fedllm's ledger or Opacus' accountant object).
 """
 
 from __future__ import annotations
@@ -156,6 +157,20 @@ def test_dp_lora_rounds_train_the_adapter_on_poisson_batches_and_account_every_s
     assert [h[2] for h in ledger.history] == [steps, steps]
     assert ledger.epsilon(DELTA) == pytest.approx(_oracle_epsilon(2 * steps), abs=1e-6)
     assert trainer.dp_settle_round()["dp_epsilon"] == pytest.approx(_oracle_epsilon(2 * steps), abs=1e-6)
+
+    # A continuation job after a restart: a new process (a new Trainer on the same lineage folder) resumes round
+    # 2's checkpoint for round 3; its ledger goes on from the 16 steps spent, its AdamW from round 2's moments.
+    resumed = build_trainer(args, "lora", _pairs(RECORDS, 1), _pairs(8, 2), tmp_path)
+    resumed.add_callback(_Observer(steps).callback)
+    assert resumed.dp_budget.ledger.steps_total == 2 * steps
+    resumed.args.max_steps = 3 * steps
+    resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{2 * steps}"))
+    assert resumed.state.global_step == 3 * steps and resumed.dp_steps_taken == steps
+    adam_steps = {int(s["step"]) for s in resumed.optimizer.optimizer.original_optimizer.state.values()}
+    assert adam_steps == {3 * steps}
+    assert PrivacyLedger.load(tmp_path / LEDGER_NAME).epsilon(DELTA) == pytest.approx(
+        _oracle_epsilon(3 * steps), abs=1e-6
+    )
 
 
 def test_an_empty_poisson_draw_is_a_counted_noise_only_step(tiny_gpt, tmp_path: Path) -> None:
