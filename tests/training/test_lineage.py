@@ -144,3 +144,18 @@ def test_round_context_of_a_task_and_of_a_server_that_sends_no_lineage() -> None
     assert RoundContext.of_task(plain, "this-job") == RoundContext("this-job", 2, 3)
     assert LineageState(Path("/s"), "../x").folder == Path("/s/.._x")
     assert LineageState(Path("/s"), "..").folder == Path("/s/_")
+
+
+def test_a_finished_lineage_keeps_only_a_dp_sites_privacy_ledger(tmp_path: Path) -> None:
+    from fedllm.training.dp import LEDGER_NAME, DPSettings, PrivacyLedger
+
+    state = LineageState(tmp_path, "job-1")
+    snapshot = state.folder / "checkpoint-8"
+    snapshot.mkdir(parents=True)
+    state.mark(snapshot, 0)
+    ledger = PrivacyLedger()
+    ledger.record(DPSettings(delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.125), 8, 0)
+    ledger.save(state.folder / LEDGER_NAME)
+    state.finish()
+    assert [p.name for p in state.folder.iterdir()] == [LEDGER_NAME]  # the record of the privacy it spent
+    assert PrivacyLedger.load(state.folder / LEDGER_NAME).steps_total == 8

@@ -20,10 +20,10 @@ How many are kept: when the server sends round r's task its checkpoint of round 
 writer keeps at most two writes in flight, fedllm.flare.fedavg.CheckpointWriter), so a continuation
 never starts before round r-1 and needs no snapshot before r-2. At the start of round r the site keeps
 r-2 and r-1, and after training it adds r: at most `KEEP_SNAPSHOTS` = 3 on disk. The last round's own
-snapshot is never needed and goes at once; the folder goes when the site receives the final global
-model's evaluation after the last round (the server sends it once every checkpoint is on disk), or
-at once for a 1-round job. A job that ends otherwise (aborted, failed, or continued with no round
-left to train) leaves its folder behind.
+snapshot is never needed and goes at once; the folder goes (all but a DP site's privacy ledger, which
+stays) when the site receives the final global model's evaluation after the last round (the server
+sends it once every checkpoint is on disk), or at once for a 1-round job. A job that ends otherwise
+(aborted, failed, or continued with no round left to train) leaves its folder behind.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any
 
 from fedllm.fileio import fsync_path, write_text
 from fedllm.flare.fedavg import LINEAGE_META
+from fedllm.training.dp import LEDGER_NAME
 
 STATE_ROOT = "fedllm-state"  # beside the job folders in the site's workspace
 MARKER = "fedllm_round.json"
@@ -134,8 +135,19 @@ class LineageState:
             self.finish()
 
     def finish(self) -> None:
-        """The lineage is over here: nothing of it is needed any more."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The lineage is over here: nothing of it is needed any more but a DP site's privacy ledger
+        (fedllm.training.dp), the record of the privacy it spent, which stays for its privacy officer."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name == LEDGER_NAME and path.is_file():
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
 
 def state_root(job_folder: Path) -> Path:

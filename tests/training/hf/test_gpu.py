@@ -56,3 +56,35 @@ def test_ptuning_and_lora_rounds_on_gpu(tiny_gpt, tmp_path) -> None:
         f"LoRA (SFTTrainer): {steps} steps, {(time.monotonic() - started) / steps * 1000:.1f} ms/step, peak {peak:.0f} MiB"
     )
     assert trainer.evaluate()["val_loss"] < before
+
+
+def test_dp_lora_round_on_gpu(tiny_gpt, tmp_path) -> None:
+    """DP-SGD for LoRA on the GPU (bf16 autocast where the GPU has it): the hooks see the adapter on its device
+    (opacus#820: LoRA must change), every step has per-sample gradients (mostly-ai/mostlyai-engine#274), and ε
+    is the ledger's."""
+    from peft import get_peft_model_state_dict
+
+    from fedllm.training.hf.sft import steps_per_round
+
+    pairs = [{"input": f"{r['sentence']} sentiment:", "output": r["label"]} for r in sentiment_records(300, 3)]
+    argv = ["--model", str(tiny_gpt), "--train", "-", "--val", "-", "--lr", "0.01"]
+    args = parser("lora").parse_args([*argv, "--dp", "noise=1.0,clip=1.0,sample_rate=0.05,delta=1e-5"])
+    args.model_path = str(tiny_gpt)
+    trainer = build_trainer(args, "lora", pairs, pairs[:50], tmp_path)
+    assert not trainer.args.fp16, "DP never trains in fp16"
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    trainer.args.max_steps = steps_per_round(trainer, 1)
+    torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    trainer.train()
+    torch.cuda.synchronize()
+    steps = trainer.dp_steps_taken
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    precision = "bf16" if trainer.args.bf16 else "fp32"
+    print(
+        f"DP LoRA ({precision}): {steps} steps, {(time.monotonic() - started) / steps * 1000:.1f} ms/step, peak {peak:.0f} MiB"
+    )
+    assert steps == 20 and next(trainer.model.parameters()).is_cuda
+    after = get_peft_model_state_dict(trainer.model)
+    assert max((after[k].float() - before[k].float()).abs().max().item() for k in after) > 0
+    assert trainer.dp_settle_round()["dp_steps_total"] == 20

@@ -157,6 +157,11 @@ def run_federated(
     state = LineageState(root, lineage.lineage)
     train, val = read_data(site)
     trainer = build_trainer(args, train, val, state.folder, [])
+    private = hasattr(trainer, "dp_settle_round")  # record-level DP (fedllm.training.hf.dp_trainer)
+    if private:
+        from fedllm.training.hf.dp_trainer import DPReportingClientAPI
+
+        context.api = DPReportingClientAPI(context.api, trainer, lambda m: log(f"[{site}] {m}"))
     steps = steps_per_round(trainer, args.epochs)
     # The schedule spans the lineage's rounds (NVFlare's patch sets max_steps = steps × total_rounds).
     trainer.args.warmup_steps = warmup_steps(args.warmup_ratio, steps * lineage.total_rounds)
@@ -165,11 +170,19 @@ def run_federated(
     trainer.add_callback(snapshots)
     if rank == 0:
         trainer.add_callback(site_tensorboard(tensorboard_dir(args.tb_dir, site, job_id)))
-    batches = len(trainer.get_train_dataloader())
-    log(
-        f"[{site}] rank {rank}/{world_size}: {batches} batches of {args.batch_size} per epoch "
-        f"(this rank's shard of {len(trainer.train_dataset)} examples), {steps} optimizer steps per round"
-    )
+    if private:
+        log(
+            f"[{site}] DP-SGD: {steps} Poisson steps per round (sample rate {trainer.dp.sample_rate:g}: expected batch "
+            f"{trainer.dp_expected_batch} of {len(trainer.train_dataset)} examples; --batch-size {args.batch_size} and "
+            f"--grad-accum {args.grad_accum} do not apply), noise σ={trainer.dp.noise_multiplier:g}, clip "
+            f"{trainer.dp.max_grad_norm:g}; ε spent so far {trainer.dp_budget.ledger.epsilon(trainer.dp.delta):.4g}"
+        )
+    else:
+        batches = len(trainer.get_train_dataloader())
+        log(
+            f"[{site}] rank {rank}/{world_size}: {batches} batches of {args.batch_size} per epoch "
+            f"(this rank's shard of {len(trainer.train_dataset)} examples), {steps} optimizer steps per round"
+        )
     flare.patch(trainer, restore_state=True, local_steps=steps, stream_metrics=True)
     trained: RoundContext | None = None  # the last round this process trained
     while flare.is_running():
@@ -185,6 +198,8 @@ def run_federated(
             elif rank == 0:
                 state.begin_round(context.round)
             snapshots.context = context
+            if private:
+                trainer.dp_round = context.round
         trainer.evaluate(metric_key_prefix="global_val")
         trainer.train(**({"resume_from_checkpoint": str(resume)} if resume is not None else {}))
         if training:

@@ -161,7 +161,18 @@ def build_trainer(
     from trl import SFTConfig
 
     check_distribution(args)
+    trainer_class, dp_kwargs = _trainer_class(), {}
+    if getattr(args, "dp", ""):  # record-level DP-SGD (fedllm.training.hf.dp_trainer)
+        from fedllm.training.hf.dp_trainer import check_dp_options, dp_trainer_class, dp_trainer_kwargs
+
+        check_dp_options(args, method)
+        dp_kwargs = dp_trainer_kwargs(args, output_dir)
+        trainer_class = dp_trainer_class(trainer_class)
     precision = resolve_precision(args.precision)
+    if dp_kwargs:
+        from fedllm.training.hf.dp_trainer import dp_precision
+
+        precision = dp_precision(precision)
     model, tokenizer = load_model(
         args.model_path,
         method,
@@ -173,26 +184,38 @@ def build_trainer(
         gradient_checkpointing=args.gradient_checkpointing,
     )
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    options = trainer_kwargs(args, str(output_dir), precision)
+    if dp_kwargs:
+        from fedllm.training.hf.dp_trainer import DP_TRAINER_OPTIONS
+
+        options.update(DP_TRAINER_OPTIONS)
     config = SFTConfig(
-        **trainer_kwargs(args, str(output_dir), precision),
+        **options,
         max_length=min(args.max_length, context or args.max_length),
         truncation_mode="keep_end",  # long prompts lose their start, never the answer
         completion_only_loss=True,
         packing=args.packing,
         dataset_num_proc=None,
     )
-    return _trainer_class()(
+    return trainer_class(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(sft_records(train, args.chat_template)),
         eval_dataset=Dataset.from_list(sft_records(val, args.chat_template)),
         processing_class=tokenizer,
         callbacks=[seed_at_train_begin(), *(callbacks or [])],
+        **dp_kwargs,
     )
 
 
 def steps_per_round(trainer, epochs: float) -> int:
-    """Optimizer steps of `epochs` passes over this rank's shard (what NVFlare's budget counts too)."""
+    """Optimizer steps of `epochs` passes over this rank's shard (what NVFlare's budget counts too).
+
+    Under DP a round is `ceil(epochs / q)` Poisson steps, the same at every site (fedllm.training.dp).
+    """
+    dp_steps = getattr(trainer, "dp_steps_per_round", None)
+    if dp_steps is not None:
+        return dp_steps
     batches = len(trainer.get_train_dataloader())
     return math.ceil(epochs * math.ceil(batches / trainer.args.gradient_accumulation_steps))
 
@@ -206,6 +229,8 @@ def parser(method: str) -> argparse.ArgumentParser:
     # A float: with --lora-ranks each site's alpha is the job's alpha/r times its own rank (fedllm.jobs.lora_ranks).
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--target-modules", default="", help="LoRA: comma-separated module names (empty: PEFT's default)")
+    if method == "lora":  # full SFT has no DP-SGD (fedllm.training.hf.dp_trainer.check_dp_options says why)
+        p.add_argument("--dp", default="", help="record-level DP-SGD settings (set by `fedllm job create --dp`)")
     p.add_argument("--without-nvflare", default="", help="train once without NVFlare and save the model here")
     p.set_defaults(method=method)
     return p
