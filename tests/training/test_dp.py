@@ -104,13 +104,29 @@ def test_poisson_batches_vary_and_empty_batches_are_noise_only_steps() -> None:
     settings = DPSettings(delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.04)
     outcome = dp_round(model, torch.optim.SGD(model.parameters(), lr=0.1),
                        lambda i: torch.nn.functional.cross_entropy(model(x[i]), y[i]),
-                       num_records=50, settings=settings, steps=60, seed=3)  # fmt: skip
-    assert outcome.steps == 60 == len(outcome.batch_sizes)
+                       num_records=50, settings=settings, steps=120)  # fmt: skip
+    assert outcome.steps == 120 == len(outcome.batch_sizes)
     assert len(set(outcome.batch_sizes)) >= 3  # Poisson: the size varies around q·n = 2
     assert 0 in outcome.batch_sizes  # and is sometimes empty: still a step, counted
     assert abs(np.mean(outcome.batch_sizes) - 2) < 1
     assert (model.weight - before).abs().max() > 0
     assert not hasattr(model.weight, "grad_sample") or model.weight.grad_sample is None  # hooks removed
+
+
+def test_the_noise_and_the_draws_cannot_be_replayed() -> None:
+    """Two rounds from the same weights, data and job seed differ: the noise and the Poisson draws come from the OS."""
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 2, (50,))
+    settings = DPSettings(delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)  # what a job's --seed would fix
+        model = torch.nn.Linear(4, 2)
+        outcome = dp_round(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           lambda i, m=model: torch.nn.functional.cross_entropy(m(x[i]), y[i]),
+                           num_records=50, settings=settings, steps=5)  # fmt: skip
+        results.append((model.weight.detach().clone(), outcome.batch_sizes))
+    assert (results[0][0] - results[1][0]).abs().max() > 0
 
 
 def test_a_dp_round_changes_the_demo_mlp_weights() -> None:

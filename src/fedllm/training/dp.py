@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -285,6 +286,11 @@ class DPRoundOutcome:
     mean_loss: float  # over the non-empty batches; stays in the site's own TensorBoard
 
 
+def os_seeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the operating system's randomness: DP noise and sampling no one can replay."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
 def dp_round(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -293,14 +299,15 @@ def dp_round(
     num_records: int,
     settings: DPSettings,
     steps: int,
-    seed: int,
 ) -> DPRoundOutcome:
     """`steps` DP-SGD steps on `module`'s trainable parameters (on their device already: opacus#820).
 
     `batch_loss(indices)` returns the mean over those records of each record's own loss (a per-record loss, so one
     record's gradient is its own). The per-sample gradients come from Opacus' hooks on `module` (non-wrapping:
     the caller's module and state-dict keys stay as they are); `optimizer` is wrapped in `DPOptimizer` for the
-    round. A step whose Poisson batch is empty adds noise only, and counts.
+    round. A step whose Poisson batch is empty adds noise only, and counts. The noise and the Poisson draws come
+    from generators the operating system seeds (`os_seeded_generator`), never from the job's `--seed`: whoever
+    knows the seed could otherwise replay the noise and subtract it, or tell which records a step used.
     """
     import warnings
 
@@ -313,7 +320,7 @@ def dp_round(
     module.train()  # Opacus validates train mode before it attaches
     trainable = [p for p in module.parameters() if p.requires_grad]
     hooks = GradSampleHooks(module, batch_first=True, loss_reduction="mean")
-    noise_gen = torch.Generator(device=trainable[0].device).manual_seed(seed + 1)
+    noise_gen = os_seeded_generator(trainable[0].device)
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=settings.noise_multiplier,
@@ -325,7 +332,7 @@ def dp_round(
     sampler = UniformWithReplacementSampler(
         num_samples=num_records,
         sample_rate=settings.sample_rate,
-        generator=torch.Generator().manual_seed(seed),
+        generator=os_seeded_generator(),
         steps=steps,
     )
     sizes: list[int] = []

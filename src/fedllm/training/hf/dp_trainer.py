@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import secrets
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,7 +36,15 @@ from typing import Any
 
 import torch
 
-from fedllm.training.dp import LEDGER_NAME, STOPPED_META, DPError, DPSettings, SiteBudget, steps_per_round
+from fedllm.training.dp import (
+    LEDGER_NAME,
+    STOPPED_META,
+    DPError,
+    DPSettings,
+    SiteBudget,
+    os_seeded_generator,
+    steps_per_round,
+)
 from fedllm.training.hf.trainer_options import TrainerOptionError
 
 # What a DP trainer may log (and NVFlare may stream): nothing computed from private records without noise.
@@ -133,10 +140,6 @@ class EmptyBatchCollator:
         return {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in self._collate([self._template]).items()}
 
 
-def _os_seeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
-
 def dp_trainer_class(base: type) -> type:
     """`base` (fedllm's SFTTrainer) with DP-SGD: Poisson batches, per-record loss, Opacus' clipping and noise."""
     from transformers import TrainerCallback
@@ -157,7 +160,7 @@ def dp_trainer_class(base: type) -> type:
             self._dp_hooks = None
             self._dp_round_start = 0
             self._dp_settled = True
-            self._dp_sampler_generator = _os_seeded_generator()
+            self._dp_sampler_generator = os_seeded_generator()
             self.dp_stopped = False  # the last train() was refused (over the budget): no step was taken
             self.dp_answer_refusals = False  # raise on a refused round; DPReportingClientAPI answers it instead
             self.dp_log: Callable[[str], None] = print
@@ -196,7 +199,7 @@ def dp_trainer_class(base: type) -> type:
                 max_grad_norm=self.dp.max_grad_norm,
                 expected_batch_size=self.dp_expected_batch,
                 loss_reduction="mean",
-                generator=_os_seeded_generator(device),
+                generator=os_seeded_generator(device),
             )
             self._dp_optimizer.attach_step_hook(self._count_step)
             self.optimizer = self._dp_optimizer

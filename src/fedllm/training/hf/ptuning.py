@@ -179,7 +179,7 @@ class PTuningTask(CausalLMTask):
             return per_record.mean()
 
         outcome = dp_round(encoder, optimizer, batch_loss, num_records=len(self.train_examples), settings=settings,
-                           steps=steps, seed=seed)  # fmt: skip
+                           steps=steps)  # fmt: skip
         return TrainOutcome(steps=outcome.steps, train_loss=outcome.mean_loss)
 
     def exchanged_state(self) -> dict[str, torch.Tensor]:

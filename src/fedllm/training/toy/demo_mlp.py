@@ -131,7 +131,7 @@ class ClassifierTask:
         def batch_loss(indices: list[int]) -> torch.Tensor:
             return nn.functional.cross_entropy(model(self.x[indices]), self.y[indices])  # mean of per-record losses
 
-        outcome = dp_round(model, opt, batch_loss, num_records=len(self.x), settings=settings, steps=steps, seed=seed)
+        outcome = dp_round(model, opt, batch_loss, num_records=len(self.x), settings=settings, steps=steps)
         return TrainOutcome(steps=outcome.steps, train_loss=outcome.mean_loss)
 
     def _model(self) -> TinyClassifier:
