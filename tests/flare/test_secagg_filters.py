@@ -28,7 +28,7 @@ from fedllm.flare.secagg.client import (
 )
 from fedllm.flare.secagg.filters import SecAggMask, SecAggRemember
 from fedllm.flare.secagg.protocol import SecAggError, SecAggParams, ServerSession
-from fedllm.flare.secagg.vectors import CLAMPED_METRIC, SECAGG_META, WEIGHT_SLOT, Layout
+from fedllm.flare.secagg.vectors import CLAMPED_METRIC, SECAGG_META, WEIGHT_CAPPED_METRIC, WEIGHT_SLOT, Layout
 
 SITES = ["site-1", "site-2", "site-3"]
 JOB = "job-1"
@@ -120,7 +120,12 @@ def test_a_round_through_the_handlers_and_filters_gives_the_weighted_mean_update
         assert all(v.dtype == np.uint32 for v in dxo.data.values()) and WEIGHT_SLOT in dxo.data
         assert dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 1, "the step count does not travel in the clear"
         assert dxo.meta[SECAGG_META]["site"] == name
-        assert dxo.meta[MetaKey.INITIAL_METRICS] == {"train_loss": 0.5, CLAMPED_METRIC: 1.0, "bytes_on_wire": 124.0}
+        assert dxo.meta[MetaKey.INITIAL_METRICS] == {
+            "train_loss": 0.5,
+            CLAMPED_METRIC: 1.0,
+            WEIGHT_CAPPED_METRIC: 0.0,
+            "bytes_on_wire": 124.0,
+        }
         layout = Layout.of(dxo.data)
         session.add_masked(name, np.concatenate([layout.flatten(dxo.data, np.uint32), dxo.data[WEIGHT_SLOT]]))
 
@@ -133,6 +138,20 @@ def test_a_round_through_the_handlers_and_filters_gives_the_weighted_mean_update
     bound = session.error_bound(weight_sum)
     assert np.abs(total / weight_sum - expected).max() <= bound
     assert weight_sum == pytest.approx(sum(steps.values()) / 1000, abs=1e-6)
+
+
+def test_a_weight_above_the_max_weight_is_counted_as_it_and_said() -> None:
+    """Nothing silently wrong: a site whose FedAvg weight exceeds max_weight reports it (metric and log)."""
+    sites = {name: Site(name) for name in SITES}
+    _key_exchange(sites)
+    g = _global()
+    metrics = {}
+    for name, site in sites.items():
+        SecAggRemember().process(_task(g), site.ctx)
+        trained = {k: v + 0.01 for k, v in g.items()}
+        sent = from_shareable(SecAggMask().process(_result(trained, 2000 if name == "site-1" else 10), site.ctx))
+        metrics[name] = sent.meta[MetaKey.INITIAL_METRICS][WEIGHT_CAPPED_METRIC]
+    assert metrics == {"site-1": 1.0, "site-2": 0.0, "site-3": 0.0}
 
 
 def test_a_site_answers_each_stage_once_and_never_unmasks_twice() -> None:

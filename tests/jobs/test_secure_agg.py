@@ -54,6 +54,9 @@ def test_secure_agg_job_wires_the_masking_server_and_sites(tmp_path: Path) -> No
     (out_filters,) = client["task_result_filters"]
     paths = [f["path"].rsplit(".", 1)[1] for f in out_filters["filters"]]
     assert paths == ["SecAggMask", "WireViews"]  # the mask is the last filter but the wire's own
+    # Both ends know the largest weight counted as is (default 1000; --secagg-max-weight).
+    assert components["fedllm_secagg"]["args"]["max_weight"] == 1000.0
+    assert {c["id"]: c for c in client["components"]}["fedllm_secagg_client"]["args"]["max_weight"] == 1000.0
     (in_filters,) = client["task_data_filters"]
     assert [f["path"].rsplit(".", 1)[1] for f in in_filters["filters"]] == ["SecAggRemember"]
 
@@ -79,6 +82,7 @@ def test_a_plain_job_has_no_secure_aggregation_but_the_inert_capture_hook(tmp_pa
         (["--mode", "local"], 3, "--secure-agg with --mode local: there is no aggregate to hide"),
         (["--mode", "central"], 3, "--secure-agg with --mode central"),
         (["--secagg-clip", "0"], 3, "--secagg-clip 0: a clip bound is > 0"),
+        (["--secagg-max-weight", "0"], 3, "--secagg-max-weight 0: the largest FedAvg weight is > 0"),
     ],
 )
 def test_refused_at_create_time_with_the_numbers_and_the_fix(tmp_path: Path, args, sites, message) -> None:

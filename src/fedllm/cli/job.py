@@ -113,6 +113,13 @@ def create(
         float | None,
         typer.Option(help="With --secure-agg: each site clamps its update to ±CLIP per value (default 1.0)."),
     ] = None,
+    secagg_max_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="With --secure-agg: the largest FedAvg weight (a site's steps, or examples on the HF Trainer path) "
+            "counted as is; a larger one counts as this, and the site says so (default 1000)."
+        ),
+    ] = None,
     dp: Annotated[
         str | None,
         typer.Option(
@@ -143,7 +150,7 @@ def create(
     loaded = load_template(template)
     extra_args = parse_assignments(arg or [])
     site_overrides = _site_overrides(loaded, site or [], federation)
-    secure = _secure_agg(secure_agg, secagg_threshold, secagg_min_sites, secagg_clip)
+    secure = _secure_agg(secure_agg, secagg_threshold, secagg_min_sites, secagg_clip, secagg_max_weight)
     _apply_lora_ranks(loaded, lora_ranks, extra_args, site_overrides, federation)
     spec = resolve_spec(
         loaded,
@@ -184,11 +191,18 @@ def create(
     _print_submit_hints(job_dir, federation.config.project if federation else "", config, workspace)
 
 
-def _secure_agg(enabled: bool, threshold: int | None, min_sites: int | None, clip: float | None):
+def _secure_agg(
+    enabled: bool, threshold: int | None, min_sites: int | None, clip: float | None, max_weight: float | None
+):
     """--secure-agg and its settings; a setting without the switch is a usage error (it would do nothing)."""
     from fedllm.jobs.secure_agg import SecureAggregation
 
-    given = {"--secagg-threshold": threshold, "--secagg-min-sites": min_sites, "--secagg-clip": clip}
+    given = {
+        "--secagg-threshold": threshold,
+        "--secagg-min-sites": min_sites,
+        "--secagg-clip": clip,
+        "--secagg-max-weight": max_weight,
+    }
     if not enabled:
         for option, value in given.items():
             if value is not None:
@@ -196,7 +210,8 @@ def _secure_agg(enabled: bool, threshold: int | None, min_sites: int | None, cli
                     f"{option} applies to secure aggregation only: add --secure-agg", param_hint=option
                 )
         return None
-    return SecureAggregation(threshold=threshold, min_sites=min_sites, **({} if clip is None else {"clip": clip}))
+    chosen = {k: v for k, v in {"clip": clip, "max_weight": max_weight}.items() if v is not None}
+    return SecureAggregation(threshold=threshold, min_sites=min_sites, **chosen)
 
 
 def _site_overrides(template, items: list[str], federation: Federation | None) -> dict[str, dict[str, str]]:

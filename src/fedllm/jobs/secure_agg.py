@@ -34,6 +34,8 @@ class SecureAggregation:
     threshold: int | None = None
     min_sites: int | None = None
     clip: float = 1.0
+    # FedAvg weights above it count as it (inside the ring a weight is n_k / max_weight ≤ 1); a site says so.
+    max_weight: float = 1000.0
     # Seconds the server waits for the sites' answers to each key-exchange and unmasking stage.
     stage_timeout_s: float = 60.0
     # Seconds a round still waits for the other sites once t masked updates are in (then goes on without them).
@@ -55,7 +57,7 @@ class SecureAggregation:
         return (
             f"secure aggregation: threshold t={self.threshold} (a round needs t sites' updates and shares), "
             f"the job starts with {self.min_sites} site(s) or more, each site clips its update to "
-            f"±{self.clip:g} per value; the server learns only the sum"
+            f"±{self.clip:g} per value, FedAvg weights up to {self.max_weight:g}; the server learns only the sum"
         )
 
 
@@ -106,6 +108,10 @@ def resolve_secure_agg(
         )
     if not asked.clip > 0:
         raise JobSpecError(f"--secagg-clip {asked.clip:g}: a clip bound is > 0, e.g. --secagg-clip 1.0")
+    if not asked.max_weight > 0:
+        raise JobSpecError(
+            f"--secagg-max-weight {asked.max_weight:g}: the largest FedAvg weight is > 0, e.g. --secagg-max-weight 1000"
+        )
     return dataclasses.replace(asked, threshold=threshold, min_sites=min_sites)
 
 
@@ -124,12 +130,16 @@ def apply_secure_agg(recipe, settings: SecureAggregation) -> None:
             threshold=settings.threshold,
             min_sites=settings.min_sites,
             clip=settings.clip,
+            max_weight=settings.max_weight,
             stage_timeout_s=settings.stage_timeout_s,
             wait_after_min_s=settings.wait_after_min_s,
         ),
         SERVER_COMPONENT_ID,
     )
-    recipe.add_client_component(SecAggClient(threshold=settings.threshold, clip=settings.clip), CLIENT_COMPONENT_ID)
+    recipe.add_client_component(
+        SecAggClient(threshold=settings.threshold, clip=settings.clip, max_weight=settings.max_weight),
+        CLIENT_COMPONENT_ID,
+    )
     recipe.add_client_input_filter(SecAggRemember(), tasks=TASKS)
     recipe.add_client_output_filter(SecAggMask(), tasks=TASKS)
     recipe.add_server_config(settings.dead_client_config())

@@ -29,7 +29,14 @@ from fedllm.flare.faults import site_crash_point
 from fedllm.flare.filters import BYTES_ON_WIRE
 from fedllm.flare.secagg.client import CLIENT_COMPONENT_ID, SecAggClient
 from fedllm.flare.secagg.protocol import SecAggError
-from fedllm.flare.secagg.vectors import CLAMPED_METRIC, SECAGG_META, WEIGHT_SLOT, Layout, as_numpy
+from fedllm.flare.secagg.vectors import (
+    CLAMPED_METRIC,
+    SECAGG_META,
+    WEIGHT_CAPPED_METRIC,
+    WEIGHT_SLOT,
+    Layout,
+    as_numpy,
+)
 
 KINDS = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF]
 
@@ -85,7 +92,17 @@ class SecAggMask(DXOFilter):
         if dxo.data_kind == DataKind.WEIGHTS:
             update -= _global_vector(client.received_global(round_num), layout, client.site)
         steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-        masked, clamped = session.mask(update, float(steps) if steps else 1.0)
+        weight = float(steps) if steps else 1.0
+        capped = weight > session.params.max_weight
+        if capped:
+            self.log_warning(
+                fl_ctx,
+                f"secure aggregation, round {round_num}: this site's FedAvg weight {weight:g} is above the job's "
+                f"max weight {session.params.max_weight:g} and counts as {session.params.max_weight:g}, so the "
+                "aggregate weighs it less than plain FedAvg would. Fix: create the job with --secagg-max-weight "
+                f"{weight:g} or more",
+            )
+        masked, clamped = session.mask(update, weight)
         data: dict[str, Any] = dict(layout.split(masked[:-1]))
         data[WEIGHT_SLOT] = masked[-1:]
         meta = dict(dxo.meta)
@@ -96,6 +113,7 @@ class SecAggMask(DXOFilter):
             meta[MetaKey.INITIAL_METRICS] = {
                 **metrics,
                 CLAMPED_METRIC: float(clamped),
+                WEIGHT_CAPPED_METRIC: float(capped),
                 BYTES_ON_WIRE: float(masked.nbytes),
             }
         self.log_info(

@@ -18,6 +18,7 @@ import numpy as np
 WEIGHT_SLOT = "fedllm_secagg.weight"  # the masked FedAvg weight w_k, one ring element, last in the vector
 SECAGG_META = "fedllm_secagg"  # DXO meta of a masked result: {round, site, elements, clamped}
 CLAMPED_METRIC = "secagg_clamped"  # elements a site clamped to [-clip, clip] this round (in its metrics)
+WEIGHT_CAPPED_METRIC = "secagg_weight_capped"  # 1 when the site's FedAvg weight was above max_weight (counted as it)
 
 
 def as_numpy(value: Any) -> np.ndarray:
