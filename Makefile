@@ -92,9 +92,12 @@ convert-20b: install  ## reshard it to TP2 (nemo_gpt20B_bf16_tp2.nemo), streamin
 	$(BIN)/fedllm ckpt info $(CKPT_20B_TP2)
 
 ## benchmarks (on demand, not tests; each compares with a baseline measured in the same run)
-.PHONY: bench-exchange bench-cell bench-convert bench-hf-sft
+.PHONY: bench-exchange bench-cell bench-convert bench-hf-sft bench-secure-agg
 bench-exchange: install  ## model exchange: stock NVFlare vs fedllm settings, 1 GiB, 1 and 3 sites (~20 GB RAM)
 	$(BIN)/python benchmarks/exchange.py --size-mib 1024 --sites 1 3 --rounds 3
+
+bench-secure-agg: install  ## secure aggregation vs plain FedAvg: round time and bytes, 10 M params, 3 and 8 sites
+	$(BIN)/python benchmarks/secure_agg.py --federation --sizes lora --sites 3 8 --rounds 3
 
 bench-hf-sft: install  ## HF SFT: tokens/s of rounds in a 1-site federation vs the same Trainer without NVFlare
 	$(BIN)/python benchmarks/hf_sft.py
