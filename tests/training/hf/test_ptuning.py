@@ -95,3 +95,29 @@ def test_a_dp_round_changes_the_prompt_encoder(tiny_gpt) -> None:
     assert outcome.steps == 3
     assert all((after[k] - before[k]).abs().max() > 0 for k in before)  # every tensor moved (opacus#820's symptom)
     assert all(p.grad_sample is None for p in prompt_encoder(task.model).parameters() if hasattr(p, "grad_sample"))
+
+
+def test_dp_clips_each_record_not_the_batch(tiny_gpt) -> None:
+    """PEFT runs the encoder once and repeats it (peft#2043): Opacus would see one "record" per batch, and clip that."""
+    from opacus.grad_sample import GradSampleHooks
+
+    task = PTuningTask(str(tiny_gpt), sentiment_records(8, seed=5), sentiment_records(4, seed=6))
+    encoder = prompt_encoder(task.model)
+    batch = task._batch(task.train_examples[:5])
+    task.model.eval()  # no dropout in the base, so both forwards are comparable
+    encoder.train()  # Opacus' hooks capture activations in train mode only
+    expected = task.model(**batch).logits.detach()
+    hooks = GradSampleHooks(encoder, batch_first=True, loss_reduction="sum")
+    try:
+        with task._per_record_prompts():
+            logits = task.model(**batch).logits
+            logits.sum().backward()
+        samples = {name: p.grad_sample.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad}
+    finally:
+        hooks.cleanup()
+    assert torch.allclose(logits.detach(), expected, atol=1e-5)  # the same prompts as PEFT's own forward
+    assert "get_prompt" not in vars(task.model)  # PEFT's own again after the round
+    for name, p in encoder.named_parameters():
+        if p.requires_grad:
+            assert samples[name].shape[0] == 5  # one gradient per record
+            assert torch.allclose(samples[name].sum(0), p.grad, atol=1e-4 * p.grad.abs().max().item())

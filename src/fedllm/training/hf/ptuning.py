@@ -10,7 +10,8 @@ match of the greedily generated label. Job template: jobs/hf-ptuning.yaml.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -157,9 +158,12 @@ class PTuningTask(CausalLMTask):
         The Trainer's loss is the mean over every answer token of the batch, so one record's share of the gradient
         depends on the others' lengths; here each record's loss is the mean over its own answer tokens and the
         batch's loss the mean over its records, so a record's gradient is its own (what per-sample clipping
-        bounds). PEFT runs the encoder on the virtual tokens expanded to the batch, one row per record, so
-        Opacus' hooks on it see per-record activations. The model is on its device (the constructor) before the
-        hooks attach (opacus#820). AdamW (decay 0.01) and the template's LR, as without DP; no clipping after the noise.
+        bounds). PEFT (≥ 0.13, peft#2043) runs the encoder on one row of virtual tokens and repeats its output over
+        the batch, so Opacus' hooks would see one "sample" whose gradient is the whole batch's: clipping would
+        bound the batch, not a record. For the round the encoder runs on one row per record instead
+        (`_per_record_prompts`: the same prompts, the same summed gradient, per-record activations). The model
+        is on its device (the constructor) before the hooks attach (opacus#820). AdamW (decay 0.01) and the
+        template's LR, as without DP; no clipping after the noise.
         """
         encoder = prompt_encoder(self.model)
         self.model.train()
@@ -178,9 +182,25 @@ class PTuningTask(CausalLMTask):
             per_record = (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
             return per_record.mean()
 
-        outcome = dp_round(encoder, optimizer, batch_loss, num_records=len(self.train_examples), settings=settings,
-                           steps=steps)  # fmt: skip
+        with self._per_record_prompts():
+            outcome = dp_round(encoder, optimizer, batch_loss, num_records=len(self.train_examples),
+                               settings=settings, steps=steps)  # fmt: skip
         return TrainOutcome(steps=outcome.steps, train_loss=outcome.mean_loss)
+
+    @contextmanager
+    def _per_record_prompts(self) -> Iterator[None]:
+        """PEFT's `get_prompt` with the encoder run on the virtual tokens of every row, not on one and repeated."""
+        model, encoder = self.model, prompt_encoder(self.model)
+
+        def get_prompt(batch_size: int, task_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+            tokens = model.prompt_tokens[ADAPTER].to(encoder.embedding.weight.device)
+            return encoder(tokens.unsqueeze(0).expand(batch_size, -1))
+
+        model.get_prompt = get_prompt  # an instance attribute over PeftModel.get_prompt, for this round only
+        try:
+            yield
+        finally:
+            del model.get_prompt
 
     def exchanged_state(self) -> dict[str, torch.Tensor]:
         return dict(prompt_encoder(self.model).state_dict())
