@@ -8,6 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("opacus", reason="DP-SGD is in .venv (the dp extra), not in .venv-nemo")
+
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
