@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("opacus", reason="DP-SGD is in .venv (the dp extra), not in .venv-nemo")
-
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+try:  # .venv-nemo has no opacus: there the module must still import (its tests are not selected there)
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+except ImportError:
+    RDPAccountant = compute_rdp = get_privacy_spent = None
 
 from fedllm.jobs.create import create_job, resolve_spec
 from fedllm.jobs.submit import COMPLETED, submit_job

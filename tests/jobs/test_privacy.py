@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("opacus", reason="DP-SGD is in .venv (the dp extra), not in .venv-nemo")
-
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+try:  # .venv-nemo has no opacus: there the module must still import (its tests are not selected there)
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+except ImportError:
+    RDPAccountant = compute_rdp = get_privacy_spent = None
 
 from fedllm.jobs.create import resolve_spec
 from fedllm.jobs.errors import JobSpecError

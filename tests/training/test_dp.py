@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("opacus", reason="DP-SGD is in .venv (the dp extra), not in .venv-nemo")
-
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+try:  # .venv-nemo has no opacus: there the module must still import (its tests are not selected there)
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+except ImportError:
+    RDPAccountant = compute_rdp = get_privacy_spent = None
 
 from fedllm.flare.server_models import TinyClassifier
 from fedllm.training.core import run_round
