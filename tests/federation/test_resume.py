@@ -14,7 +14,6 @@ One federation serves the module; the chains run in sequence against it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -43,7 +42,7 @@ from fedllm.runtime import native
 from fedllm.runtime.admin import AdminError
 from fedllm.runtime.native import NativeRuntimeError
 from fedllm.training.toy.demo_mlp import write_demo_data
-from tests.support.sites import local_config_dict, write_yaml
+from tests.support.sites import environment, local_config_dict, write_yaml
 
 pytestmark = pytest.mark.federation
 
@@ -200,7 +199,7 @@ def _start(fed: LocalFederation, fault: str | None = None, *, dies_soon: bool = 
     exited during start-up (and stops what it started); the test goes on from that crash.
     """
     env = {FAULT_ENV: fault} if fault else {}
-    with _environment(env):
+    with environment(env):
         try:
             native.up(fed.kits, echo=_port_waits)
         except (NativeRuntimeError, AdminError) as exc:
@@ -213,23 +212,9 @@ def _start(fed: LocalFederation, fault: str | None = None, *, dies_soon: bool = 
 def _start_server_that_dies_at_once(fed: LocalFederation, fault: str) -> None:
     """Start the server alone from its kit (as `fedllm up` does) with a fault it reaches within its first
     seconds, before `up` could even log in to wait for the sites; the sites are still running."""
-    with _environment({FAULT_ENV: fault}):
+    with environment({FAULT_ENV: fault}):
         server = native._start(fed.kits, fed.config.server.name, echo=_quiet)
     native._write_state(fed.kits, [server, *(p for p in native.read_state(fed.kits) if p.name != server.name)])
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _restart_server(fed: LocalFederation, fault: str | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from fedllm.jobs.template import load_template, template_path
 from fedllm.results.metrics import load_global_state, read_round_metrics
 from fedllm.runtime import native
 from fedllm.training.toy.demo_mlp import write_demo_data
-from tests.support.sites import local_config_dict, write_yaml
+from tests.support.sites import environment, local_config_dict, write_yaml
 
 pytestmark = pytest.mark.federation
 
@@ -44,16 +43,12 @@ def trio(tmp_path_factory):
     capture = root / "capture"
     cfg = load_site_config(write_yaml(root / "site.yaml", local_config_dict(project="secagg")))
     write_demo_data([root / "data" / s for s in cfg.site_names], root / "data" / "val.npz")
-    previous = os.environ.get(CAPTURE_ENV)
-    os.environ[CAPTURE_ENV] = str(capture)  # the server (and sites) inherit it when they start
-    try:
-        with local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed:
-            yield fed.kits, root, capture
-    finally:
-        if previous is None:
-            os.environ.pop(CAPTURE_ENV, None)
-        else:
-            os.environ[CAPTURE_ENV] = previous
+    # the server (and sites) inherit it when they start
+    with (
+        environment({CAPTURE_ENV: str(capture)}),
+        local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed,
+    ):
+        yield fed.kits, root, capture
     assert not any(native.status(fed.kits).values()), "federation processes survived `down`"
 
 

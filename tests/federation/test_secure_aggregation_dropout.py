@@ -13,7 +13,6 @@ plain job of the same seed gives each site's true weights to check the aggregate
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -31,7 +30,7 @@ from fedllm.jobs.template import load_template, template_path
 from fedllm.results.metrics import load_global_state
 from fedllm.runtime import native
 from fedllm.training.toy.demo_mlp import write_demo_data
-from tests.support.sites import local_config_dict, write_yaml
+from tests.support.sites import environment, local_config_dict, write_yaml
 
 pytestmark = pytest.mark.federation
 
@@ -48,18 +47,12 @@ def five(tmp_path_factory):
     config["server"]["heartbeat_timeout_s"] = 45
     cfg = load_site_config(write_yaml(root / "site.yaml", config))
     write_demo_data([root / "data" / s for s in cfg.site_names], root / "data" / "val.npz")
-    saved = {name: os.environ.get(name) for name in (CAPTURE_ENV, SITE_FAULT_ENV)}
-    os.environ[CAPTURE_ENV] = str(root / "capture")
-    os.environ[SITE_FAULT_ENV] = FAULTS  # the sites' processes inherit both when they start
-    try:
-        with local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed:
-            yield fed.kits, root / "capture", root
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # The sites' processes inherit both when they start.
+    with (
+        environment({CAPTURE_ENV: str(root / "capture"), SITE_FAULT_ENV: FAULTS}),
+        local_federation(cfg, root / "ws", data_root=root, source="site.yaml", echo=lambda _m: None) as fed,
+    ):
+        yield fed.kits, root / "capture", root
     assert not any(native.status(fed.kits).values()), "federation processes survived `down`"
 
 
